@@ -1,0 +1,7 @@
+"""LLaMA-1/2/3 and Vicuna (model_type 'llama'): no biases, RoPE, MHA or GQA."""
+from pgprune.adapters.base import Adapter
+
+
+class LlamaAdapter(Adapter):
+    family = "llama"
+    model_types = ("llama",)

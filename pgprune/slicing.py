@@ -1,0 +1,158 @@
+"""Turn masks into a physically smaller dense model, and save / reload it in Hugging Face format.
+
+The sliced model is an instance of the pruned classes in ``pgprune/modeling/modeling_pgprune.py``; saving writes
+``model.safetensors`` + ``config.json`` (with ``auto_map``) + the modeling file, so that
+``AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)`` (and lm-eval's ``hf`` model with
+``trust_remote_code=True``) load it directly.
+"""
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from pgprune.adapters import base_model_type, get_adapter
+from pgprune.errors import PgpruneError
+from pgprune.masks import Masks
+from pgprune.modeling import modeling_pgprune as mp
+
+MODELING_FILE = Path(mp.__file__)
+
+
+def pruned_config(model, masks: Masks):
+    """The family's config plus per-layer widths, for a model sliced with ``masks``."""
+    adapter = get_adapter(model)
+    layout = adapter.layout()
+    masks.validate(layout)
+    family = base_model_type(model.config)
+    if family not in mp.PRUNED_CLASSES:
+        raise PgpruneError(f"no pruned model class for family {family!r}; allowed: {sorted(mp.PRUNED_CLASSES)}")
+    cfg_cls, _ = mp.PRUNED_CLASSES[family]
+    src = model.config.to_dict()
+    for k in ("model_type", "architectures", "auto_map", "transformers_version", "pgprune_kv_heads",
+              "pgprune_intermediate", "pgprune_kept_layers", "base_model_type", "quantization_config"):
+        src.pop(k, None)
+    kept = masks.kept_layer_indices()
+    old_kept = list(getattr(model.config, "pgprune_kept_layers", []) or range(layout.num_layers))
+    if src.get("layer_types"):
+        src["layer_types"] = [src["layer_types"][i] for i in kept]
+    src["num_hidden_layers"] = len(kept)
+    # keep head_dim explicit: num_attention_heads stays the original so that hidden_size // heads is unchanged
+    src["head_dim"] = layout.head_dim
+    cfg = cfg_cls(
+        pgprune_kv_heads=[int(masks.heads[i].sum()) for i in kept],
+        pgprune_intermediate=[int(masks.channels[i].sum()) for i in kept],
+        pgprune_kept_layers=[old_kept[i] for i in kept],
+        **src,
+    )
+    cfg.architectures = [mp.PRUNED_CLASSES[family][1].__name__]
+    cfg.auto_map = {"AutoConfig": f"modeling_pgprune.{cfg_cls.__name__}",
+                    "AutoModelForCausalLM": f"modeling_pgprune.{mp.PRUNED_CLASSES[family][1].__name__}"}
+    return cfg
+
+
+def _rows(kv_idx: torch.Tensor, per_group: int, hd: int) -> torch.Tensor:
+    heads = (kv_idx[:, None] * per_group + torch.arange(per_group)[None, :]).flatten()
+    return (heads[:, None] * hd + torch.arange(hd)[None, :]).flatten()
+
+
+@torch.no_grad()
+def slice_model(model, masks: Masks):
+    """A new, smaller model holding only the kept units' weights (the input model is left untouched)."""
+    adapter = get_adapter(model)
+    layout = adapter.layout()
+    cfg = pruned_config(model, masks)
+    family = base_model_type(model.config)
+    _, model_cls = mp.PRUNED_CLASSES[family]
+    dtype = next(model.parameters()).dtype
+    with torch.device("meta"):
+        new = model_cls(cfg)
+    new.to_empty(device="cpu")
+    new.to(dtype)
+    hd, g = layout.head_dim, layout.group_size
+    sd = {}
+    dec = adapter.decoder()
+    sd["model.embed_tokens.weight"] = dec.embed_tokens.weight
+    sd["model.norm.weight"] = dec.norm.weight
+    if not getattr(cfg, "tie_word_embeddings", False):
+        sd["lm_head.weight"] = adapter.lm_head().weight
+    for j, i in enumerate(masks.kept_layer_indices()):
+        p = adapter.parts(i)
+        kv_idx = torch.nonzero(masks.heads[i]).flatten()
+        ch = torch.nonzero(masks.channels[i]).flatten()
+        q_rows, kv_rows = _rows(kv_idx, g, hd), _rows(kv_idx, 1, hd)
+        pre = f"model.layers.{j}."
+        sd[pre + "input_layernorm.weight"] = p.input_norm.weight
+        sd[pre + "post_attention_layernorm.weight"] = p.post_attention_norm.weight
+        sd[pre + "self_attn.q_proj.weight"] = p.q_proj.weight[q_rows]
+        sd[pre + "self_attn.k_proj.weight"] = p.k_proj.weight[kv_rows]
+        sd[pre + "self_attn.v_proj.weight"] = p.v_proj.weight[kv_rows]
+        sd[pre + "self_attn.o_proj.weight"] = p.o_proj.weight[:, q_rows]
+        for name, mod, rows in (("q_proj", p.q_proj, q_rows), ("k_proj", p.k_proj, kv_rows), ("v_proj", p.v_proj, kv_rows)):
+            if mod.bias is not None:
+                sd[pre + f"self_attn.{name}.bias"] = mod.bias[rows]
+        if p.o_proj.bias is not None:
+            sd[pre + "self_attn.o_proj.bias"] = p.o_proj.bias
+        sd[pre + "mlp.gate_proj.weight"] = p.gate_proj.weight[ch]
+        sd[pre + "mlp.up_proj.weight"] = p.up_proj.weight[ch]
+        sd[pre + "mlp.down_proj.weight"] = p.down_proj.weight[:, ch]
+        if p.gate_proj.bias is not None:
+            sd[pre + "mlp.gate_proj.bias"] = p.gate_proj.bias[ch]
+            sd[pre + "mlp.up_proj.bias"] = p.up_proj.bias[ch]
+        if p.down_proj.bias is not None:
+            sd[pre + "mlp.down_proj.bias"] = p.down_proj.bias
+    missing, unexpected = new.load_state_dict({k: v.detach().clone() for k, v in sd.items()}, strict=False)
+    missing = [k for k in missing if not (k == "lm_head.weight" and cfg.tie_word_embeddings)]
+    if missing or unexpected:
+        raise PgpruneError(f"slicing produced mismatched weights: missing={missing[:5]} unexpected={unexpected[:5]}")
+    if cfg.tie_word_embeddings:
+        new.tie_weights()
+    # rotary buffers were created on meta: rebuild them on cpu
+    _rebuild_rotary(new, model)
+    new.eval()
+    return new
+
+
+def _rebuild_rotary(new, old) -> None:
+    src = old.model.rotary_emb
+    dst = new.model.rotary_emb
+    for name, buf in src.named_buffers(recurse=False):
+        setattr(dst, name, buf.detach().clone())
+
+
+def save_pruned(model, out_dir: str | Path, tokenizer=None, extra_files: dict[str, str] | None = None) -> Path:
+    """Save a sliced model (safetensors + config + modeling file) atomically into ``out_dir``."""
+    out = Path(out_dir)
+    if not hasattr(model.config, "pgprune_kv_heads"):
+        raise PgpruneError("save_pruned expects a model returned by slice_model (its config has per-layer widths)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        shutil.copy(MODELING_FILE, tmp / "modeling_pgprune.py")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text, encoding="utf-8")
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def load_pruned(path: str | Path, dtype=None, device: str = "cpu"):
+    """Reload a saved pruned model the way users do (AutoModelForCausalLM + trust_remote_code)."""
+    from transformers import AutoModelForCausalLM
+
+    path = Path(path)
+    if not (path / "config.json").exists():
+        raise PgpruneError(f"no pruned model at '{path}' (config.json missing)")
+    kw = {"trust_remote_code": True}
+    if dtype is not None:
+        kw["dtype"] = dtype
+    return AutoModelForCausalLM.from_pretrained(str(path), **kw).to(device).eval()
