@@ -107,11 +107,11 @@ class MaskedModel:
     # --- whole model ----------------------------------------------------------------------------------------
     @torch.no_grad()
     def hidden_states(self, input_ids: torch.Tensor, masks: Masks | None = None, mode: str = "gather",
-                      collect: bool = False):
+                      collect: bool = False, validate: bool = True):
         """Final (pre-norm) hidden states; with ``collect`` also the input of every layer (for layer metrics)."""
         if mode not in MODES:
             raise PgpruneError(f"mode={mode!r} is not allowed; allowed: {MODES}")
-        if masks is not None:
+        if masks is not None and validate:
             masks.validate(self.layout)
         h = self.adapter.embed(input_ids)
         pos = torch.arange(input_ids.shape[1], device=input_ids.device)[None, :].expand(input_ids.shape[0], -1)
@@ -134,15 +134,16 @@ class MaskedModel:
         return (h, inputs) if collect else h
 
     @torch.no_grad()
-    def logits(self, input_ids: torch.Tensor, masks: Masks | None = None, mode: str = "gather") -> torch.Tensor:
-        h = self.hidden_states(input_ids, masks, mode)
+    def logits(self, input_ids: torch.Tensor, masks: Masks | None = None, mode: str = "gather",
+               validate: bool = True) -> torch.Tensor:
+        h = self.hidden_states(input_ids, masks, mode, validate=validate)
         return self.adapter.lm_head()(self.adapter.final_norm(h))
 
     @torch.no_grad()
     def loss(self, input_ids: torch.Tensor, masks: Masks | None = None, mode: str = "gather",
-             chunk: int = 2048) -> float:
+             chunk: int = 2048, validate: bool = True) -> float:
         """Mean next-token cross-entropy (positions 1..T-1 of every row), computed in float32 chunks."""
-        h = self.adapter.final_norm(self.hidden_states(input_ids, masks, mode))
+        h = self.adapter.final_norm(self.hidden_states(input_ids, masks, mode, validate=validate))
         h = h[:, :-1].reshape(-1, h.shape[-1])
         target = input_ids[:, 1:].reshape(-1)
         head = self.adapter.lm_head()
@@ -152,5 +153,5 @@ class MaskedModel:
             total += F.cross_entropy(logits, target[s:s + chunk], reduction="sum").double().cpu()
         return float(total / target.numel())
 
-    def __call__(self, input_ids, masks: Masks | None = None, mode: str = "gather"):
-        return self.logits(input_ids, masks, mode)
+    def __call__(self, input_ids, masks: Masks | None = None, mode: str = "gather", validate: bool = True):
+        return self.logits(input_ids, masks, mode, validate)

@@ -21,7 +21,7 @@ from pgprune.modeling import modeling_pgprune as mp
 MODELING_FILE = Path(mp.__file__)
 
 
-def pruned_config(model, masks: Masks):
+def pruned_config(model, masks: Masks, out_bias: bool = False):
     """The family's config plus per-layer widths, for a model sliced with ``masks``."""
     adapter = get_adapter(model)
     layout = adapter.layout()
@@ -32,7 +32,8 @@ def pruned_config(model, masks: Masks):
     cfg_cls, _ = mp.PRUNED_CLASSES[family]
     src = model.config.to_dict()
     for k in ("model_type", "architectures", "auto_map", "transformers_version", "pgprune_kv_heads",
-              "pgprune_intermediate", "pgprune_kept_layers", "base_model_type", "quantization_config"):
+              "pgprune_intermediate", "pgprune_kept_layers", "base_model_type", "quantization_config",
+              "pgprune_out_bias"):
         src.pop(k, None)
     kept = masks.kept_layer_indices()
     old_kept = list(getattr(model.config, "pgprune_kept_layers", []) or range(layout.num_layers))
@@ -45,6 +46,7 @@ def pruned_config(model, masks: Masks):
         pgprune_kv_heads=[int(masks.heads[i].sum()) for i in kept],
         pgprune_intermediate=[int(masks.channels[i].sum()) for i in kept],
         pgprune_kept_layers=[old_kept[i] for i in kept],
+        pgprune_out_bias=bool(out_bias or getattr(model.config, "pgprune_out_bias", False)),
         **src,
     )
     cfg.architectures = [mp.PRUNED_CLASSES[family][1].__name__]
@@ -59,11 +61,15 @@ def _rows(kv_idx: torch.Tensor, per_group: int, hd: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def slice_model(model, masks: Masks):
-    """A new, smaller model holding only the kept units' weights (the input model is left untouched)."""
+def slice_model(model, masks: Masks, extra_bias: dict[int, dict[str, torch.Tensor]] | None = None):
+    """A new, smaller model holding only the kept units' weights (the input model is left untouched).
+
+    ``extra_bias``: {original layer index: {"o_proj"|"down_proj": Tensor[hidden]}} added to those layers' output
+    biases (FLAP's bias compensation); the saved config then gives o_proj/down_proj a bias.
+    """
     adapter = get_adapter(model)
     layout = adapter.layout()
-    cfg = pruned_config(model, masks)
+    cfg = pruned_config(model, masks, out_bias=bool(extra_bias))
     family = base_model_type(model.config)
     _, model_cls = mp.PRUNED_CLASSES[family]
     dtype = next(model.parameters()).dtype
@@ -93,16 +99,16 @@ def slice_model(model, masks: Masks):
         for name, mod, rows in (("q_proj", p.q_proj, q_rows), ("k_proj", p.k_proj, kv_rows), ("v_proj", p.v_proj, kv_rows)):
             if mod.bias is not None:
                 sd[pre + f"self_attn.{name}.bias"] = mod.bias[rows]
-        if p.o_proj.bias is not None:
-            sd[pre + "self_attn.o_proj.bias"] = p.o_proj.bias
+        if cfg.pgprune_out_bias or p.o_proj.bias is not None:
+            sd[pre + "self_attn.o_proj.bias"] = _bias(p.o_proj, extra_bias, i, "o_proj")
         sd[pre + "mlp.gate_proj.weight"] = p.gate_proj.weight[ch]
         sd[pre + "mlp.up_proj.weight"] = p.up_proj.weight[ch]
         sd[pre + "mlp.down_proj.weight"] = p.down_proj.weight[:, ch]
         if p.gate_proj.bias is not None:
             sd[pre + "mlp.gate_proj.bias"] = p.gate_proj.bias[ch]
             sd[pre + "mlp.up_proj.bias"] = p.up_proj.bias[ch]
-        if p.down_proj.bias is not None:
-            sd[pre + "mlp.down_proj.bias"] = p.down_proj.bias
+        if cfg.pgprune_out_bias or p.down_proj.bias is not None:
+            sd[pre + "mlp.down_proj.bias"] = _bias(p.down_proj, extra_bias, i, "down_proj")
     missing, unexpected = new.load_state_dict({k: v.detach().clone() for k, v in sd.items()}, strict=False)
     missing = [k for k in missing if not (k == "lm_head.weight" and cfg.tie_word_embeddings)]
     if missing or unexpected:
@@ -113,6 +119,14 @@ def slice_model(model, masks: Masks):
     _rebuild_rotary(new, model)
     new.eval()
     return new
+
+
+def _bias(linear, extra, layer: int, name: str) -> torch.Tensor:
+    b = linear.bias.detach().clone() if linear.bias is not None else torch.zeros(linear.out_features,
+                                                                                  dtype=linear.weight.dtype)
+    if extra and layer in extra and name in extra[layer]:
+        b = b + extra[layer][name].to(b.dtype)
+    return b
 
 
 def _rebuild_rotary(new, old) -> None:

@@ -6,7 +6,8 @@ torch. The config adds three lists to the family's own config:
 * ``pgprune_kv_heads``: KV heads kept in each saved layer (query heads = kv heads x group size),
 * ``pgprune_intermediate``: MLP channels kept in each saved layer,
 * ``pgprune_kept_layers``: index of each saved layer in the original model (dropped layers are absent);
-``num_hidden_layers`` is the number of saved layers.
+``num_hidden_layers`` is the number of saved layers. ``pgprune_out_bias`` gives o_proj and down_proj a bias
+(FLAP-style compensation of the removed units' mean output).
 """
 from __future__ import annotations
 
@@ -29,14 +30,15 @@ def _resize_layers(model, config) -> None:
         nq = kv[i] * group * hd
         nkv = kv[i] * hd
         qb, kb, vb = attn.q_proj.bias is not None, attn.k_proj.bias is not None, attn.v_proj.bias is not None
-        ob = attn.o_proj.bias is not None
+        out_bias = bool(getattr(config, "pgprune_out_bias", False))
+        ob = attn.o_proj.bias is not None or out_bias
         attn.q_proj = nn.Linear(d, nq, bias=qb)
         attn.k_proj = nn.Linear(d, nkv, bias=kb)
         attn.v_proj = nn.Linear(d, nkv, bias=vb)
         attn.o_proj = nn.Linear(nq, d, bias=ob)
         attn.num_key_value_groups = group
         mb = mlp.gate_proj.bias is not None
-        db = mlp.down_proj.bias is not None
+        db = mlp.down_proj.bias is not None or out_bias
         mlp.gate_proj = nn.Linear(d, inter[i], bias=mb)
         mlp.up_proj = nn.Linear(d, inter[i], bias=mb)
         mlp.down_proj = nn.Linear(inter[i], d, bias=db)
@@ -47,8 +49,10 @@ class PgpruneLlamaConfig(LlamaConfig):
     model_type = "pgprune_llama"
     base_model_type = "llama"
 
-    def __init__(self, pgprune_kv_heads=None, pgprune_intermediate=None, pgprune_kept_layers=None, **kwargs):
+    def __init__(self, pgprune_kv_heads=None, pgprune_intermediate=None, pgprune_kept_layers=None,
+                 pgprune_out_bias=False, **kwargs):
         super().__init__(**kwargs)
+        self.pgprune_out_bias = bool(pgprune_out_bias)
         self.pgprune_kv_heads = list(pgprune_kv_heads or [])
         self.pgprune_intermediate = list(pgprune_intermediate or [])
         self.pgprune_kept_layers = list(pgprune_kept_layers or [])
@@ -58,8 +62,10 @@ class PgpruneMistralConfig(MistralConfig):
     model_type = "pgprune_mistral"
     base_model_type = "mistral"
 
-    def __init__(self, pgprune_kv_heads=None, pgprune_intermediate=None, pgprune_kept_layers=None, **kwargs):
+    def __init__(self, pgprune_kv_heads=None, pgprune_intermediate=None, pgprune_kept_layers=None,
+                 pgprune_out_bias=False, **kwargs):
         super().__init__(**kwargs)
+        self.pgprune_out_bias = bool(pgprune_out_bias)
         self.pgprune_kv_heads = list(pgprune_kv_heads or [])
         self.pgprune_intermediate = list(pgprune_intermediate or [])
         self.pgprune_kept_layers = list(pgprune_kept_layers or [])
@@ -69,8 +75,10 @@ class PgpruneQwen2Config(Qwen2Config):
     model_type = "pgprune_qwen2"
     base_model_type = "qwen2"
 
-    def __init__(self, pgprune_kv_heads=None, pgprune_intermediate=None, pgprune_kept_layers=None, **kwargs):
+    def __init__(self, pgprune_kv_heads=None, pgprune_intermediate=None, pgprune_kept_layers=None,
+                 pgprune_out_bias=False, **kwargs):
         super().__init__(**kwargs)
+        self.pgprune_out_bias = bool(pgprune_out_bias)
         self.pgprune_kv_heads = list(pgprune_kv_heads or [])
         self.pgprune_intermediate = list(pgprune_intermediate or [])
         self.pgprune_kept_layers = list(pgprune_kept_layers or [])

@@ -1,0 +1,40 @@
+"""Shared argument parsing and logging for the thin stage scripts."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pgprune.config import Params, load_params  # noqa: E402
+from pgprune.errors import PgpruneError  # noqa: E402
+
+BASE_DIR = "models/base"
+DATA_DIR = "data/prepared"
+
+
+def parse(description: str, extra=None, argv=None) -> tuple[Params, argparse.Namespace]:
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--params", default="params.yaml", help="parameter file (default: params.yaml)")
+    if extra:
+        extra(ap)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    params = load_params(args.params)
+    from pgprune.workflow import setup_torch
+
+    setup_torch(params)
+    return params, args
+
+
+def run(main) -> None:
+    """Run a stage's main; bad input exits with the message alone (no traceback), status 2."""
+    try:
+        main()
+    except PgpruneError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
