@@ -1,0 +1,112 @@
+"""Score-function (REINFORCE) gradient estimates of E[L(m)], m ~ Bernoulli(s), for one probability vector.
+
+The estimate for a group is g = sum_j w_j * score(m_j, s) (+ an optional entropy-penalty gradient), where the
+per-sample weights w_j depend only on the losses and the baseline, so they are shared by every group:
+
+* ``exact`` (default): w_j = (L_j - b)/K_valid, score = (m - s)/(s(1-s)), s clamped to [eps, 1-eps] in the
+  denominator only; b is the moving-average baseline of PREVIOUS steps (mean of the current losses at step 0).
+* ``loo``: w_j = (L_j - mean of the other losses)/K_valid with the exact score (unbiased, needs K >= 2).
+* ``reference``: the reference code: b is the EMA updated with the current mean first, w_j = (L_j - b)/(K-1)
+  with K the number of samples drawn (also when some were dropped), score = (m - s)/sqrt((s+1e-7)(1-s+1e-7)).
+"""
+from __future__ import annotations
+
+import torch
+
+from pgprune.errors import ConfigError
+
+ESTIMATORS = ("exact", "loo", "reference")
+BASELINES = ("ema", "none")
+_REF_EPS = 1e-7
+
+
+def check_estimator(estimator: str, baseline: str = "ema", n_samples: int | None = None) -> None:
+    """Raise ConfigError for an unknown estimator/baseline name or too few samples."""
+    if estimator not in ESTIMATORS:
+        raise ConfigError(f"unknown estimator '{estimator}'; allowed: {', '.join(ESTIMATORS)}.")
+    if baseline not in BASELINES:
+        raise ConfigError(f"unknown baseline '{baseline}'; allowed: {', '.join(BASELINES)}.")
+    if n_samples is not None and estimator in ("loo", "reference") and n_samples < 2:
+        raise ConfigError(f"estimator '{estimator}' needs samples K >= 2, got K={n_samples}.")
+
+
+def advance_baseline(estimator: str, baseline: str, ema_window: float, state: float | None,
+                     loss_mean: float) -> tuple[float, float | None]:
+    """Return (baseline value used this step, new EMA state) given the previous state and the current mean loss.
+
+    The EMA is b_t = (1 - 1/W) b_{t-1} + (1/W) mean(L_t), started at the first mean. ``exact`` uses the previous
+    value (the current mean at the first step); ``reference`` the value after this step's update; ``loo`` does
+    not use it (the value reported is the current mean). With baseline "none" the value is 0 (loo: the mean).
+    """
+    check_estimator(estimator, baseline)
+    if baseline == "none":
+        return (loss_mean if estimator == "loo" else 0.0), None
+    lam = 1.0 / ema_window
+    new = loss_mean if state is None else (1.0 - lam) * state + lam * loss_mean
+    if estimator == "exact":
+        return (loss_mean if state is None else state), new
+    if estimator == "reference":
+        return new, new
+    return loss_mean, new
+
+
+def sample_weights(losses: torch.Tensor, baseline: float, *, estimator: str = "exact",
+                   n_samples: int | None = None) -> torch.Tensor:
+    """Per-sample weights w_j (float64) for the valid losses of one step.
+
+    ``n_samples`` is the number of samples drawn (K); only ``reference`` uses it, for its 1/(K-1) factor.
+    ``loo`` with a single valid loss returns a zero weight (no leave-one-out baseline exists).
+    """
+    check_estimator(estimator)
+    losses = losses.detach().to(torch.float64).reshape(-1)
+    k = losses.numel()
+    if k == 0:
+        return losses
+    if estimator == "exact":
+        return (losses - baseline) / k
+    if estimator == "loo":
+        if k < 2:
+            return torch.zeros_like(losses)
+        loo_mean = (losses.sum() - losses) / (k - 1)
+        return (losses - loo_mean) / k
+    k_drawn = k if n_samples is None else n_samples
+    if k_drawn < 2:
+        raise ConfigError(f"estimator 'reference' needs samples K >= 2, got K={k_drawn}.")
+    return (losses - baseline) / (k_drawn - 1)
+
+
+def score(s: torch.Tensor, masks: torch.Tensor, *, estimator: str = "exact", eps: float = 1e-4) -> torch.Tensor:
+    """Per-sample score terms (K x N, float64): (m - s)/(s(1-s)) or, for ``reference``, (m - s)/sqrt(s(1-s))."""
+    check_estimator(estimator)
+    s64 = s.detach().to(torch.float64).reshape(1, -1)
+    diff = masks.reshape(masks.shape[0], -1).to(torch.float64) - s64
+    if estimator == "reference":
+        return diff / torch.sqrt((s64 + _REF_EPS) * (1.0 - s64 + _REF_EPS))
+    sc = s64.clamp(eps, 1.0 - eps)
+    return diff / (sc * (1.0 - sc))
+
+
+def penalty_gradient(s: torch.Tensor, weight: float, *, estimator: str = "exact", eps: float = 1e-4) -> torch.Tensor:
+    """Gradient of weight * H(s) (binary entropy): weight * log((1-s)/s), float64; zeros when weight == 0."""
+    s64 = s.detach().to(torch.float64).reshape(-1)
+    if weight == 0:
+        return torch.zeros_like(s64)
+    if estimator == "reference":
+        return weight * (torch.log(1.0 - s64 + _REF_EPS) - torch.log(s64 + _REF_EPS))
+    sc = s64.clamp(eps, 1.0 - eps)
+    return weight * (torch.log1p(-sc) - torch.log(sc))
+
+
+def estimate_gradient(s: torch.Tensor, masks: torch.Tensor, losses: torch.Tensor, baseline: float = 0.0, *,
+                      estimator: str = "exact", eps: float = 1e-4, n_samples: int | None = None,
+                      penalty: float = 0.0) -> torch.Tensor:
+    """Gradient estimate for one group (float64, shape of ``s``) from K masks (K x N bool) and K finite losses.
+
+    ``baseline`` is the value to subtract (see :func:`advance_baseline`); ``loo`` ignores it.
+    """
+    w = sample_weights(losses, baseline, estimator=estimator, n_samples=n_samples)
+    if masks.shape[0] != w.numel():
+        raise ConfigError(f"got {masks.shape[0]} masks but {w.numel()} losses.")
+    g = w @ score(s, masks, estimator=estimator, eps=eps) if w.numel() else torch.zeros(s.numel(), dtype=torch.float64)
+    g = g + penalty_gradient(s, penalty, estimator=estimator, eps=eps)
+    return g.reshape(s.shape)
