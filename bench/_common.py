@@ -25,12 +25,38 @@ def parser(doc: str) -> argparse.ArgumentParser:
     ap.add_argument("--sparsity", type=float, default=0.5)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--synthetic", choices=sorted(SYNTHETIC), default=None,
+                    help="a randomly initialised model of a larger LLaMA shape instead of --model")
     return ap
+
+
+# LLaMA shapes for benchmarks that need a bigger model than the embedded one (random weights: speed and
+# memory only, never quality)
+SYNTHETIC = {
+    "tinyllama-1.1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+                           num_key_value_heads=4, vocab_size=32000),
+    "llama-7b-2layers": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=2, num_attention_heads=32,
+                             num_key_value_heads=32, vocab_size=32000),
+}
+
+
+def synthetic_model(name: str, dtype: str, device: str):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from pgprune.models import torch_dtype
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(max_position_embeddings=2048, **SYNTHETIC[name])
+    with torch.device(device):
+        model = LlamaForCausalLM(cfg).to(torch_dtype(dtype))
+    return model.eval(), None
 
 
 def load(args):
     if args.threads:
         torch.set_num_threads(args.threads)
+    if getattr(args, "synthetic", None):
+        return synthetic_model(args.synthetic, args.dtype, args.device)
     if args.model == str(BASE) and not (BASE / "config.json").exists():
         prepare_model("embedded:smollm2-135m", BASE)
     return load_model(args.model, args.dtype, args.device)

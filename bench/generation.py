@@ -28,7 +28,7 @@ def main():
     else:
         masks = uniform_masks(layout, args.sparsity)
     pruned = slice_model(model, masks).to(args.device)
-    print(f"model {args.model} dtype {args.dtype} device {args.device} sparsity {args.sparsity} "
+    print(f"model {args.synthetic or args.model} dtype {args.dtype} device {args.device} sparsity {args.sparsity} "
           f"({'layers' if args.layers else 'heads+channels'}); params dense "
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M, pruned {sum(p.numel() for p in pruned.parameters()) / 1e6:.1f}M")
     for b in args.batches:

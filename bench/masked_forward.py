@@ -27,7 +27,7 @@ def main():
         "decoder dense": lambda: mm.hidden_states(ids),
         "decoder gather": lambda: mm.hidden_states(ids, masks, mode="gather"),
     }, args.device, args.repeats)
-    print(f"model {args.model} dtype {args.dtype} device {args.device} batch {args.batch}x{args.seq_len} "
+    print(f"model {args.synthetic or args.model} dtype {args.dtype} device {args.device} batch {args.batch}x{args.seq_len} "
           f"sparsity {args.sparsity}")
     for k, v in t.items():
         print(f"  {k:20s} {v * 1000:9.1f} ms   ratio vs dense {v / t['dense (ours)']:.3f}")

@@ -141,7 +141,7 @@ class MaskedModel:
 
     @torch.no_grad()
     def loss(self, input_ids: torch.Tensor, masks: Masks | None = None, mode: str = "gather",
-             chunk: int = 2048, validate: bool = True) -> float:
+             chunk: int = 256, validate: bool = True) -> float:
         """Mean next-token cross-entropy (positions 1..T-1 of every row), computed in float32 chunks."""
         h = self.adapter.final_norm(self.hidden_states(input_ids, masks, mode, validate=validate))
         h = h[:, :-1].reshape(-1, h.shape[-1])

@@ -93,6 +93,18 @@ def resolve(path_or_source: str | Path) -> str:
     return str(path_or_source)
 
 
+def release_unused_memory() -> None:
+    """Return memory freed while loading to the OS (glibc malloc_trim), so it doesn't count as in use."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def load_model(path_or_source: str | Path, dtype: str = "float32", device: str = "cpu"):
     """(model, tokenizer) from a prepared folder, a local checkpoint or a hub id; clear errors when offline."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -112,4 +124,6 @@ def load_model(path_or_source: str | Path, dtype: str = "float32", device: str =
     adapter_class(model.config)  # unsupported architectures fail here, with the list of supported ones
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    return model.to(device).eval(), tok
+    model = model.to(device).eval()
+    release_unused_memory()
+    return model, tok

@@ -158,3 +158,12 @@ def evaluate(model, tokenizer, evals: dict[str, torch.Tensor], tasks_dir: Path, 
 
 def params_summary(layout, masks: Masks) -> dict:
     return sparsity_report(layout, masks)
+
+
+def compensation_biases(model, masks: Masks, flap_scores: dict) -> dict[int, dict[str, torch.Tensor]]:
+    """FLAP bias compensation for ``masks``: {layer: {"o_proj"|"down_proj": bias to add}}."""
+    from pgprune.scorers.flap import as_extra_bias, flap_compensation_biases
+
+    if "bias" not in flap_scores:
+        raise PgpruneError("FLAP scores were computed without bias compensation; set init.flap_bias_compensation")
+    return as_extra_bias(flap_compensation_biases(model, masks, flap_scores))
