@@ -69,6 +69,8 @@ class SearchParams(_Strict):
     init: Scorer = "wanda_sp"
     init_map: Literal["sigmap", "norm", "const", "uniform"] = "sigmap"
     init_allocation: Literal["global", "uniform"] = "uniform"
+    init_const: float = Field(0.95, gt=0.5, le=1.0, description="keep-probability of the init mask's units with "
+                              "init_map: const (1 - init_const for the others)")
     steps: int = Field(300, ge=1)
     samples: int = Field(2, ge=1, description="K masks sampled per step")
     batch_size: int = Field(8, ge=1)
@@ -83,7 +85,12 @@ class SearchParams(_Strict):
     penalty_final: float = 0.0
     eps: float = Field(1e-4, gt=0, lt=0.5)
     min_heads_per_layer: int = Field(1, ge=1)
+    bias_compensation: bool = Field(True, description="replace removed o_proj/down_proj inputs by their calibration "
+                                    "means during the search and in the sliced model (needs the flap scorer)")
     checkpoint_every: int = Field(50, ge=0)
+    validate_every: int = Field(25, ge=0, description="steps between hard-mask validations (0: start and end only)")
+    val_blocks: int = Field(32, ge=0, description="calibration blocks held back to validate hard masks (0: off)")
+    select: Literal["best", "last"] = Field("best", description="final mask: best validated, or the last probs")
     seed: int = 42
 
     @model_validator(mode="after")
@@ -149,6 +156,9 @@ class Params(_Strict):
     def _cross(self):
         if self.search.init not in self.init.scorers:
             raise ValueError(f"search.init={self.search.init!r} must be one of init.scorers={self.init.scorers}")
+        if self.search.bias_compensation and not ("flap" in self.init.scorers and self.init.flap_bias_compensation):
+            raise ValueError("search.bias_compensation needs the calibration means of the 'flap' scorer: add 'flap' "
+                             "to init.scorers and set init.flap_bias_compensation: true (or turn it off)")
         return self
 
 

@@ -44,6 +44,35 @@ class MaskedModel:
         hd, g = self.layout.head_dim, self.layout.group_size
         # index helpers: kv group -> its query rows / kv rows
         self._hd, self._g = hd, g
+        self._comp: list[dict[str, torch.Tensor]] | None = None
+
+    # --- bias compensation --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def set_compensation(self, means: dict[str, list[torch.Tensor]] | None) -> None:
+        """Mean-input compensation (FLAP's bias compensation applied to any mask): the removed inputs of o_proj
+        and down_proj are replaced by their calibration means, i.e. W[:, removed] @ mean[removed] is added to the
+        module output. ``means``: {"o_proj": [per-layer mean input], "down_proj": [...]}; None turns it off."""
+        if means is None:
+            self._comp = None
+            return
+        comp = []
+        for i, p in enumerate(self._parts):
+            mo = means["o_proj"][i].to(p.o_proj.weight.device, torch.float32)
+            md = means["down_proj"][i].to(p.down_proj.weight.device, torch.float32)
+            if mo.numel() != p.o_proj.in_features or md.numel() != p.down_proj.in_features:
+                raise PgpruneError(f"layer {i}: compensation means have {mo.numel()}/{md.numel()} entries, the "
+                                   f"model has {p.o_proj.in_features}/{p.down_proj.in_features} inputs")
+            comp.append({"o_mean": mo, "d_mean": md, "o_full": p.o_proj.weight.float() @ mo,
+                         "d_full": p.down_proj.weight.float() @ md})
+        self._comp = comp
+
+    def _removed_contribution(self, i: int, which: str, kept_cols: torch.Tensor | None, weight_kept, dtype):
+        """W[:, removed] @ mean[removed] = W @ mean - W[:, kept] @ mean[kept]."""
+        c = self._comp[i]
+        full, mean = (c["o_full"], c["o_mean"]) if which == "o" else (c["d_full"], c["d_mean"])
+        if kept_cols is None:
+            return full.to(dtype)
+        return (full - weight_kept.float() @ mean[kept_cols]).to(dtype)
 
     # --- index helpers ------------------------------------------------------------------------------------
     def _rows(self, kv_idx: torch.Tensor, per_group: int) -> torch.Tensor:
@@ -59,7 +88,7 @@ class MaskedModel:
         if mode == "gather" and head_mask is not None:
             kv_idx = torch.nonzero(head_mask.to(x.device)).flatten()
             if kv_idx.numel() == 0:
-                return None
+                return None if self._comp is None else self._removed_contribution(i, "o", None, None, x.dtype)
             q_rows, kv_rows = self._rows(kv_idx, g), self._rows(kv_idx, 1)
             wq, wk, wv = p.q_proj.weight[q_rows], p.k_proj.weight[kv_rows], p.v_proj.weight[kv_rows]
             bq = p.q_proj.bias[q_rows] if p.q_proj.bias is not None else None
@@ -86,23 +115,34 @@ class MaskedModel:
             keep = head_mask.to(out.device, out.dtype).repeat_interleave(g)
             out = out * keep[None, None, :, None]
         out = out.reshape(bsz, t, -1)
-        return _linear(out, wo, p.o_proj.bias)
+        y = _linear(out, wo, p.o_proj.bias)
+        if self._comp is not None and head_mask is not None:
+            keep_cols = head_mask.to(x.device).repeat_interleave(g * hd)
+            cols = torch.nonzero(keep_cols).flatten()
+            y = y + self._removed_contribution(i, "o", cols, p.o_proj.weight[:, cols], y.dtype)
+        return y
 
     # --- MLP ------------------------------------------------------------------------------------------------
-    def _mlp(self, p: LayerParts, x, channel_mask, mode):
+    def _mlp(self, i: int, p: LayerParts, x, channel_mask, mode):
+        comp = self._comp is not None and channel_mask is not None
         if mode == "gather" and channel_mask is not None:
             idx = torch.nonzero(channel_mask.to(x.device)).flatten()
             if idx.numel() == 0:
-                return None
+                return self._removed_contribution(i, "d", None, None, x.dtype) if comp else None
             wg, wu, wd = p.gate_proj.weight[idx], p.up_proj.weight[idx], p.down_proj.weight[:, idx]
             bg = p.gate_proj.bias[idx] if p.gate_proj.bias is not None else None
             bu = p.up_proj.bias[idx] if p.up_proj.bias is not None else None
             hmid = p.act_fn(_linear(x, wg, bg)) * _linear(x, wu, bu)
-            return _linear(hmid, wd, p.down_proj.bias)
+            y = _linear(hmid, wd, p.down_proj.bias)
+            return y + self._removed_contribution(i, "d", idx, wd, y.dtype) if comp else y
         hmid = p.act_fn(p.gate_proj(x)) * p.up_proj(x)
         if mode == "multiply" and channel_mask is not None:
             hmid = hmid * channel_mask.to(hmid.device, hmid.dtype)
-        return p.down_proj(hmid)
+        y = p.down_proj(hmid)
+        if comp:
+            idx = torch.nonzero(channel_mask.to(x.device)).flatten()
+            y = y + self._removed_contribution(i, "d", idx, p.down_proj.weight[:, idx], y.dtype)
+        return y
 
     # --- whole model ----------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -128,7 +168,7 @@ class MaskedModel:
             a = self._attention(i, p, p.input_norm(h), cos, sin, hm, mode)
             if a is not None:
                 h = h + a
-            m = self._mlp(p, p.post_attention_norm(h), cm, mode)
+            m = self._mlp(i, p, p.post_attention_norm(h), cm, mode)
             if m is not None:
                 h = h + m
         return (h, inputs) if collect else h

@@ -66,10 +66,14 @@ def prepare_data(params: Params, tokenizer, out_dir: str | Path) -> dict:
     torch_save(calib, out / "calib.pt")
     stats = {"calibration": {"source": d.calibration, "chars": len(calib_text), "blocks": list(calib.shape)},
              "evaluation": {}}
+    from pgprune.io import write_text
+
     for name, text in evals.items():
-        blocks = tokenize_blocks(text, tokenizer, params.eval.ppl_seq_len, max_blocks=d.eval_blocks)
-        torch_save(blocks, out / "eval" / f"{name}.pt")
-        stats["evaluation"][name] = {"chars": len(text), "blocks": list(blocks.shape)}
+        # held-out text is stored as text: the evaluation tokenizes it with its own eval.ppl_seq_len, so that
+        # changing an eval parameter reruns only the evaluation
+        write_text(out / "eval" / f"{name}.txt", text)
+        probe = tokenize_blocks(text, tokenizer, d.seq_len, max_blocks=d.eval_blocks)
+        stats["evaluation"][name] = {"chars": len(text), "blocks_at_data_seq_len": list(probe.shape)}
     if "local" in evals:
         tasks = write_local_tasks({"heldout": evals["local"]}, out / "tasks", n_items=d.zero_shot_items, seed=d.seed)
         stats["local_tasks"] = tasks
@@ -77,12 +81,24 @@ def prepare_data(params: Params, tokenizer, out_dir: str | Path) -> dict:
     return stats
 
 
-def load_data(data_dir: str | Path) -> tuple[torch.Tensor, dict[str, torch.Tensor], Path]:
+def load_data(data_dir: str | Path, tokenizer=None, params: Params | None = None
+              ) -> tuple[torch.Tensor, dict[str, torch.Tensor], Path]:
+    """(calibration blocks, {eval corpus: blocks of eval.ppl_seq_len tokens}, tasks folder).
+
+    Without a tokenizer the evaluation blocks are not built (an empty dict)."""
+    from pgprune.data import tokenize_blocks
+
     data = Path(data_dir)
     calib = torch.load(require_file(data / "calib.pt", "calibration blocks"))
-    evals = {p.stem: torch.load(p) for p in sorted((data / "eval").glob("*.pt"))}
-    if not evals:
-        raise MissingFileError(f"no evaluation blocks in {data / 'eval'}; run the data stage")
+    texts = sorted((data / "eval").glob("*.txt"))
+    if not texts:
+        raise MissingFileError(f"no held-out evaluation text in {data / 'eval'}; run the data stage")
+    evals = {}
+    if tokenizer is not None:
+        seq_len = params.eval.ppl_seq_len if params else 128
+        max_blocks = params.data.eval_blocks if params else None
+        evals = {p.stem: tokenize_blocks(p.read_text(encoding="utf-8"), tokenizer, seq_len, max_blocks=max_blocks)
+                 for p in texts}
     return calib, evals, data / "tasks"
 
 
@@ -158,6 +174,17 @@ def evaluate(model, tokenizer, evals: dict[str, torch.Tensor], tasks_dir: Path, 
 
 def params_summary(layout, masks: Masks) -> dict:
     return sparsity_report(layout, masks)
+
+
+def search_compensation(params: Params, all_scores: dict) -> dict | None:
+    """The calibration means the search compensates with (None when search.bias_compensation is off)."""
+    if not params.search.bias_compensation:
+        return None
+    flap = all_scores.get("flap", {})
+    if "bias" not in flap:
+        raise PgpruneError("search.bias_compensation needs artifacts/init/scores.pt from the flap scorer with "
+                           "init.flap_bias_compensation: true; rerun the init stage")
+    return flap["bias"]
 
 
 def compensation_biases(model, masks: Masks, flap_scores: dict) -> dict[int, dict[str, torch.Tensor]]:

@@ -18,7 +18,9 @@ log = logging.getLogger("pgprune.compare")
 
 
 def folder(sparsity: float) -> Path:
-    return Path("artifacts/compare") / f"s{sparsity:g}"
+    from pgprune.report import compare_folder_name
+
+    return Path("artifacts/compare") / compare_folder_name(sparsity)
 
 
 def main(argv=None):
@@ -28,7 +30,7 @@ def main(argv=None):
     out = folder(s)
     c = params.compare
     model, tok = load_model(BASE_DIR, params.model.dtype, params.model.device)
-    calib, evals, tasks = load_data(DATA_DIR)
+    calib, evals, tasks = load_data(DATA_DIR, tok, params)
     scores = torch.load(require_file("artifacts/init/scores.pt", "init scores"))
     layout = get_adapter(model).layout()
     result = {"sparsity": s, "dense": evaluate(model, tok, evals, tasks, params, zero_shot=c.zero_shot,
@@ -40,9 +42,11 @@ def main(argv=None):
         t0 = time.perf_counter()
         extra = None
         if method == "pg":
-            outcome, _ = search_and_save(params, model, calib, scores[params.search.init], s, out / "pg",
-                                         Path("artifacts/checkpoints") / f"compare_s{s:g}.pt")
+            outcome, _ = search_and_save(params, model, calib, scores, s, out / "pg",
+                                         Path("artifacts/checkpoints") / f"compare_{out.name}.pt")
             masks = outcome.masks
+            if params.search.bias_compensation:
+                extra = compensation_biases(model, masks, scores["flap"])
         else:
             masks = baseline_masks(method, layout, scores, s, params)
             if method == "flap" and params.init.flap_bias_compensation:

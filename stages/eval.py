@@ -9,8 +9,8 @@ from stages._common import BASE_DIR, DATA_DIR, parse, run
 
 def main(argv=None):
     params, _ = parse(__doc__, argv=argv)
-    _, evals, tasks = load_data(DATA_DIR)
     dense, tok = load_model(BASE_DIR, params.model.dtype, params.model.device)
+    _, evals, tasks = load_data(DATA_DIR, tok, params)
     result = {"sparsity": params.search.sparsity, "dense": evaluate(dense, tok, evals, tasks, params)}
     del dense
     pruned = load_pruned("models/pruned", dtype=torch_dtype(params.model.dtype), device=params.model.device)

@@ -11,7 +11,7 @@ from pgprune.errors import ConfigError, require_file
 from pgprune.io import torch_save, write_json, write_text
 from pgprune.models import load_model
 from pgprune.pg_prune import run_pg_search
-from pgprune.workflow import load_data, params_summary
+from pgprune.workflow import load_data, params_summary, search_compensation
 from stages._common import BASE_DIR, DATA_DIR, parse, run
 
 OUT = Path("artifacts/search")
@@ -28,18 +28,20 @@ def history_csv(history: list[dict]) -> str:
     return buf.getvalue()
 
 
-def search_and_save(params, model, calib, scores, sparsity, out: Path, checkpoint: Path):
+def search_and_save(params, model, calib, all_scores, sparsity, out: Path, checkpoint: Path):
     t0 = time.perf_counter()
+    scores = all_scores[params.search.init]
+    comp = search_compensation(params, all_scores)
     try:
         outcome = run_pg_search(model, calib, scores, params.search, sparsity=sparsity, checkpoint_path=checkpoint,
-                                device=params.model.device)
+                                device=params.model.device, compensation=comp)
     except ConfigError as e:
         if "checkpoint" not in str(e).lower():
             raise
         log.warning("discarding a checkpoint of other settings (%s)", e)
         checkpoint.unlink()
         outcome = run_pg_search(model, calib, scores, params.search, sparsity=sparsity, checkpoint_path=checkpoint,
-                                device=params.model.device)
+                                device=params.model.device, compensation=comp)
     elapsed = time.perf_counter() - t0
     from pgprune.masked_forward import MaskedModel
 
@@ -48,6 +50,8 @@ def search_and_save(params, model, calib, scores, sparsity, out: Path, checkpoin
     write_json(out / "masks.json", outcome.masks.to_json())
     write_text(out / "history.csv", history_csv(outcome.result.history))
     summary = {"sparsity": sparsity, "time_s": elapsed, "steps": outcome.result.steps_done,
+               "best_step": outcome.result.best_step, "validation": outcome.result.validation,
+               "bias_compensation": comp is not None,
                "final_loss_mean": outcome.result.history[-1].get("loss_mean") if outcome.result.history else None,
                "params": params_summary(layout, outcome.masks)}
     write_json(out / "summary.json", summary)
@@ -58,7 +62,7 @@ def main(argv=None):
     params, _ = parse(__doc__, argv=argv)
     model, _ = load_model(BASE_DIR, params.model.dtype, params.model.device)
     calib, _, _ = load_data(DATA_DIR)
-    scores = torch.load(require_file("artifacts/init/scores.pt", "init scores"))[params.search.init]
+    scores = torch.load(require_file("artifacts/init/scores.pt", "init scores"))
     _, summary = search_and_save(params, model, calib, scores, params.search.sparsity, OUT, CHECKPOINT)
     print({k: v for k, v in summary.items() if k != "params"})
 

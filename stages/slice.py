@@ -17,7 +17,15 @@ def main(argv=None):
     from pgprune.adapters import get_adapter
 
     layout = get_adapter(model).layout()
-    pruned = slice_model(model, masks)
+    extra = None
+    if params.search.bias_compensation:
+        import torch
+
+        from pgprune.workflow import compensation_biases
+
+        scores = torch.load(require_file("artifacts/init/scores.pt", "init scores"))
+        extra = compensation_biases(model, masks, scores["flap"])
+    pruned = slice_model(model, masks, extra_bias=extra)
     save_pruned(pruned, OUT, tokenizer=tok)
     summary = params_summary(layout, masks)
     summary["saved_params"] = sum(p.numel() for p in pruned.parameters())

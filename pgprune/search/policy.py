@@ -100,6 +100,9 @@ class SearchResult:
     steps_done: int
     groups: dict[str, GroupSpec]
     completed: bool = True
+    best_probs: dict[str, torch.Tensor] | None = None
+    best_step: int | None = None
+    validation: list[dict[str, Any]] = field(default_factory=list)
 
     def final_masks(self, keep_counts: Mapping[str, int] | None = None,
                     min_per_segment: Mapping[str, int] | None = None,
@@ -158,7 +161,7 @@ class PolicyGradientSearch:
     def _fresh_state(self) -> dict[str, Any]:
         gen = torch.Generator().manual_seed(self.settings.seed)
         return {"step": 0, "probs": {n: p.clone() for n, p in self.init_probs.items()}, "baseline": None,
-                "generator": gen.get_state(), "history": [], "nan_streak": 0}
+                "generator": gen.get_state(), "history": [], "nan_streak": 0, "best": None, "validation": []}
 
     def _load(self, path: Path) -> dict[str, Any]:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
@@ -176,7 +179,9 @@ class PolicyGradientSearch:
 
     # ---- the search ------------------------------------------------------------------------
     def run(self, loss_fn: LossFn, *, checkpoint_path: str | Path | None = None, progress: bool = True,
-            stop_after: int | None = None, on_step: Callable[[dict[str, Any]], None] | None = None) -> SearchResult:
+            stop_after: int | None = None, on_step: Callable[[dict[str, Any]], None] | None = None,
+            validate_fn: Callable[[dict[str, torch.Tensor]], float] | None = None,
+            validate_every: int = 0) -> SearchResult:
         """Run (or resume from ``checkpoint_path``) the search; ``loss_fn(masks, step, sample) -> float``.
 
         ``masks`` maps each group to a 1-D CPU bool tensor (True = keep); the caller moves it to its device and
@@ -184,6 +189,10 @@ class PolicyGradientSearch:
         but it still counts as a step). ``stop_after``: stop (and checkpoint) once this many steps are done.
         A KeyboardInterrupt saves a checkpoint of the last completed step before propagating. ``on_step`` gets
         each step's history entry.
+
+        ``validate_fn(probs) -> float`` (optional) scores the current probabilities, e.g. the loss of their hard
+        top-k mask on held-back calibration data; it runs before the first step, every ``validate_every`` steps
+        and after the last one, and the result remembers the best probabilities (``best_probs``, ``best_step``).
         """
         cfg = self.settings
         path = Path(checkpoint_path) if checkpoint_path is not None else None
@@ -192,10 +201,17 @@ class PolicyGradientSearch:
         gen.set_state(state["generator"])
         end = cfg.steps if stop_after is None else min(cfg.steps, max(int(stop_after), state["step"]))
         bar = tqdm(total=cfg.steps, initial=state["step"], disable=not progress, desc="pg-search", dynamic_ncols=True)
+        state.setdefault("best", None)
+        state.setdefault("validation", [])
         try:
             with torch.no_grad():
+                if validate_fn is not None and state["best"] is None:
+                    self._validate(state, validate_fn)
                 while state["step"] < end:
                     state, entry = self._step(state, gen, loss_fn)  # state is replaced only once a step is done
+                    if validate_fn is not None and ((validate_every and state["step"] % validate_every == 0)
+                                                    or state["step"] == cfg.steps):
+                        entry["val_loss"] = self._validate(state, validate_fn)
                     bar.update(1)
                     if entry["n_valid"]:
                         bar.set_postfix(loss=f"{entry['loss_mean']:.4f}", baseline=f"{entry['baseline']:.4f}",
@@ -212,8 +228,22 @@ class PolicyGradientSearch:
             bar.close()
         if path is not None:
             self._save(path, state)
+        best = state.get("best")
         return SearchResult(probs={n: p.clone() for n, p in state["probs"].items()}, history=list(state["history"]),
-                            steps_done=state["step"], groups=self.groups, completed=state["step"] >= cfg.steps)
+                            steps_done=state["step"], groups=self.groups, completed=state["step"] >= cfg.steps,
+                            best_probs=None if best is None else {n: p.clone() for n, p in best["probs"].items()},
+                            best_step=None if best is None else best["step"],
+                            validation=list(state.get("validation", [])))
+
+    @staticmethod
+    def _validate(state: dict[str, Any], validate_fn) -> float:
+        value = float(validate_fn({n: p.clone() for n, p in state["probs"].items()}))
+        state["validation"] = list(state.get("validation", [])) + [{"step": state["step"], "val_loss": value}]
+        best = state.get("best")
+        if math.isfinite(value) and (best is None or value < best["loss"]):
+            state["best"] = {"loss": value, "step": state["step"],
+                             "probs": {n: p.clone() for n, p in state["probs"].items()}}
+        return value
 
     def _step(self, state: dict[str, Any], gen: torch.Generator, loss_fn: LossFn) -> tuple[dict[str, Any], dict]:
         """One step; returns (new state, history entry); ``state`` only gains the history entry, at the very end."""

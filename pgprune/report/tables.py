@@ -1,0 +1,310 @@
+"""Markdown tables and plot-data rows from the pipeline's artifacts.
+
+Inputs (plain JSON/CSV, as the stages write them):
+
+* ``artifacts/compare/s<S>/results.json``: ``{"sparsity": S, "dense": R, "methods": {name: R, ...}}`` where a result
+  ``R`` is ``{"ppl": {corpus: float}, "zero_shot": {"average", "metric", "tasks"} | None, "tokens_per_s": float | None,
+  "params": {"prunable_params_kept", "prunable_sparsity", "total_params_kept", "total_sparsity", "per_layer", ...},
+  "time_s": float}``;
+* ``artifacts/eval/metrics.json``: ``{"sparsity": S, "dense": R, "pruned": R}`` (``pruned.params``: the slice summary);
+* ``artifacts/search/history.csv``: ``step, loss_mean, loss_min, baseline, lr, n_valid`` and per-group columns
+  (``<group>_mean_prob`` or ``<group>/prob_mean``).
+
+Conventions (stated in the report too): *sparsity (decoder linear)* is the fraction of the decoder layers' linear
+weights (q, k, v, o, gate, up, down) removed, the convention of ``search.sparsity`` / ``compare.sparsities``;
+*sparsity (total)* is the fraction of all parameters removed (embeddings, norms and lm_head are never pruned, so it
+is smaller).
+"""
+from __future__ import annotations
+
+import csv
+import io
+import math
+import re
+from typing import Any, Iterable, Sequence
+
+METHOD_ORDER = ["pg", "wanda_sp", "flap", "magnitude", "taylor", "random", "layer_drop"]
+METHOD_LABELS = {
+    "dense": "dense",
+    "pg": "PG search",
+    "wanda_sp": "Wanda-sp",
+    "flap": "FLAP",
+    "magnitude": "magnitude",
+    "taylor": "Taylor",
+    "random": "random",
+    "layer_drop": "layer drop (ShortGPT)",
+}
+_PROB_COLUMN = re.compile(r"^(?P<group>.+?)(?:_mean_prob|/prob_mean)$")
+
+
+# --- small helpers ---------------------------------------------------------------------------------------------
+def _num(x: Any) -> float | None:
+    """A finite float, or None (for None, '', 'nan', non-numbers)."""
+    if x is None or x == "":
+        return None
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) else None
+
+
+def _fmt(x: Any, spec: str, missing: str = "–") -> str:
+    v = _num(x)
+    return missing if v is None else format(v, spec)
+
+
+def _ppl(x: Any) -> str:
+    v = _num(x)
+    if v is None:
+        return "–"
+    return f"{v:.3g}" if v >= 1e4 else f"{v:.2f}"
+
+
+def method_label(name: str) -> str:
+    return METHOD_LABELS.get(name, name)
+
+
+def _method_key(name: str) -> tuple[int, str]:
+    return (METHOD_ORDER.index(name) if name in METHOD_ORDER else len(METHOD_ORDER), name)
+
+
+# --- rows ------------------------------------------------------------------------------------------------------
+def _row(method: str, target: float, r: dict, dense_tps: float | None) -> dict:
+    p = r.get("params") or {}
+    zs = r.get("zero_shot") or None
+    tps = _num(r.get("tokens_per_s"))
+    return {
+        "method": method,
+        "sparsity": target,
+        "prunable_params_kept": _num(p.get("prunable_params_kept")),
+        "prunable_sparsity": _num(p.get("prunable_sparsity")),
+        "total_params_kept": _num(p.get("total_params_kept")),
+        "total_sparsity": _num(p.get("total_sparsity")),
+        "ppl": {k: _num(v) for k, v in (r.get("ppl") or {}).items()},
+        "zero_shot": _num(zs.get("average")) if zs else None,
+        "zero_shot_metric": zs.get("metric") if zs else None,
+        "zero_shot_tasks": dict(zs.get("tasks") or {}) if zs else {},
+        "tokens_per_s": tps,
+        "speedup": tps / dense_tps if tps is not None and dense_tps else None,
+        "time_s": _num(r.get("time_s")),
+    }
+
+
+def comparison_rows(results: Sequence[dict]) -> list[dict]:
+    """One row for the dense model, then one per method and sparsity (method order, then sparsity).
+
+    Each compare@S run measures the dense model again; the dense row shows the first run's perplexity and
+    zero-shot (they do not depend on S) and the mean tokens/s, while every method's speed-up is relative to the
+    dense tokens/s measured in its own run (same process, same machine state).
+    """
+    if not results:
+        return []
+    results = sorted(results, key=lambda r: float(r["sparsity"]))
+    dense = results[0]["dense"]
+    tps = [v for v in (_num(r["dense"].get("tokens_per_s")) for r in results) if v is not None]
+    dense_row = _row("dense", 0.0, dict(dense, tokens_per_s=sum(tps) / len(tps) if tps else None), None)
+    dense_row["speedup"] = 1.0 if tps else None
+    for k in ("prunable_sparsity", "total_sparsity"):
+        if dense_row[k] is None:
+            dense_row[k] = 0.0
+    rows = [dense_row]
+    methods = sorted({m for r in results for m in r.get("methods", {})}, key=_method_key)
+    for m in methods:
+        for r in results:
+            if m in r.get("methods", {}):
+                rows.append(_row(m, float(r["sparsity"]), r["methods"][m], _num(r["dense"].get("tokens_per_s"))))
+    return rows
+
+
+def eval_rows(metrics: dict) -> list[dict]:
+    """Dense and pruned rows of the main run (artifacts/eval/metrics.json)."""
+    s = float(metrics.get("sparsity") or 0.0)
+    dense, pruned = metrics["dense"], metrics["pruned"]
+    p = pruned.get("params") or {}
+    dense = dict(dense)
+    dense.setdefault("params", {"prunable_params_kept": p.get("prunable_params_dense"), "prunable_sparsity": 0.0,
+                                 "total_params_kept": p.get("total_params_dense"), "total_sparsity": 0.0})
+    dtps = _num(dense.get("tokens_per_s"))
+    d = _row("dense", 0.0, dense, None)
+    d["speedup"] = 1.0 if dtps else None
+    return [d, _row("pg", s, pruned, dtps)]
+
+
+def _corpora(rows: Iterable[dict]) -> list[str]:
+    return list(dict.fromkeys(c for r in rows for c in r["ppl"]))
+
+
+def zero_shot_metric(rows: Iterable[dict]) -> str | None:
+    return next((r["zero_shot_metric"] for r in rows if r.get("zero_shot_metric")), None)
+
+
+# --- markdown --------------------------------------------------------------------------------------------------
+def markdown_table(rows: Sequence[dict], *, bold_best: bool = True) -> str:
+    """GitHub markdown table: method, target sparsity, prunable params (M), sparsity in both conventions,
+    perplexity per evaluation corpus, zero-shot average (metric named in the header), tokens/s, speed-up, time.
+    With ``bold_best`` the lowest perplexity among the methods at each sparsity is bold."""
+    corpora = _corpora(rows)
+    metric = zero_shot_metric(rows)
+    header = ["method", "target sparsity", "prunable params (M)", "sparsity (decoder linear)", "sparsity (total)"]
+    header += [f"ppl {c} ↓" for c in corpora]
+    header += [f"zero-shot avg {metric} ↑" if metric else "zero-shot avg", "tokens/s", "speed-up vs dense",
+               "prune time (s)"]
+    best: dict[tuple[float, str], float] = {}
+    if bold_best:
+        for r in rows:
+            if r["method"] == "dense":
+                continue
+            for c in corpora:
+                v = r["ppl"].get(c)
+                if v is not None:
+                    key = (r["sparsity"], c)
+                    best[key] = min(best.get(key, math.inf), v)
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(header) - 2)) + "|"]
+    for r in rows:
+        cells = [method_label(r["method"]), "0 (dense)" if r["method"] == "dense" else f"{r['sparsity']:g}",
+                 _fmt(None if r["prunable_params_kept"] is None else r["prunable_params_kept"] / 1e6, ".2f"),
+                 _fmt(r["prunable_sparsity"], ".1%"), _fmt(r["total_sparsity"], ".1%")]
+        for c in corpora:
+            v = r["ppl"].get(c)
+            cell = _ppl(v)
+            if bold_best and v is not None and r["method"] != "dense" and v == best.get((r["sparsity"], c)):
+                cell = f"**{cell}**"
+            cells.append(cell)
+        cells += [_fmt(r["zero_shot"], ".3f"), _fmt(r["tokens_per_s"], ".1f"),
+                  _fmt(r["speedup"], ".2f") + ("×" if r["speedup"] is not None else ""), _fmt(r["time_s"], ".1f")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def conventions_text(metric: str | None, tasks: Sequence[str] = ()) -> str:
+    zs = (f"average of `{metric}` over the lm-eval tasks ({', '.join(tasks) or 'see eval.zero_shot_tasks'}), "
+          "0-shot" if metric else "not run (compare.zero_shot or eval.zero_shot_tasks off)")
+    return "\n".join([
+        "* **target sparsity**: the requested fraction (`search.sparsity`, `compare.sparsities`).",
+        "* **sparsity (decoder linear)**: fraction of the decoder layers' linear weights (q, k, v, o, gate, up, "
+        "down projections) removed, the convention the targets use (and the paper's and FLAP's). "
+        "**prunable params (M)**: those weights kept, in millions.",
+        "* **sparsity (total)**: fraction of *all* parameters removed; embeddings, norms and lm_head are never "
+        "pruned, so it is smaller than the decoder-linear sparsity.",
+        "* **ppl**: perplexity on the held-out blocks of each evaluation corpus (`data.evaluation`; non-overlapping "
+        "blocks of `eval.ppl_seq_len` tokens, exp of the token-mean NLL); lower is better; the best method at each "
+        "sparsity is bold.",
+        f"* **zero-shot avg**: {zs}; higher is better.",
+        "* **tokens/s**: greedy generation throughput (`eval.speed`); **speed-up** = tokens/s ÷ the dense model's "
+        "tokens/s measured in the same run. **prune time**: finding the masks (search or scoring + allocation), "
+        "excluding evaluation.",
+    ]) + "\n"
+
+
+def markdown_report(title: str, *, compare_results: Sequence[dict], eval_metrics: dict | None = None,
+                    search_summary: dict | None = None, figures: dict[str, str] | None = None) -> str:
+    """The whole report.md (no timestamps: the text changes only when the numbers do)."""
+    rows = comparison_rows(compare_results)
+    main = eval_rows(eval_metrics) if eval_metrics else []
+    metric = zero_shot_metric(rows) or zero_shot_metric(main)
+    tasks = list(dict.fromkeys(t for r in rows + main for t in r["zero_shot_tasks"]))
+    out = [f"# {title}", ""]
+    if main:
+        s = main[1]["sparsity"]
+        out += [f"## Main run: PG search at sparsity {s:g} (`search`, `slice`, `eval` stages)", "",
+                markdown_table(main, bold_best=False)]
+        if search_summary:
+            bits = []
+            if search_summary.get("steps") is not None:
+                bits.append(f"{search_summary['steps']} steps")
+            if search_summary.get("best_step") is not None:
+                bits.append(f"masks from step {search_summary['best_step']} (best validated)")
+            if _num(search_summary.get("time_s")) is not None:
+                bits.append(f"{float(search_summary['time_s']):.1f} s")
+            if _num(search_summary.get("final_loss_mean")) is not None:
+                bits.append(f"final mean calibration loss {float(search_summary['final_loss_mean']):.4f}")
+            if bits:
+                out += ["Search: " + ", ".join(bits) + ".", ""]
+    if rows:
+        sp = sorted({r["sparsity"] for r in rows if r["method"] != "dense"})
+        methods = [m for m in dict.fromkeys(r["method"] for r in rows) if m != "dense"]
+        out += [f"## Comparison at sparsities {', '.join(f'{s:g}' for s in sp)} (`compare` stages)", "",
+                "Methods: " + ", ".join(f"{method_label(m)} (`{m}`)" for m in methods) + ".", "",
+                markdown_table(rows)]
+    out += ["## Conventions", "", conventions_text(metric, tasks)]
+    if figures:
+        out += ["## Figures", ""]
+        for caption, rel in figures.items():
+            out += [f"![{caption}]({rel})", "", f"*{caption}*", ""]
+    return "\n".join(out).rstrip() + "\n"
+
+
+# --- plot data (DVC plots CSVs) --------------------------------------------------------------------------------
+def ppl_vs_sparsity_rows(results: Sequence[dict], corpus: str | None = None,
+                         methods: Sequence[str] = METHOD_ORDER) -> tuple[list[dict], str | None]:
+    """Wide rows ``{sparsity, dense, <method>...}`` for one corpus (default: the first); a method absent from the
+    results has empty cells, so the columns dvc.yaml names always exist. Returns (rows, corpus)."""
+    rows = comparison_rows(results)
+    corpus = corpus or next(iter(_corpora(rows)), None)
+    cols = list(methods) + [m for m in dict.fromkeys(r["method"] for r in rows) if m not in methods and m != "dense"]
+    out = []
+    for res in sorted(results, key=lambda r: float(r["sparsity"])):
+        s = float(res["sparsity"])
+        line: dict[str, Any] = {"sparsity": s, "dense": _num((res["dense"].get("ppl") or {}).get(corpus))}
+        for m in cols:
+            r = res.get("methods", {}).get(m)
+            line[m] = _num((r.get("ppl") or {}).get(corpus)) if r else None
+        out.append(line)
+    return out, corpus
+
+
+def ppl_points(results: Sequence[dict]) -> list[dict]:
+    """Long rows ``{method, sparsity, ppl, corpus}`` for plot_ppl_vs_sparsity (dense at sparsity 0)."""
+    return [{"method": r["method"], "sparsity": r["sparsity"], "ppl": v, "corpus": c}
+            for r in comparison_rows(results) for c, v in r["ppl"].items() if v is not None]
+
+
+def read_history_csv(text: str) -> list[dict]:
+    """history.csv → rows of floats (None for empty cells)."""
+    return [{k: _num(v) for k, v in row.items()} for row in csv.DictReader(io.StringIO(text))]
+
+
+def prob_columns(rows: Sequence[dict]) -> dict[str, str]:
+    """group → its mean keep-probability column (``heads_mean_prob`` or ``heads/prob_mean``)."""
+    cols = list(dict.fromkeys(k for r in rows for k in r))
+    return {m["group"]: c for c in cols if (m := _PROB_COLUMN.match(c))}
+
+
+def search_loss_rows(history: Sequence[dict]) -> list[dict]:
+    """``{step, loss_mean, loss_min, baseline}`` per step with a loss (steps whose samples all failed are left out)."""
+    out = []
+    for r in history:
+        if _num(r.get("loss_mean")) is None:
+            continue
+        out.append({"step": int(_num(r.get("step")) or 0), "loss_mean": _num(r.get("loss_mean")),
+                    "loss_min": _num(r.get("loss_min")), "baseline": _num(r.get("baseline"))})
+    return out
+
+
+def kept_fractions(per_layer: dict, sizes: dict) -> dict[str, list[float]]:
+    """Kept fraction per layer for heads and channels (a dropped layer keeps 0)."""
+    layers = list(per_layer.get("layers") or [1] * len(sizes["heads"]))
+    out = {}
+    for g in ("heads", "channels"):
+        out[g] = [(k / n if n and layers[i] else 0.0) for i, (k, n) in enumerate(zip(per_layer[g], sizes[g]))]
+    return out
+
+
+def kept_per_layer_rows(per_layer: dict, sizes: dict) -> list[dict]:
+    """``{layer, heads_kept, channels_kept, layer_kept}`` per layer (fractions; layer_kept is 0/1)."""
+    fr = kept_fractions(per_layer, sizes)
+    layers = list(per_layer.get("layers") or [1] * len(fr["heads"]))
+    return [{"layer": i, "heads_kept": round(h, 6), "channels_kept": round(c, 6), "layer_kept": int(bool(layers[i]))}
+            for i, (h, c) in enumerate(zip(fr["heads"], fr["channels"]))]
+
+
+def csv_text(rows: Sequence[dict], fieldnames: Sequence[str] | None = None) -> str:
+    fields = list(fieldnames or dict.fromkeys(k for r in rows for k in r))
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n", extrasaction="ignore")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: ("" if r.get(k) is None else (f"{r[k]:.6g}" if isinstance(r[k], float) else r[k]))
+                    for k in fields})
+    return buf.getvalue()
