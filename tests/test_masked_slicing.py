@@ -111,3 +111,28 @@ def test_masks_json_round_trip():
     for a, b in zip(m.heads + m.channels, back.heads + back.channels):
         assert torch.equal(a, b)
     assert torch.equal(m.layers, back.layers)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_mean_compensation_masked_equals_sliced(arch):
+    from pgprune.scorers import compute_scores
+    from pgprune.workflow import compensation_biases
+
+    model = make_tiny_model(arch, n_heads=4, n_kv=2, layers=3)
+    calib = torch.randint(0, 300, (8, 16), generator=torch.Generator().manual_seed(0))
+    flap = compute_scores("flap", model, calib, bias_compensation=True, progress=False)
+    mm = MaskedModel(model)
+    masks = random_masks(mm.layout, 3, drop_layer=False)
+    masks.heads[2][:] = False
+    masks.heads[2][0] = True
+    ids = torch.randint(0, 300, (2, 9))
+    plain = mm.logits(ids, masks)
+    mm.set_compensation(flap["bias"])
+    gathered, multiplied = mm.logits(ids, masks), mm.logits(ids, masks, mode="multiply")
+    torch.testing.assert_close(gathered, multiplied, atol=1e-5, rtol=1e-5)
+    assert (gathered - plain).abs().max() > 1e-2
+    sliced = slice_model(model, masks, extra_bias=compensation_biases(model, masks, flap))
+    torch.testing.assert_close(sliced(input_ids=ids).logits, gathered, atol=1e-5, rtol=1e-5)
+    # with nothing removed the compensation is exactly zero
+    full = Masks.full(mm.layout)
+    torch.testing.assert_close(mm.logits(ids, full), model(input_ids=ids).logits, atol=1e-5, rtol=1e-5)

@@ -1,0 +1,54 @@
+"""The policy-gradient search on a (tiny) model: exact budgets, layer granularity, validation and selection."""
+import pytest
+import torch
+
+from conftest import make_tiny_model
+from pgprune.adapters import get_adapter
+from pgprune.config import SearchParams
+from pgprune.errors import PgpruneError
+from pgprune.masks import sparsity_report
+from pgprune.pg_prune import run_pg_search
+from pgprune.scorers import compute_scores
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = make_tiny_model("llama", n_heads=4, n_kv=2, layers=4, hidden=32, ffn=48)
+    calib = torch.randint(0, 300, (24, 16), generator=torch.Generator().manual_seed(0))
+    return model, calib, compute_scores("magnitude", model, calib)
+
+
+def test_heads_and_channels_exact_budget_and_best_selection(setup):
+    model, calib, scores = setup
+    p = SearchParams(sparsity=0.5, steps=8, batch_size=4, val_blocks=8, validate_every=4, init="magnitude",
+                     bias_compensation=False, lr_heads=0.3, lr_channels=0.3)
+    out = run_pg_search(model, calib, scores, p, progress=False)
+    rep = sparsity_report(get_adapter(model).layout(), out.masks)
+    assert rep["kv_groups_kept"] == 4 and rep["channels_kept"] == 96
+    assert rep["prunable_sparsity"] == pytest.approx(0.5)
+    assert [v["step"] for v in out.result.validation] == [0, 4, 8]
+    best = min(out.result.validation, key=lambda v: v["val_loss"])
+    assert out.result.best_step == best["step"]
+    assert len(out.result.history) == 8 and all(h["n_valid"] == 2 for h in out.result.history)
+
+
+def test_layer_granularity_drops_layers_and_keeps_total_budget(setup):
+    model, calib, scores = setup
+    p = SearchParams(sparsity=0.5, steps=4, batch_size=4, val_blocks=8, init="magnitude", bias_compensation=False,
+                     granularity=["heads", "channels", "layers"], layer_sparsity=0.25)
+    out = run_pg_search(model, calib, scores, p, progress=False)
+    assert int(out.masks.layers.sum()) == 3
+    kept = out.masks.kept_layer_indices()
+    assert sum(int(out.masks.heads[i].sum()) for i in kept) == 4
+    assert sum(int(out.masks.channels[i].sum()) for i in kept) == 96
+    only = SearchParams(sparsity=0.5, steps=4, batch_size=4, val_blocks=8, init="magnitude", bias_compensation=False,
+                        granularity=["layers"])
+    out2 = run_pg_search(model, calib, scores, only, progress=False)
+    assert int(out2.masks.layers.sum()) == 2 and all(int(h.sum()) == 2 for h in out2.masks.heads)
+
+
+def test_too_few_calibration_blocks_is_named(setup):
+    model, calib, scores = setup
+    p = SearchParams(steps=2, val_blocks=64, init="magnitude", bias_compensation=False)
+    with pytest.raises(PgpruneError, match="search.val_blocks=64"):
+        run_pg_search(model, calib, scores, p, progress=False)
