@@ -78,6 +78,15 @@ def _select(layout: Layout, group: str, score: torch.Tensor, k: int, allocation:
     return keep
 
 
+def select_units(layout: Layout, group: str, score: torch.Tensor, k: int, allocation: str = "global",
+                 minimum: int = 0, allowed: torch.Tensor | None = None) -> torch.Tensor:
+    """Flat keep-mask of exactly ``k`` units of ``group`` by ``score`` (higher = keep), allocated "global"ly
+    (top-k over the model, at least ``minimum`` per layer) or "uniform"ly (the same fraction in every layer)."""
+    if allocation not in ALLOCATIONS:
+        raise PgpruneError(f"allocation={allocation!r} is not allowed; allowed: {ALLOCATIONS}")
+    return _select(layout, group, score.float(), k, allocation, minimum, allowed)
+
+
 def masks_from_scores(layout: Layout, scores: dict[str, torch.Tensor], sparsity: float, *,
                       allocation: str = "global", granularity=("heads", "channels"), layer_sparsity: float = 0.0,
                       min_heads_per_layer: int = 1) -> Masks:

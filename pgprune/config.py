@@ -71,7 +71,7 @@ class SearchParams(_Strict):
     init_allocation: Literal["global", "uniform"] = "uniform"
     init_const: float = Field(0.95, gt=0.5, le=1.0, description="keep-probability of the init mask's units with "
                               "init_map: const (1 - init_const for the others)")
-    steps: int = Field(120, ge=1)
+    steps: int = Field(200, ge=1)
     samples: int = Field(2, ge=1, description="K masks sampled per step")
     batch_size: int = Field(8, ge=1)
     lr_heads: float = Field(0.02, gt=0)
@@ -88,7 +88,7 @@ class SearchParams(_Strict):
     bias_compensation: bool = Field(True, description="replace removed o_proj/down_proj inputs by their calibration "
                                     "means during the search and in the sliced model (needs the flap scorer)")
     checkpoint_every: int = Field(50, ge=0)
-    validate_every: int = Field(20, ge=0, description="steps between hard-mask validations (0: start and end only)")
+    validate_every: int = Field(10, ge=0, description="steps between hard-mask validations (0: start and end only)")
     val_blocks: int = Field(32, ge=0, description="calibration blocks held back to validate hard masks (0: off)")
     select: Literal["best", "last"] = Field("best", description="final mask: best validated, or the last probs")
     seed: int = 42

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from pgprune.allocation import keep_counts
+from pgprune.allocation import keep_counts, select_units
 from pgprune.config import SearchParams
 from pgprune.errors import PgpruneError
 from pgprune.masked_forward import MaskedModel
@@ -49,6 +49,12 @@ def build_search(masked: MaskedModel, init_scores: dict[str, torch.Tensor], p: S
         if g not in init_scores:
             raise PgpruneError(f"search.init scorer provides {sorted(init_scores)}, not {g!r}; "
                                "pick a scorer that scores every searched group (e.g. wanda_sp, magnitude, random)")
+        if p.init_map == "const" and g != "layers":
+            # exactly the metric baseline's mask (same allocation, same k): the search starts from it
+            keep = select_units(layout, g, init_scores[g], k, p.init_allocation,
+                                p.min_heads_per_layer if g == "heads" else 1)
+            probs[g] = torch.where(keep, p.init_const, 1.0 - p.init_const).to(torch.float32).clamp(0.01, 0.99)
+            continue
         per_layer = seg if (g != "layers" and p.init_allocation == "uniform") else None
         probs[g] = init_probs(init_scores[g], k / n[g], method=p.init_map, segments=per_layer, const=p.init_const)
     return PolicyGradientSearch(groups, probs, search_settings(p)), probs

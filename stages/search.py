@@ -49,7 +49,9 @@ def search_and_save(params, model, calib, all_scores, sparsity, out: Path, check
     torch_save({"probs": outcome.result.probs, "init_probs": outcome.init_probs}, out / "result.pt")
     write_json(out / "masks.json", outcome.masks.to_json())
     write_text(out / "history.csv", history_csv(outcome.result.history))
-    summary = {"sparsity": sparsity, "time_s": elapsed, "steps": outcome.result.steps_done,
+    # time_s: the whole search, summed over interrupted and resumed runs (this run alone: run_time_s)
+    summary = {"sparsity": sparsity, "time_s": outcome.result.elapsed_s, "run_time_s": elapsed,
+               "steps": outcome.result.steps_done,
                "best_step": outcome.result.best_step, "validation": outcome.result.validation,
                "bias_compensation": comp is not None,
                "final_loss_mean": outcome.result.history[-1].get("loss_mean") if outcome.result.history else None,

@@ -6,8 +6,10 @@ from conftest import make_tiny_model
 from pgprune.adapters import get_adapter
 from pgprune.config import SearchParams
 from pgprune.errors import PgpruneError
+from pgprune.allocation import masks_from_scores
 from pgprune.masks import sparsity_report
-from pgprune.pg_prune import run_pg_search
+from pgprune.pg_prune import build_search, hard_masks, run_pg_search
+from pgprune.masked_forward import MaskedModel
 from pgprune.scorers import compute_scores
 
 
@@ -52,3 +54,20 @@ def test_too_few_calibration_blocks_is_named(setup):
     p = SearchParams(steps=2, val_blocks=64, init="magnitude", bias_compensation=False)
     with pytest.raises(PgpruneError, match="search.val_blocks=64"):
         run_pg_search(model, calib, scores, p, progress=False)
+
+
+@pytest.mark.parametrize("allocation", ["uniform", "global"])
+def test_const_init_starts_exactly_at_the_metric_baseline_mask(setup, allocation):
+    """init_map: const puts init_const on exactly the baseline's units (same allocation, exact budget), so the
+    search's step-0 hard mask is the metric baseline itself, even where round(r * n) per layer would undershoot."""
+    model, calib, scores = setup
+    p = SearchParams(sparsity=0.3, init="magnitude", init_map="const", init_allocation=allocation, init_const=0.9,
+                     bias_compensation=False)
+    layout = get_adapter(model).layout()
+    search, probs = build_search(MaskedModel(model), scores, p)
+    baseline = masks_from_scores(layout, scores, 0.3, allocation=allocation)
+    for g in ("heads", "channels"):
+        assert probs[g].unique().tolist() == pytest.approx([0.1, 0.9])
+    start = hard_masks(layout, search.init_probs, search.groups, p, 0.3)
+    for a, b in zip(start.heads + start.channels, baseline.heads + baseline.channels):
+        assert torch.equal(a, b)

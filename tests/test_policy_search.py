@@ -98,6 +98,9 @@ def test_checkpoint_resume_bit_identical(tmp_path):
     again = make_search(**{**kw, "checkpoint_every": 0}).run(make_loss(w), checkpoint_path=ckpt, progress=False,
                                                              on_step=lambda e: pytest.fail("no step expected"))
     assert torch.equal(again.probs["u"], full.probs["u"])
+    # the search time is summed over the interrupted and the resumed run, not restarted by a resume
+    assert again.elapsed_s >= resumed.elapsed_s >= part.elapsed_s > 0
+    assert torch.load(ckpt, weights_only=True)["elapsed_s"] == pytest.approx(resumed.elapsed_s, rel=0.5, abs=0.05)
     with pytest.raises(ConfigError, match="delete the checkpoint.*restore the settings"):
         make_search(**{**kw, "seed": 12}).run(make_loss(w), checkpoint_path=ckpt, progress=False)
     with pytest.raises(ConfigError, match="different search settings"):

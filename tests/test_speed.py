@@ -21,7 +21,8 @@ def test_generation_speed(model, tiny_tokenizer):
         assert res[key] > 0
     assert len(res["latencies_s"]) == 2
     assert res["new_tokens"] == 6 and res["batch_size"] == 2 and res["device"] == "cpu"
-    assert res["tokens_per_s"] == pytest.approx(2 * 6 / res["latency_s"])
+    assert res["tokens_per_s"] == pytest.approx(2 * 6 / res["latency_median_s"])
+    assert res["tokens_per_s_mean"] == pytest.approx(2 * 6 / res["latency_s"])
 
 
 def test_generation_never_stops_early_on_eos(model):

@@ -192,7 +192,8 @@ def conventions_text(metric: str | None, tasks: Sequence[str] = ()) -> str:
         "sparsity is bold.",
         f"* **zero-shot avg**: {zs}; higher is better.",
         "* **tokens/s**: greedy generation throughput (`eval.speed`); **speed-up** = tokens/s ÷ the dense model's "
-        "tokens/s measured in the same run. **prune time**: finding the masks (search or scoring + allocation), "
+        "tokens/s measured in the same run. **prune time**: finding the masks — the scorer's calibration pass "
+        "(for PG search: that of its init scorer) plus allocation or the search, summed over resumed runs; "
         "excluding evaluation.",
     ]) + "\n"
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -103,6 +104,7 @@ class SearchResult:
     best_probs: dict[str, torch.Tensor] | None = None
     best_step: int | None = None
     validation: list[dict[str, Any]] = field(default_factory=list)
+    elapsed_s: float = 0.0  # wall-clock time of the search, summed over interrupted and resumed runs
 
     def final_masks(self, keep_counts: Mapping[str, int] | None = None,
                     min_per_segment: Mapping[str, int] | None = None,
@@ -197,6 +199,11 @@ class PolicyGradientSearch:
         cfg = self.settings
         path = Path(checkpoint_path) if checkpoint_path is not None else None
         state = self._load(path) if path is not None and path.exists() else self._fresh_state()
+        t_start, elapsed_before = time.perf_counter(), float(state.get("elapsed_s", 0.0))
+
+        def save(st: dict[str, Any]) -> None:
+            st["elapsed_s"] = elapsed_before + time.perf_counter() - t_start
+            self._save(path, st)
         gen = torch.Generator()
         gen.set_state(state["generator"])
         end = cfg.steps if stop_after is None else min(cfg.steps, max(int(stop_after), state["step"]))
@@ -219,21 +226,22 @@ class PolicyGradientSearch:
                     if on_step is not None:
                         on_step(entry)
                     if path is not None and cfg.checkpoint_every and state["step"] % cfg.checkpoint_every == 0:
-                        self._save(path, state)
+                        save(state)
         except KeyboardInterrupt:
             if path is not None:
-                self._save(path, state)
+                save(state)
             raise
         finally:
             bar.close()
         if path is not None:
-            self._save(path, state)
+            save(state)
         best = state.get("best")
         return SearchResult(probs={n: p.clone() for n, p in state["probs"].items()}, history=list(state["history"]),
                             steps_done=state["step"], groups=self.groups, completed=state["step"] >= cfg.steps,
                             best_probs=None if best is None else {n: p.clone() for n, p in best["probs"].items()},
                             best_step=None if best is None else best["step"],
-                            validation=list(state.get("validation", [])))
+                            validation=list(state.get("validation", [])),
+                            elapsed_s=elapsed_before + time.perf_counter() - t_start)
 
     @staticmethod
     def _validate(state: dict[str, Any], validate_fn) -> float:
