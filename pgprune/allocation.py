@@ -122,3 +122,33 @@ def masks_from_scores(layout: Layout, scores: dict[str, torch.Tensor], sparsity:
     masks = Masks.from_flat(layout, flat)
     masks.validate(layout)
     return masks
+
+
+FREE_INSIDE, FREE_OUTSIDE = 0.55, 0.45
+
+
+def boundary_init(layout: Layout, group: str, score: torch.Tensor, k: int, allocation: str = "global",
+                  minimum: int = 0, const: float = 0.95, free: float = 0.0) -> torch.Tensor:
+    """Initial keep-probabilities (float32) centred on the metric's mask of exactly ``k`` units.
+
+    The metric's top ``round((1 - free) k)`` units start at ``const``, its other kept units at 0.55, the next
+    ``round(free k)`` units below the cut at 0.45 and the rest at ``1 - const``. The hard top-k of these
+    probabilities is exactly the metric's mask (the search starts from the baseline), while the units around the
+    cut are nearly undecided and the sampled masks trade them. ``free = 0`` gives ``const`` / ``1 - const``.
+    """
+    if not 0.0 <= free < 1.0:
+        raise PgpruneError(f"free={free} is not allowed; allowed: 0 <= free < 1")
+    if not 0.5 < const <= 1.0:
+        raise PgpruneError(f"const={const} is not allowed; allowed: 0.5 < const <= 1")
+    n = score.numel()
+    keep = select_units(layout, group, score, k, allocation, minimum)
+    probs = torch.full((n,), 1.0 - const, dtype=torch.float32)
+    width = int(round(free * k))
+    if width:
+        probs[select_units(layout, group, score, min(n, k + width), allocation, minimum)] = FREE_OUTSIDE
+        probs[keep] = FREE_INSIDE
+        sure = select_units(layout, group, score, max(k - width, minimum * layout.num_layers), allocation, minimum)
+        probs[sure & keep] = const
+    else:
+        probs[keep] = const
+    return probs

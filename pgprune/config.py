@@ -71,10 +71,14 @@ class SearchParams(_Strict):
     init_allocation: Literal["global", "uniform"] = "uniform"
     init_const: float = Field(0.95, gt=0.5, le=1.0, description="keep-probability of the init mask's units with "
                               "init_map: const (1 - init_const for the others)")
+    init_free_heads: float = Field(0.5, ge=0, lt=1, description="init_map: const: fraction of the head budget left "
+                                   "undecided at the metric's boundary (keep-probability 0.55 just inside, 0.45 just "
+                                   "outside), so the search can trade those units; 0 starts every unit decided")
+    init_free_channels: float = Field(0.0, ge=0, lt=1, description="the same for MLP channels")
     steps: int = Field(200, ge=1)
     samples: int = Field(2, ge=1, description="K masks sampled per step")
     batch_size: int = Field(8, ge=1)
-    lr_heads: float = Field(0.02, gt=0)
+    lr_heads: float = Field(0.1, gt=0)
     lr_channels: float = Field(0.02, gt=0)
     lr_layers: float = Field(0.02, gt=0)
     lr_schedule: Literal["cosine", "const", "linear", "poly", "exp", "step"] = "cosine"

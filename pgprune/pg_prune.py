@@ -7,13 +7,13 @@ from pathlib import Path
 
 import torch
 
-from pgprune.allocation import keep_counts, select_units
+from pgprune.allocation import boundary_init, keep_counts
 from pgprune.config import SearchParams
 from pgprune.errors import PgpruneError
 from pgprune.masked_forward import MaskedModel
 from pgprune.masks import Masks, segments
 from pgprune.search import GroupSpec, PolicyGradientSearch, SearchResult, SearchSettings
-from pgprune.search.init_map import init_probs
+from pgprune.search.init_map import CLIP_EPS, init_probs
 from pgprune.search.projection import select_top_k
 
 
@@ -51,9 +51,11 @@ def build_search(masked: MaskedModel, init_scores: dict[str, torch.Tensor], p: S
                                "pick a scorer that scores every searched group (e.g. wanda_sp, magnitude, random)")
         if p.init_map == "const" and g != "layers":
             # exactly the metric baseline's mask (same allocation, same k): the search starts from it
-            keep = select_units(layout, g, init_scores[g], k, p.init_allocation,
-                                p.min_heads_per_layer if g == "heads" else 1)
-            probs[g] = torch.where(keep, p.init_const, 1.0 - p.init_const).to(torch.float32).clamp(0.01, 0.99)
+            # (boundary units nearly undecided when search.init_free_<group> > 0)
+            free = p.init_free_heads if g == "heads" else p.init_free_channels
+            probs[g] = boundary_init(layout, g, init_scores[g], k, p.init_allocation,
+                                     p.min_heads_per_layer if g == "heads" else 1, p.init_const, free)
+            probs[g] = probs[g].clamp(CLIP_EPS, 1.0 - CLIP_EPS)
             continue
         per_layer = seg if (g != "layers" and p.init_allocation == "uniform") else None
         probs[g] = init_probs(init_scores[g], k / n[g], method=p.init_map, segments=per_layer, const=p.init_const)

@@ -62,7 +62,7 @@ def test_const_init_starts_exactly_at_the_metric_baseline_mask(setup, allocation
     search's step-0 hard mask is the metric baseline itself, even where round(r * n) per layer would undershoot."""
     model, calib, scores = setup
     p = SearchParams(sparsity=0.3, init="magnitude", init_map="const", init_allocation=allocation, init_const=0.9,
-                     bias_compensation=False)
+                     init_free_heads=0.0, bias_compensation=False)
     layout = get_adapter(model).layout()
     search, probs = build_search(MaskedModel(model), scores, p)
     baseline = masks_from_scores(layout, scores, 0.3, allocation=allocation)
@@ -71,3 +71,35 @@ def test_const_init_starts_exactly_at_the_metric_baseline_mask(setup, allocation
     start = hard_masks(layout, search.init_probs, search.groups, p, 0.3)
     for a, b in zip(start.heads + start.channels, baseline.heads + baseline.channels):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("allocation", ["uniform", "global"])
+def test_free_boundary_init_starts_at_the_baseline_with_undecided_units_at_the_cut(setup, allocation):
+    """init_free_<group>: the metric's surest units at init_const, about free*k units on each side of the cut at
+    0.55 (kept) / 0.45 (pruned), the rest at 1 - init_const; the step-0 hard mask is still the baseline's."""
+    model, calib, scores = setup
+    p = SearchParams(sparsity=0.5, init="magnitude", init_map="const", init_allocation=allocation, init_const=0.95,
+                     init_free_channels=0.25, init_free_heads=0.5, bias_compensation=False)
+    layout = get_adapter(model).layout()
+    search, probs = build_search(MaskedModel(model), scores, p)
+    baseline = masks_from_scores(layout, scores, 0.5, allocation=allocation)
+    keep = torch.cat(baseline.channels)
+    ch = probs["channels"]
+    k = int(keep.sum())  # 96 of 192
+    assert sorted(set(ch[keep].tolist())) == pytest.approx([0.55, 0.95])
+    assert sorted(set(ch[~keep].tolist())) == pytest.approx([0.05, 0.45])
+    assert int((ch == 0.55).sum()) == round(0.25 * k) == int((ch == 0.45).sum())
+    # the undecided kept channels are the baseline's lowest-scored ones (within a layer for uniform allocation)
+    score = scores["channels"].float()
+    for i, c in enumerate(baseline.channels):
+        layer = slice(i * 48, (i + 1) * 48)
+        s_l, p_l = score[layer], ch[layer]
+        if allocation == "uniform" and (p_l == 0.55).any() and (p_l == 0.95).any():
+            assert s_l[p_l == 0.55].max() <= s_l[p_l == 0.95].min()
+    start = hard_masks(layout, search.init_probs, search.groups, p, 0.5)
+    for a, b in zip(start.heads + start.channels, baseline.heads + baseline.channels):
+        assert torch.equal(a, b)
+    assert int((probs["heads"] > 0.5).sum()) == 4  # heads: 4 of 8 kept, still at least one per layer
+    with pytest.raises(PgpruneError, match="free=1.5"):
+        from pgprune.allocation import boundary_init
+        boundary_init(layout, "heads", scores["heads"], 4, free=1.5)

@@ -7,6 +7,7 @@ from pgprune.errors import ConfigError, PgpruneError
 from pgprune.search.projection import select_top_k
 
 INIT_METHODS = ("sigmap", "norm", "const", "uniform")
+CLIP_EPS = 0.01  # no unit starts frozen at exactly 0 or 1
 
 
 def _map_one(x: torch.Tensor, r: float, method: str, const: float) -> torch.Tensor:
@@ -24,7 +25,7 @@ def _map_one(x: torch.Tensor, r: float, method: str, const: float) -> torch.Tens
 
 
 def init_probs(metric: torch.Tensor, keep_ratio: float, *, method: str = "sigmap",
-               segments: torch.Tensor | None = None, const: float = 1.0, clip_eps: float = 0.01) -> torch.Tensor:
+               segments: torch.Tensor | None = None, const: float = 1.0, clip_eps: float = CLIP_EPS) -> torch.Tensor:
     """Initial keep-probabilities (float32, shape of ``metric``), mapped per segment when ``segments`` is given.
 
     sigmap: z-score -> sigmoid -> shift to mean r -> clamp [0,1]; norm: min-max -> shift -> clamp;

@@ -201,9 +201,13 @@ class PolicyGradientSearch:
         state = self._load(path) if path is not None and path.exists() else self._fresh_state()
         t_start, elapsed_before = time.perf_counter(), float(state.get("elapsed_s", 0.0))
 
+        def elapsed() -> float:  # the whole search's time, summed over interrupted and resumed runs
+            return elapsed_before + time.perf_counter() - t_start
+
         def save(st: dict[str, Any]) -> None:
-            st["elapsed_s"] = elapsed_before + time.perf_counter() - t_start
+            st["elapsed_s"] = elapsed()
             self._save(path, st)
+
         gen = torch.Generator()
         gen.set_state(state["generator"])
         end = cfg.steps if stop_after is None else min(cfg.steps, max(int(stop_after), state["step"]))
@@ -241,7 +245,7 @@ class PolicyGradientSearch:
                             best_probs=None if best is None else {n: p.clone() for n, p in best["probs"].items()},
                             best_step=None if best is None else best["step"],
                             validation=list(state.get("validation", [])),
-                            elapsed_s=elapsed_before + time.perf_counter() - t_start)
+                            elapsed_s=elapsed())
 
     @staticmethod
     def _validate(state: dict[str, Any], validate_fn) -> float:
