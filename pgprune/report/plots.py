@@ -52,7 +52,7 @@ def plot_kept_per_layer(per_layer_counts: dict, layout_sizes: dict, path: str | 
 
 def plot_search_curve(history_rows: Sequence[dict], path: str | os.PathLike,
                       title: str = "Policy-gradient search") -> None:
-    """Loss mean / min and the baseline vs step; below, each group's mean keep-probability vs step."""
+    """Loss mean / min, the baseline and the validated hard-mask loss vs step; below, each group's mean keep-probability vs step."""
     steps = [_num(r.get("step")) for r in history_rows]
     probs = prob_columns(history_rows)
     fig = Figure(figsize=(7.5, 6.0 if probs else 3.8), layout="constrained")
@@ -60,7 +60,9 @@ def plot_search_curve(history_rows: Sequence[dict], path: str | os.PathLike,
     ax = axes[0]
     for key, style in (("loss_mean", dict(lw=1.4, label="loss (mean of samples)")),
                        ("loss_min", dict(lw=0.8, alpha=0.6, label="loss (min of samples)")),
-                       ("baseline", dict(lw=1.2, ls="--", label="baseline"))):
+                       ("baseline", dict(lw=1.2, ls="--", label="baseline")),
+                       ("val_loss", dict(lw=1.2, marker="o", ms=3, color="k",
+                                         label="hard top-k mask on held-back blocks"))):
         pts = [(s, _num(r.get(key))) for s, r in zip(steps, history_rows)]
         pts = [(s, v) for s, v in pts if s is not None and v is not None]
         if pts:
