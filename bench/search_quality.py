@@ -50,8 +50,9 @@ def main() -> None:
     model, tok = load_model(args.model, params.model.dtype, args.device)
     calib, evals, _ = load_data("data/prepared", tok, params)
     scores = torch.load(require_file("artifacts/init/scores.pt", "init scores (run the init stage)"))
+    comp = search_compensation(params, scores)
     masked = MaskedModel(model)
-    masked.set_compensation(search_compensation(params, scores))
+    masked.set_compensation(comp)
     text = next(iter(evals.values()))
 
     def ppl(masks) -> float:
@@ -71,7 +72,7 @@ def main() -> None:
         t0 = time.perf_counter()
         with tempfile.TemporaryDirectory() as tmp:
             out = run_pg_search(model, calib, scores[sp.init], sp, sparsity=args.sparsity, device=args.device,
-                                checkpoint_path=Path(tmp) / "ckpt.pt", compensation=search_compensation(params, scores),
+                                checkpoint_path=Path(tmp) / "ckpt.pt", compensation=comp,
                                 progress=False)
         value = ppl(out.masks)
         name = spec or "params.yaml"

@@ -52,7 +52,8 @@ def plot_kept_per_layer(per_layer_counts: dict, layout_sizes: dict, path: str | 
 
 def plot_search_curve(history_rows: Sequence[dict], path: str | os.PathLike,
                       title: str = "Policy-gradient search") -> None:
-    """Loss mean / min, the baseline and the validated hard-mask loss vs step; below, each group's mean keep-probability vs step."""
+    """Loss mean / min, the baseline and the validated hard-mask loss vs step; below, each group's mean
+    keep-probability vs step."""
     steps = [_num(r.get("step")) for r in history_rows]
     probs = prob_columns(history_rows)
     fig = Figure(figsize=(7.5, 6.0 if probs else 3.8), layout="constrained")
