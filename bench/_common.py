@@ -37,19 +37,74 @@ SYNTHETIC = {
                            num_key_value_heads=4, vocab_size=32000),
     "llama-7b-2layers": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=2, num_attention_heads=32,
                              num_key_value_heads=32, vocab_size=32000),
+    "llama-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                     num_key_value_heads=32, vocab_size=32000),
 }
 
 
+def synthetic_config(name: str):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(max_position_embeddings=2048, **SYNTHETIC[name])
+
+
 def synthetic_model(name: str, dtype: str, device: str):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     from pgprune.models import torch_dtype
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(max_position_embeddings=2048, **SYNTHETIC[name])
     with torch.device(device):
-        model = LlamaForCausalLM(cfg).to(torch_dtype(dtype))
+        model = LlamaForCausalLM(synthetic_config(name)).to(torch_dtype(dtype))
     return model.eval(), None
+
+
+_ST_NAMES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+
+
+def write_synthetic_checkpoint(name: str, dtype: str, folder: str | Path, seed: int = 0) -> Path:
+    """A random checkpoint of a SYNTHETIC shape written tensor by tensor as safetensors + config.json, never
+    holding the model in memory (a 7B shape needs ~13 GiB of disk in bf16, not of RAM). Matrices ~ N(0, 0.02),
+    norms 1 (like the HF init)."""
+    import json
+    import struct
+
+    from accelerate import init_empty_weights
+    from transformers import LlamaForCausalLM
+
+    from pgprune.models import torch_dtype
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = synthetic_config(name)
+    dt = torch_dtype(dtype)
+    with init_empty_weights():
+        meta = LlamaForCausalLM(cfg)
+    tensors = [(n, tuple(p.shape)) for n, p in meta.named_parameters()]
+    size = torch.tensor([], dtype=dt).element_size()
+    header, off = {}, 0
+    for n, shape in tensors:
+        nbytes = size * int(torch.Size(shape).numel())
+        header[n] = {"dtype": _ST_NAMES[dt], "shape": list(shape), "data_offsets": [off, off + nbytes]}
+        off += nbytes
+    header["__metadata__"] = {"format": "pt"}
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    g = torch.Generator().manual_seed(seed)
+    with open(folder / "model.safetensors", "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for n, shape in tensors:
+            if len(shape) == 1:
+                t = torch.ones(shape, dtype=dt)
+                f.write(t.view(torch.uint8).numpy().tobytes())
+                continue
+            rows = max(1, (1 << 24) // shape[1])
+            for s in range(0, shape[0], rows):
+                t = torch.empty(min(rows, shape[0] - s), shape[1]).normal_(0.0, 0.02, generator=g).to(dt)
+                f.write(t.view(torch.uint8).numpy().tobytes())
+    cfg.save_pretrained(folder)
+    return folder
 
 
 def load(args):
@@ -60,6 +115,23 @@ def load(args):
     if args.model == str(BASE) and not (BASE / "config.json").exists():
         prepare_model("embedded:smollm2-135m", BASE)
     return load_model(args.model, args.dtype, args.device)
+
+
+def preimport(checkpoint) -> None:
+    """Import what loading and searching import lazily (transformers' modeling code, accelerate, pgprune), so a
+    memory measurement started afterwards counts the model and the search, not library code."""
+    import accelerate  # noqa: F401
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    import pgprune.masked_forward  # noqa: F401
+    import pgprune.models  # noqa: F401
+    import pgprune.placement  # noqa: F401
+    import pgprune.pg_prune  # noqa: F401
+
+    cfg = AutoConfig.from_pretrained(pgprune.models.resolve(str(checkpoint)))
+    tiny = {**cfg.to_dict(), "num_hidden_layers": 1, "vocab_size": 8, "hidden_size": 8, "intermediate_size": 8,
+            "num_attention_heads": 1, "num_key_value_heads": 1, "head_dim": 8}
+    AutoModelForCausalLM.from_config(cfg.__class__(**tiny))
 
 
 def uniform_masks(layout, sparsity: float, seed: int = 0):

@@ -1,125 +1,203 @@
-"""Search cost: one policy-gradient step vs K dense forwards, and the search's peak memory vs the weights.
+"""Search cost: step time and peak memory of the policy-gradient search, measured side by side in one run.
 
-Step time: a real search step (sample K masks, K masked forwards, estimator, projection) vs K dense forwards
-of the same batch, interleaved. Memory: on CUDA, peak allocated during the search / weight bytes; on CPU, the
-peak RSS growth of a fresh process over its state just before loading the model (so it counts the weights once,
-activations and search state) / weight bytes (target <= 1.5x).
+Step time: real search steps (sample K masks, evaluate them, estimator, projection; mean compensation on, the
+pipeline's default init) timed per step, interleaved with:
+* K dense forwards of the same batch (RESULT search_step_vs_K_dense);
+* with ``--sample-mode batched|separate``: the other sample mode (RESULT batched_vs_separate_step_time: one forward
+  over K*B rows vs K gathered forwards; GPU target <= 0.6 at K=4);
+* with ``--offload cpu|disk``: the same search on the streamed model, one decoder layer at a time
+  (RESULT streamed_vs_inmemory_step_time).
+Memory (RESULT search_peak_memory_vs_weights): a fresh child process loads the model (streamed with --offload)
+and runs the search; on CUDA the peak allocated / weight bytes, on the CPU the peak RSS growth over the process
+before loading / weight bytes (target <= 1.5 in memory, <= 0.35 with offload disk: one layer + activations +
+search state). A --synthetic model is first written to a temporary folder as safetensors, so every variant
+(and disk offload) reads the same checkpoint.
+
+    python -m bench.search_cost --synthetic tinyllama-1.1b --offload disk
+    python -m bench.search_cost --synthetic tinyllama-1.1b --sample-mode batched
 """
+from __future__ import annotations
+
 import json
-import resource
+import shutil
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import torch
 
-from bench._common import interleaved, load, parser
+from bench._common import BASE, interleaved, parser, preimport, write_synthetic_checkpoint
 from pgprune.config import SearchParams
 from pgprune.masked_forward import MaskedModel
-from pgprune.pg_prune import build_search, make_loss_fn
+from pgprune.memory import current_memory, peak_memory, reset_peak_memory
+from pgprune.models import load_weights, prepare_model
+from pgprune.pg_prune import build_search, make_losses_fn
 
 
-def _status(key: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key):
-                return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def add_args(ap):
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq-len", type=int, default=64)
+    ap.add_argument("--samples", type=int, default=None, help="K (default 2; 4 with --sample-mode)")
+    ap.add_argument("--steps", type=int, default=2, help="search steps per timed run")
+    ap.add_argument("--offload", choices=["none", "cpu", "disk"], default="none")
+    ap.add_argument("--sample-mode", choices=["auto", "batched", "separate"], default="auto")
+    ap.add_argument("--checkpoint", default=None, help="internal: the checkpoint folder")
+    ap.add_argument("--memory-child", action="store_true", help="internal: measure memory in a fresh process")
 
 
-def reset_peak_rss() -> bool:
-    """Linux: writing 5 to clear_refs resets the peak RSS (VmHWM) of this process."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
+def search_params(args, mode: str) -> SearchParams:
+    return SearchParams(steps=args.steps, samples=args.samples, batch_size=args.batch, checkpoint_every=0,
+                        val_blocks=0, sample_mode=mode)
 
 
-def search_params(args) -> SearchParams:
-    return SearchParams(sparsity=args.sparsity, steps=args.steps, samples=args.samples, batch_size=args.batch,
-                        init_map="uniform", checkpoint_every=0)
+def random_inputs(masked: MaskedModel, vocab: int, args, seed: int = 0):
+    """Init scores, compensation means and calibration blocks (random; speed and memory only)."""
+    g = torch.Generator().manual_seed(seed)
+    lay = masked.layout
+    n = lay.n_units
+    scores = {"heads": torch.rand(n["heads"], generator=g), "channels": torch.rand(n["channels"], generator=g)}
+    q = lay.kv_heads[0] * lay.group_size * lay.head_dim
+    means = {"o_proj": [0.1 * torch.randn(q, generator=g) for _ in range(lay.num_layers)],
+             "down_proj": [0.1 * torch.randn(c, generator=g) for c in lay.intermediate]}
+    calib = torch.randint(0, vocab, (args.batch * 4, args.seq_len), generator=g)
+    return scores, means, calib
+
+
+def search_runner(masked: MaskedModel, scores, calib, args, mode: str):
+    p = search_params(args, mode)
+    losses_fn = make_losses_fn(masked, calib, args.batch, args.device, mode)
+
+    def run():
+        search, _, _ = build_search(masked, scores, p, args.sparsity, seed=0)
+        search.run(losses_fn, progress=False)
+
+    return run
+
+
+def checkpoint(args) -> tuple[str, Path | None]:
+    """(model folder, temporary folder to delete or None)."""
+    if args.checkpoint:
+        return args.checkpoint, None
+    if args.synthetic:
+        tmp = Path(tempfile.mkdtemp(prefix="pgprune-bench-"))
+        print(f"writing the synthetic {args.synthetic} checkpoint ({args.dtype}) to {tmp} ...", flush=True)
+        write_synthetic_checkpoint(args.synthetic, args.dtype, tmp)
+        return str(tmp), tmp
+    if args.model == str(BASE) and not (BASE / "config.json").exists():
+        prepare_model("embedded:smollm2-135m", BASE)
+    return args.model, None
 
 
 def memory_child(args) -> dict:
-    import transformers  # noqa: F401  (libraries are not the search's memory)
-    from transformers import AutoModelForCausalLM  # noqa: F401
-
-    before = _status("VmRSS")
-    model, _ = load(args)
+    preimport(args.checkpoint)  # libraries (and their lazily imported modules) are not the search's memory
+    cuda = str(args.device).startswith("cuda")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if cuda:
+        torch.cuda.init()
+        reset_peak_memory(args.device)
+    before = current_memory("cpu")
+    model = load_weights(args.checkpoint, args.dtype, args.device, offload=args.offload)
     from pgprune.models import release_unused_memory
 
     release_unused_memory()
-    resident = _status("VmRSS") - before
+    resident = (current_memory("cpu") - before) / 2 ** 20
     weights = sum(p.numel() * p.element_size() for p in model.parameters()) / 2 ** 20
     mm = MaskedModel(model)
-    n = mm.layout.n_units
-    scores = {"heads": torch.rand(n["heads"]), "channels": torch.rand(n["channels"])}
-    calib = torch.randint(0, model.config.vocab_size, (args.batch * 2, args.seq_len))
-    p = search_params(args)
-    search, _ = build_search(mm, scores, p)
-    if str(args.device).startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-    reset_peak_rss()
-    search.run(make_loss_fn(mm, calib, args.batch, args.device), progress=False)
-    if str(args.device).startswith("cuda"):
-        peak = torch.cuda.max_memory_allocated() / 2 ** 20
-        return {"weights_mb": weights, "peak_mb": peak, "ratio": peak / weights, "kind": "cuda max allocated"}
-    peak = _status("VmHWM") - before
+    scores, means, calib = random_inputs(mm, model.config.vocab_size, args)
+    mm.set_compensation(means)
+    run = search_runner(mm, scores, calib, args, args.sample_mode)
+    if not cuda:
+        reset_peak_memory("cpu")
+    run()
+    if cuda:
+        peak = peak_memory(args.device) / 2 ** 20
+        return {"weights_mb": weights, "peak_mb": peak, "ratio": peak / weights, "host_mb": resident,
+                "kind": "cuda max allocated (load + search)"}
+    peak = (peak_memory("cpu") - before) / 2 ** 20
     return {"weights_mb": weights, "peak_mb": peak, "ratio": peak / weights, "resident_after_load_mb": resident,
             "search_extra_mb": peak - resident,
             "kind": "cpu peak RSS during the search, over the RSS before loading the model"}
 
 
+def child_args(args, folder: str) -> list[str]:
+    cmd = [sys.executable, "-m", "bench.search_cost", "--memory-child", "--checkpoint", folder, "--dtype",
+           args.dtype, "--device", args.device, "--sparsity", str(args.sparsity), "--batch", str(args.batch),
+           "--seq-len", str(args.seq_len), "--samples", str(args.samples), "--steps", str(args.steps), "--offload",
+           args.offload, "--sample-mode", args.sample_mode]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    return cmd
+
+
 def main():
     ap = parser(__doc__)
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--seq-len", type=int, default=128)
-    ap.add_argument("--samples", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=4)
-    ap.add_argument("--memory-child", action="store_true", help="internal: measure memory in a fresh process")
+    add_args(ap)
     args = ap.parse_args()
+    if args.samples is None:
+        args.samples = 4 if args.sample_mode != "auto" else 2
     if args.memory_child:
         print(json.dumps(memory_child(args)))
         return
-    model, _ = load(args)
-    mm = MaskedModel(model)
-    n = mm.layout.n_units
-    scores = {"heads": torch.rand(n["heads"]), "channels": torch.rand(n["channels"])}
-    calib = torch.randint(0, model.config.vocab_size, (args.batch * 4, args.seq_len), device=args.device)
-    ids = calib[: args.batch]
-    p = search_params(args)
-    loss_fn = make_loss_fn(mm, calib, args.batch, args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    folder, tmp = checkpoint(args)
+    try:
+        model = load_weights(folder, args.dtype, args.device)
+        mm = MaskedModel(model)
+        scores, means, calib = random_inputs(mm, model.config.vocab_size, args)
+        mm.set_compensation(means)
+        ids = calib[: args.batch].to(args.device)
+        mode = args.sample_mode
+        fns = {"search step": search_runner(mm, scores, calib, args, mode)}
+        dense_key = f"{args.samples} dense forwards"
 
-    def search_steps():  # a fresh search of args.steps steps, timed per step
-        search, _ = build_search(mm, scores, p)
-        search.run(loss_fn, progress=False)
+        def dense_forwards():
+            for _ in range(args.steps):
+                for _ in range(args.samples):
+                    mm.loss(ids)
 
-    def dense_forwards():
-        for _ in range(args.steps):
-            for _ in range(args.samples):
-                mm.loss(ids)
-
-    t = interleaved({"search step": search_steps, f"{args.samples} dense forwards": dense_forwards},
-                    args.device, args.repeats)
-    t = {k: v / args.steps for k, v in t.items()}
-    ratio = t["search step"] / t[f"{args.samples} dense forwards"]
-    print(f"model {args.synthetic or args.model} dtype {args.dtype} device {args.device} batch {args.batch}x{args.seq_len} "
-          f"K={args.samples} sparsity {args.sparsity}")
-    for k, v in t.items():
-        print(f"  {k:22s} {v * 1000:9.1f} ms")
-    print(f"RESULT search_step_vs_K_dense={ratio:.3f} (< 1: masked forwards cost less than dense ones)")
-    cmd = [sys.executable, "-m", "bench.search_cost", "--memory-child", "--model", args.model, "--dtype", args.dtype,
-           "--device", args.device, "--sparsity", str(args.sparsity), "--batch", str(args.batch), "--seq-len",
-           str(args.seq_len), "--samples", str(args.samples), "--steps", str(args.steps)]
-    if args.synthetic:
-        cmd += ["--synthetic", args.synthetic]
-    mem = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
-    print(f"  weights {mem['weights_mb']:.0f} MiB, search peak {mem['peak_mb']:.0f} MiB ({mem['kind']})")
-    if "search_extra_mb" in mem:
-        print(f"  of which: process after loading {mem['resident_after_load_mb']:.0f} MiB, search working memory "
-              f"{mem['search_extra_mb']:.0f} MiB ({mem['search_extra_mb'] / mem['weights_mb']:.2f}x weights)")
-    print(f"RESULT search_peak_memory_vs_weights={mem['ratio']:.2f} (target <= 1.5)")
+        fns[dense_key] = dense_forwards
+        other = {"batched": "separate", "separate": "batched"}.get(mode)
+        if other:
+            fns[f"search step {other}"] = search_runner(mm, scores, calib, args, other)
+        if args.offload != "none":
+            streamed = MaskedModel(load_weights(folder, args.dtype, args.device, offload=args.offload))
+            streamed.set_compensation(means)
+            fns["search step streamed"] = search_runner(streamed, scores, calib, args, mode)
+        t = interleaved(fns, args.device, args.repeats)
+        t = {k: v / args.steps for k, v in t.items()}
+        print(f"model {args.synthetic or args.model} dtype {args.dtype} device {args.device} batch "
+              f"{args.batch}x{args.seq_len} K={args.samples} sparsity {args.sparsity} sample mode {mode} "
+              f"offload {args.offload} threads {torch.get_num_threads()}")
+        for k, v in t.items():
+            print(f"  {k:26s} {v * 1000:10.1f} ms per step")
+        print(f"RESULT search_step_vs_K_dense={t['search step'] / t[dense_key]:.3f} (< 1: masked forwards cost "
+              "less than dense ones)")
+        if other:
+            b, s = (t["search step"], t[f"search step {other}"])
+            if mode == "separate":
+                b, s = s, b
+            print(f"RESULT batched_vs_separate_step_time={b / s:.3f} (K={args.samples}; GPU target <= 0.6)")
+        if args.offload != "none":
+            print(f"RESULT streamed_vs_inmemory_step_time={t['search step streamed'] / t['search step']:.3f} "
+                  f"(offload {args.offload})")
+        del fns, mm, model
+        out = subprocess.run(child_args(args, folder), capture_output=True, text=True)
+        if out.returncode:
+            raise SystemExit(f"memory child failed:\n{out.stderr[-4000:]}")
+        mem = json.loads(out.stdout.strip().splitlines()[-1])
+        print(f"  weights {mem['weights_mb']:.0f} MiB, search peak {mem['peak_mb']:.0f} MiB ({mem['kind']})")
+        if "search_extra_mb" in mem:
+            print(f"  of which: process after loading {mem['resident_after_load_mb']:.0f} MiB, search working "
+                  f"memory {mem['search_extra_mb']:.0f} MiB ({mem['search_extra_mb'] / mem['weights_mb']:.2f}x "
+                  "weights)")
+        target = "0.35" if args.offload == "disk" else "1.5"
+        print(f"RESULT search_peak_memory_vs_weights={mem['ratio']:.2f} (offload {args.offload}; target <= {target})")
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

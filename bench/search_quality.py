@@ -1,29 +1,29 @@
-"""Search quality: held-out perplexity of the PG search's mask vs its metric init's mask, side by side.
+"""Search quality: held-out perplexity of the PG search's masks vs its metric init's masks, side by side.
 
-Uses the pipeline's prepared inputs (models/base, data/prepared, artifacts/init: run `bash scripts/pipeline.sh init`
+Uses the pipeline's prepared inputs (models/base, data/prepared, artifacts/init: `bash scripts/pipeline.sh init`
 first). For each ``--set`` variant (search.* overrides, e.g. ``init_free_heads=0``) it runs a fresh search at
-``--sparsity`` and scores both masks on the local evaluation text with the masked forward (mean compensation as in
-the sliced model, which equals it). Prints one line per variant and ``RESULT`` lines with the ppl ratios.
+``--sparsity`` for every ``--seeds`` seed and scores the masks on every evaluation corpus with the masked forward
+(mean compensation as in the sliced model, which equals it). Prints one line per variant and seed, and ``RESULT``
+lines with the ratio of the mean perplexity to the init metric's (first corpus).
 
     python -m bench.search_quality --sparsity 0.5 --set init_free_heads=0 --set init_free_heads=0.5
+    python -m bench.search_quality --sparsity 0.5 --layout uniform --seeds 42 43 44
 """
 from __future__ import annotations
 
 import json
 import math
-import tempfile
+import statistics
 import time
-from pathlib import Path
-
-import torch
 
 from bench._common import parser
 from pgprune.config import load_params
-from pgprune.errors import ConfigError, PgpruneError, require_file
+from pgprune.errors import ConfigError, PgpruneError
+from pgprune.io import load_tensors
 from pgprune.masked_forward import MaskedModel
 from pgprune.models import load_model
 from pgprune.pg_prune import run_pg_search
-from pgprune.workflow import baseline_masks, load_data, search_compensation, setup_torch
+from pgprune.workflow import load_calibration, load_eval_data, metric_masks, search_compensation, setup_torch
 
 
 def overrides(items: list[str], search) -> dict:
@@ -38,47 +38,62 @@ def overrides(items: list[str], search) -> dict:
     return type(search).model_validate({**search.model_dump(), **out}).model_dump(include=set(out))
 
 
+def masked_ppl(masked: MaskedModel, blocks, masks, batch_size: int, device: str) -> float:
+    total = 0.0
+    for i in range(0, blocks.shape[0], batch_size):
+        ids = blocks[i:i + batch_size].to(device)
+        total += masked.loss(ids, masks, validate=False) * ids.shape[0]
+    return math.exp(total / blocks.shape[0])
+
+
 def main() -> None:
     ap = parser(__doc__)
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--set", action="append", default=[], dest="variants",
                     help="comma-separated search.* overrides of one variant (repeat for more; none: params.yaml)")
     ap.add_argument("--steps", type=int, default=None, help="search steps (default: search.steps)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=None, help="search seeds (default: search.seeds)")
+    ap.add_argument("--layout", default="heterogeneous", choices=["heterogeneous", "uniform"])
     args = ap.parse_args()
     params = load_params(args.params)
     setup_torch(params)
     model, tok = load_model(args.model, params.model.dtype, args.device)
-    calib, evals, _ = load_data("data/prepared", tok, params)
-    scores = torch.load(require_file("artifacts/init/scores.pt", "init scores (run the init stage)"))
+    calib = load_calibration("data/prepared")
+    evals, _ = load_eval_data("data/prepared", tok, params)
+    scores = load_tensors("artifacts/init/scores.safetensors", "init scores (run the init stage)")
     comp = search_compensation(params, scores)
     masked = MaskedModel(model)
     masked.set_compensation(comp)
-    text = next(iter(evals.values()))
+    bs = params.eval.ppl_batch_size
 
-    def ppl(masks) -> float:
-        bs = params.eval.ppl_batch_size
-        losses = [masked.loss(text[i:i + bs].to(args.device), masks, validate=False) * text[i:i + bs].shape[0]
-                  for i in range(0, text.shape[0], bs)]
-        return math.exp(sum(losses) / text.shape[0])
+    def ppl(masks) -> dict[str, float]:
+        return {c: masked_ppl(masked, b, masks, bs, args.device) for c, b in evals.items()}
 
     init = params.search.init
-    base = ppl(baseline_masks(init, masked.layout, scores, args.sparsity, params))
-    print(f"sparsity {args.sparsity}: {init} mask (the init) ppl {base:.2f}")
+    base = ppl(metric_masks(init, masked.layout, scores, args.sparsity, params, layout_kind=args.layout,
+                            round_to=params.search.channel_group))
+    first = next(iter(evals))
+    print(f"sparsity {args.sparsity} ({args.layout}): {init} mask (the init) ppl "
+          + ", ".join(f"{c} {v:.2f}" for c, v in base.items()))
     for spec in args.variants or [""]:
         upd = overrides([s for s in spec.split(",") if s], params.search)
         if args.steps:
             upd["steps"] = args.steps
         sp = params.search.model_copy(update=upd)
-        t0 = time.perf_counter()
-        with tempfile.TemporaryDirectory() as tmp:
-            out = run_pg_search(model, calib, scores[sp.init], sp, sparsity=args.sparsity, device=args.device,
-                                checkpoint_path=Path(tmp) / "ckpt.pt", compensation=comp,
-                                progress=False)
-        value = ppl(out.masks)
-        name = spec or "params.yaml"
-        print(f"  {name:40s} pg ppl {value:9.2f}  best step {out.result.best_step}  "
-              f"search {time.perf_counter() - t0:.0f}s")
-        print(f"RESULT pg_vs_{init}_ppl[{name}]={value / base:.3f}")
+        values = []
+        for seed in args.seeds or sp.seeds:
+            t0 = time.perf_counter()
+            out = run_pg_search(model, calib, scores[sp.init], sp, sparsity=args.sparsity, layout=args.layout,
+                                seed=seed, device=args.device, compensation=comp, progress=False)
+            p = ppl(out.masks)
+            values.append(p[first])
+            print(f"  {spec or 'params.yaml':40s} seed {seed}: pg ppl " + ", ".join(f"{c} {v:.2f}" for c, v in
+                                                                                     p.items())
+                  + f"  best step {out.result.best_step}  search {time.perf_counter() - t0:.0f}s")
+        mean = statistics.mean(values)
+        sd = statistics.stdev(values) if len(values) > 1 else 0.0
+        print(f"RESULT pg_vs_{init}_ppl[{spec or 'params.yaml'}]={mean / base[first]:.3f} "
+              f"(mean {mean:.2f} ± {sd:.2f} over {len(values)} seeds, {first})")
 
 
 if __name__ == "__main__":

@@ -1,13 +1,30 @@
-"""From per-unit scores to keep-masks under an exact budget, with global or uniform (per-layer) allocation.
+"""From per-unit scores to keep-masks under a budget: the one place where budgets are counted and rounded.
 
-Budgets (``keep_counts``): with keep ratio r = 1 - sparsity, exactly round(r * N) KV groups and round(r * N)
-MLP channels are kept (the paper's convention: heads and channels each keep the fraction r, so the decoder-layer
-linear parameters shrink by ``sparsity``); layers keep round((1 - layer_sparsity) * L). Ties never overshoot the
-budget and no kept layer loses all its KV groups (the reference code's ``>=`` threshold allowed both).
+Budgets (:func:`keep_counts`, one rounding rule, ``keep_count(n, r) = floor(n r + 1/2)``): with keep ratio
+r = 1 - sparsity, exactly keep_count(N, r) KV groups and keep_count(N, r) MLP channel units are kept (the paper's
+convention: heads and channels each keep the fraction r, so the decoder-layer linear parameters shrink by
+``sparsity``); with whole layers searched next to them, keep_count(L, 1 - layer_sparsity) layers; layers alone
+(``layer_drop``): keep_count(L, 1 - sparsity) layers, at least one.
+
+Allocation of a budget over layers:
+* ``global``: the top-k units of the whole model (heterogeneous widths; at least ``minimum`` per layer);
+* ``uniform``: every layer keeps the same fraction, the exact total split by largest remainder
+  (:func:`uniform_quota`; FLAP's UL-UM, Wanda-sp, LLM-Pruner);
+* the ``uniform`` *layout* (:func:`uniform_widths`): every kept layer keeps exactly the same number of KV groups
+  and of channels, so the pruned model is a stock architecture; the count is rounded per layer, so the total can
+  differ from the exact budget by less than one unit per layer.
+
+Channel blocks (:class:`ChannelBlocks`): with ``channel_group`` g > 1 each layer's channels are ranked by a metric
+and cut into blocks of g consecutive ranks; a block is kept or removed as a whole, so kept widths are multiples
+of g (GPU-friendly) and a search has g times fewer channel units to learn.
+
+Ties never overshoot a budget and no kept layer loses all its KV groups or channels (the reference code's ``>=``
+threshold allowed both).
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -17,20 +34,35 @@ from pgprune.masks import Masks, segments
 from pgprune.search.projection import select_top_k
 
 ALLOCATIONS = ("global", "uniform")
+LAYOUT_KINDS = ("heterogeneous", "uniform")
+UNIT_GROUPS = ("heads", "channels", "layers")
 
 
 def keep_count(n: int, keep_ratio: float) -> int:
+    """The one rounding rule of budgets: floor(n * keep_ratio + 1/2)."""
     return int(math.floor(n * keep_ratio + 0.5))
 
 
-def keep_counts(layout: Layout, sparsity: float, layer_sparsity: float = 0.0) -> dict[str, int]:
-    if not 0 <= sparsity < 1:
-        raise BudgetError(f"sparsity={sparsity} is not allowed; allowed: 0 <= sparsity < 1")
-    if not 0 <= layer_sparsity < 1:
-        raise BudgetError(f"layer_sparsity={layer_sparsity} is not allowed; allowed: 0 <= layer_sparsity < 1")
-    r = 1.0 - sparsity
+def _check_fraction(name: str, value: float, upper_open: bool = True) -> None:
+    if not (0 <= value < 1 if upper_open else 0 <= value <= 1):
+        raise BudgetError(f"{name}={value} is not allowed; allowed: 0 <= {name} < 1")
+
+
+def keep_counts(layout: Layout, sparsity: float, layer_sparsity: float = 0.0,
+                granularity=("heads", "channels"), blocks: "ChannelBlocks | None" = None) -> dict[str, int]:
+    """Units kept per group: {"heads", "channels" (blocks when ``blocks`` is given), "layers"}."""
+    _check_fraction("sparsity", sparsity)
+    _check_fraction("layer_sparsity", layer_sparsity)
+    bad = [g for g in granularity if g not in UNIT_GROUPS]
+    if bad or not granularity:
+        raise PgpruneError(f"granularity {list(granularity)} is not allowed; allowed entries: {', '.join(UNIT_GROUPS)}")
     n = layout.n_units
-    return {"heads": keep_count(n["heads"], r), "channels": keep_count(n["channels"], r),
+    n_channels = blocks.n_blocks if blocks is not None else n["channels"]
+    if set(granularity) == {"layers"}:
+        return {"heads": n["heads"], "channels": n_channels,
+                "layers": max(1, keep_count(n["layers"], 1.0 - sparsity))}
+    r = 1.0 - sparsity
+    return {"heads": keep_count(n["heads"], r), "channels": keep_count(n_channels, r),
             "layers": max(1, keep_count(n["layers"], 1.0 - layer_sparsity))}
 
 
@@ -61,64 +93,179 @@ def uniform_quota(sizes: list[int], k: int, minimum: int = 0) -> list[int]:
     return quota
 
 
-def _select(layout: Layout, group: str, score: torch.Tensor, k: int, allocation: str, minimum: int,
-            allowed: torch.Tensor | None) -> torch.Tensor:
-    seg = segments(layout, group)
+def uniform_widths(layout: Layout, sparsity: float, *, round_to: int = 1, min_heads: int = 1) -> dict[str, int]:
+    """The uniform layout: KV groups and channels every layer keeps, {"heads": q_h, "channels": q_c}.
+
+    q_h = keep_count(kv, r) clipped to [min_heads, kv]; q_c = round_to * keep_count(inter / round_to, r), at least
+    round_to. Needs the same widths in every layer (a stock model) and ``round_to`` dividing the intermediate size.
+    """
+    _check_fraction("sparsity", sparsity)
+    if len(set(layout.kv_heads)) != 1 or len(set(layout.intermediate)) != 1:
+        raise BudgetError(f"the uniform layout needs the same widths in every layer; this model has KV groups "
+                          f"{sorted(set(layout.kv_heads))} and channels {sorted(set(layout.intermediate))} per layer")
+    kv, inter = layout.kv_heads[0], layout.intermediate[0]
+    check_channel_group(layout, round_to)
+    r = 1.0 - sparsity
+    heads = min(kv, max(min_heads, keep_count(kv, r)))
+    channels = round_to * max(1, keep_count(inter // round_to, r))
+    return {"heads": heads, "channels": channels}
+
+
+def check_channel_group(layout: Layout, group: int) -> None:
+    if group < 1:
+        raise BudgetError(f"channel_group={group} is not allowed; allowed: an integer >= 1")
+    bad = sorted({n for n in layout.intermediate if n % group})
+    if bad:
+        divisors = [d for d in (8, 16, 32, 64, 128, 256) if all(n % d == 0 for n in layout.intermediate)]
+        raise BudgetError(f"channel_group={group} does not divide the MLP widths {bad}; allowed: divisors of "
+                          f"every layer's width, e.g. {divisors or [1]}")
+
+
+@dataclass(frozen=True)
+class ChannelBlocks:
+    """Blocks of ``size`` channels per layer, formed by ranking each layer's channels by a metric.
+
+    ``channel_block[c]``: block id of flat channel c; ``block_layer[b]``: layer of block b. size 1 is the identity
+    (block b = channel b)."""
+
+    size: int
+    channel_block: torch.Tensor  # [N_channels] long
+    block_layer: torch.Tensor  # [N_blocks] long
+
+    @classmethod
+    def build(cls, layout: Layout, ranking: torch.Tensor | None, size: int = 1) -> "ChannelBlocks":
+        check_channel_group(layout, size)
+        seg = segments(layout, "channels")
+        n = seg.numel()
+        if size == 1:
+            return cls(1, torch.arange(n), seg.clone())
+        if ranking is None or ranking.numel() != n:
+            raise PgpruneError(f"channel blocks of {size} need a ranking score per channel ({n}), got "
+                               f"{None if ranking is None else ranking.numel()}")
+        ranking = ranking.detach().float().cpu().reshape(-1)
+        block = torch.empty(n, dtype=torch.long)
+        layers, offset, start = [], 0, 0
+        for i, width in enumerate(layout.intermediate):
+            order = torch.sort(ranking[start:start + width], descending=True, stable=True).indices
+            ids = torch.empty(width, dtype=torch.long)
+            ids[order] = offset + torch.arange(width) // size  # rank r -> block offset + r // size
+            block[start:start + width] = ids
+            layers += [i] * (width // size)
+            offset += width // size
+            start += width
+        return cls(size, block, torch.tensor(layers, dtype=torch.long))
+
+    @property
+    def n_blocks(self) -> int:
+        return self.block_layer.numel()
+
+    def expand(self, values: torch.Tensor) -> torch.Tensor:
+        """[N_blocks] -> [N_channels]: each channel takes its block's value."""
+        if values.numel() != self.n_blocks:
+            raise PgpruneError(f"{values.numel()} block values for {self.n_blocks} channel blocks")
+        return values.reshape(-1)[self.channel_block.to(values.device)]
+
+    def reduce(self, channel_scores: torch.Tensor) -> torch.Tensor:
+        """[N_channels] -> [N_blocks]: the mean score of each block's channels."""
+        x = channel_scores.detach().float().cpu().reshape(-1)
+        if self.size == 1:
+            return x.clone()
+        out = torch.zeros(self.n_blocks).index_add_(0, self.channel_block, x)
+        return out / self.size
+
+
+def _group_segments(layout: Layout, group: str, blocks: ChannelBlocks | None) -> torch.Tensor:
+    return blocks.block_layer if (group == "channels" and blocks is not None) else segments(layout, group)
+
+
+def select_units(score: torch.Tensor, seg: torch.Tensor, *, k: int | None = None, quota: list[int] | None = None,
+                 allocation: str = "global", minimum: int = 0, allowed: torch.Tensor | None = None) -> torch.Tensor:
+    """The one selection of units: a flat keep-mask by ``score`` (higher = keep), ties to the lower index.
+
+    ``quota`` (one count per segment): exactly that many per segment (the uniform layout). Otherwise exactly ``k``:
+    ``global``ly (top-k of all, at least ``minimum`` per segment) or ``uniform``ly (the same fraction of every
+    segment that has allowed units, largest remainder). Units with ``allowed`` False are never kept.
+    """
+    if allocation not in ALLOCATIONS:
+        raise PgpruneError(f"allocation={allocation!r} is not allowed; allowed: {', '.join(ALLOCATIONS)}")
+    score = score.detach().float().cpu().reshape(-1)
+    seg = seg.reshape(-1).to(torch.long).cpu()
     if score.numel() != seg.numel():
-        raise PgpruneError(f"{group} scores have {score.numel()} entries, the model has {seg.numel()} units")
-    if allocation == "global":
-        return select_top_k(score, k, segments=seg, min_per_segment=minimum, allowed=allowed)
-    sizes = layout.kv_heads if group == "heads" else layout.intermediate
-    live = [i for i in range(layout.num_layers) if allowed is None or bool(allowed[seg == i].any())]
-    quota = uniform_quota([sizes[i] for i in live], k, minimum)
+        raise PgpruneError(f"{score.numel()} scores for {seg.numel()} units")
+    n_seg = int(seg.max()) + 1 if seg.numel() else 0
+    if quota is None and allocation == "global":
+        return select_top_k(score, int(k), segments=seg, min_per_segment=minimum, allowed=allowed)
+    live = [j for j in range(n_seg) if allowed is None or bool(allowed[seg == j].any())]
+    if quota is None:
+        sizes = [int((seg == j).sum()) for j in live]
+        quota = uniform_quota(sizes, int(k), minimum)
+        quota_of = dict(zip(live, quota))
+    else:
+        if len(quota) != n_seg:
+            raise BudgetError(f"{len(quota)} quotas for {n_seg} layers")
+        quota_of = {j: quota[j] for j in live}
     keep = torch.zeros(seg.numel(), dtype=torch.bool)
-    for i, q in zip(live, quota):
-        idx = torch.nonzero(seg == i).flatten()
+    for j, q in quota_of.items():
+        idx = torch.nonzero(seg == j).flatten()
+        if q > idx.numel():
+            raise BudgetError(f"layer {j}: cannot keep {q} of {idx.numel()} units")
         keep[idx] = select_top_k(score[idx], q)
     return keep
 
 
-def select_units(layout: Layout, group: str, score: torch.Tensor, k: int, allocation: str = "global",
-                 minimum: int = 0, allowed: torch.Tensor | None = None) -> torch.Tensor:
-    """Flat keep-mask of exactly ``k`` units of ``group`` by ``score`` (higher = keep), allocated "global"ly
-    (top-k over the model, at least ``minimum`` per layer) or "uniform"ly (the same fraction in every layer)."""
-    if allocation not in ALLOCATIONS:
-        raise PgpruneError(f"allocation={allocation!r} is not allowed; allowed: {ALLOCATIONS}")
-    return _select(layout, group, score.float(), k, allocation, minimum, allowed)
-
-
 def masks_from_scores(layout: Layout, scores: dict[str, torch.Tensor], sparsity: float, *,
                       allocation: str = "global", granularity=("heads", "channels"), layer_sparsity: float = 0.0,
-                      min_heads_per_layer: int = 1) -> Masks:
-    """Keep the top units by score within the budget. Groups outside ``granularity`` are all kept.
+                      min_heads_per_layer: int = 1, layout_kind: str = "heterogeneous",
+                      blocks: ChannelBlocks | None = None, round_to: int = 1) -> Masks:
+    """Keep the top units by score within the budget (:func:`keep_counts`). Groups outside ``granularity`` are all
+    kept. Used by the metric baselines and by the search's final (hard) masks alike.
 
-    With 'layers' in granularity, the lowest-scoring layers are dropped first; the head/channel budget (counted
-    over the whole model) is then filled from the kept layers, so the total stays at ``sparsity``.
+    With 'layers' in granularity the lowest-scoring layers are dropped first; the head/channel budget (counted over
+    the whole model) is then filled from the kept layers, so the total stays at ``sparsity``. ``scores["channels"]``
+    has one entry per channel or, with ``blocks``, one per block. ``layout_kind="uniform"`` keeps the same number of
+    KV groups and channels in every kept layer (:func:`uniform_widths`, channels a multiple of ``round_to`` or of the
+    block size).
     """
-    if allocation not in ALLOCATIONS:
-        raise PgpruneError(f"allocation={allocation!r} is not allowed; allowed: {ALLOCATIONS}")
-    bad = [g for g in granularity if g not in ("heads", "channels", "layers")]
-    if bad:
-        raise PgpruneError(f"granularity entries {bad} are not allowed; allowed: heads, channels, layers")
+    if layout_kind not in LAYOUT_KINDS:
+        raise PgpruneError(f"layout={layout_kind!r} is not allowed; allowed: {', '.join(LAYOUT_KINDS)}")
     missing = [g for g in granularity if g not in scores]
     if missing:
         raise PgpruneError(f"no scores for {missing}; this scorer provides {sorted(scores)}")
-    counts = keep_counts(layout, sparsity if set(granularity) != {"layers"} else 0.0, layer_sparsity)
+    counts = keep_counts(layout, sparsity, layer_sparsity, granularity, blocks)
     flat: dict[str, torch.Tensor] = {}
     layer_keep = torch.ones(layout.num_layers, dtype=torch.bool)
     if "layers" in granularity:
-        k_layers = counts["layers"] if set(granularity) != {"layers"} else max(1, keep_count(layout.num_layers, 1 - sparsity))
-        layer_keep = select_top_k(scores["layers"].float(), k_layers)
+        layer_keep = select_top_k(scores["layers"].float(), counts["layers"])
         flat["layers"] = layer_keep
+    if layout_kind == "uniform" and {"heads", "channels"} & set(granularity):
+        if "layers" in granularity:
+            raise BudgetError("the uniform layout prunes heads and channels; it cannot also drop layers "
+                              "(use the heterogeneous layout, or layer_drop alone)")
+        widths = uniform_widths(layout, sparsity, round_to=blocks.size if blocks is not None else round_to,
+                                min_heads=min_heads_per_layer)
     for group, minimum in (("heads", min_heads_per_layer), ("channels", 1)):
         if group not in granularity:
             continue
-        allowed = layer_keep[segments(layout, group)]
-        k = counts[group]
-        if k > int(allowed.sum()):
-            raise BudgetError(f"keeping {k} {group} does not fit in the {int(layer_keep.sum())} kept layers "
-                              f"({int(allowed.sum())} units); lower layer_sparsity or raise sparsity")
-        flat[group] = _select(layout, group, scores[group].float(), k, allocation, minimum, allowed)
+        seg = _group_segments(layout, group, blocks)
+        score = scores[group].float().reshape(-1)
+        if score.numel() == layout.n_units["channels"] and group == "channels" and blocks is not None \
+                and blocks.size > 1:
+            score = blocks.reduce(score)
+        if score.numel() != seg.numel():
+            raise PgpruneError(f"{group} scores have {score.numel()} entries, the model has {seg.numel()} units")
+        allowed = layer_keep[seg]
+        if layout_kind == "uniform":
+            per = widths[group] // (blocks.size if (group == "channels" and blocks is not None) else 1)
+            keep = select_units(score, seg, quota=[per] * layout.num_layers, allowed=allowed)
+        else:
+            k = counts[group]
+            if k > int(allowed.sum()):
+                raise BudgetError(f"keeping {k} {group} does not fit in the {int(layer_keep.sum())} kept layers "
+                                  f"({int(allowed.sum())} units); lower layer_sparsity or raise sparsity")
+            keep = select_units(score, seg, k=k, allocation=allocation, minimum=minimum, allowed=allowed)
+        if group == "channels" and blocks is not None and blocks.size > 1:
+            keep = blocks.expand(keep)
+        flat[group] = keep
     masks = Masks.from_flat(layout, flat)
     masks.validate(layout)
     return masks
@@ -127,28 +274,44 @@ def masks_from_scores(layout: Layout, scores: dict[str, torch.Tensor], sparsity:
 FREE_INSIDE, FREE_OUTSIDE = 0.55, 0.45
 
 
-def boundary_init(layout: Layout, group: str, score: torch.Tensor, k: int, allocation: str = "global",
-                  minimum: int = 0, const: float = 0.95, free: float = 0.0) -> torch.Tensor:
-    """Initial keep-probabilities (float32) centred on the metric's mask of exactly ``k`` units.
+def boundary_init(score: torch.Tensor, seg: torch.Tensor, *, k: int | None = None, quota: list[int] | None = None,
+                  allocation: str = "global", minimum: int = 0, const: float = 0.95,
+                  free: float = 0.0) -> torch.Tensor:
+    """Initial keep-probabilities (float32) centred on the metric's mask of exactly ``k`` units (or ``quota``
+    per segment).
 
-    The metric's top ``round((1 - free) k)`` units start at ``const``, its other kept units at 0.55, the next
-    ``round(free k)`` units below the cut at 0.45 and the rest at ``1 - const``. The hard top-k of these
-    probabilities is exactly the metric's mask (the search starts from the baseline), while the units around the
-    cut are nearly undecided and the sampled masks trade them. ``free = 0`` gives ``const`` / ``1 - const``.
+    The metric's top ``(1 - free)`` share of the kept units start at ``const``, its other kept units at 0.55, the
+    next ``free`` share of units below the cut at 0.45 and the rest at ``1 - const`` (per segment with quotas). The
+    hard top-k of these probabilities is exactly the metric's mask (the search starts from the baseline), while the
+    units around the cut are nearly undecided and the sampled masks trade them. ``free = 0`` gives ``const`` /
+    ``1 - const``. (The reference code maps the metric to probabilities with a sigmoid instead: ``init_map``.)
     """
     if not 0.0 <= free < 1.0:
         raise PgpruneError(f"free={free} is not allowed; allowed: 0 <= free < 1")
     if not 0.5 < const <= 1.0:
         raise PgpruneError(f"const={const} is not allowed; allowed: 0.5 < const <= 1")
     n = score.numel()
-    keep = select_units(layout, group, score, k, allocation, minimum)
+    n_seg = int(seg.max()) + 1
+
+    def pick(count_or_quota):
+        if quota is not None:
+            return select_units(score, seg, quota=count_or_quota)
+        return select_units(score, seg, k=count_or_quota, allocation=allocation, minimum=minimum)
+
+    def shifted(delta_frac: float, sign: int):
+        if quota is not None:
+            sizes = [int((seg == j).sum()) for j in range(n_seg)]
+            return [min(sizes[j], max(0, q + sign * int(round(delta_frac * q)))) for j, q in enumerate(quota)]
+        width = int(round(delta_frac * k))
+        return min(n, k + width) if sign > 0 else max(k - width, minimum * n_seg)
+
+    base = quota if quota is not None else k
+    keep = pick(base)
     probs = torch.full((n,), 1.0 - const, dtype=torch.float32)
-    width = int(round(free * k))
-    if width:
-        probs[select_units(layout, group, score, min(n, k + width), allocation, minimum)] = FREE_OUTSIDE
+    if free > 0:
+        probs[pick(shifted(free, +1))] = FREE_OUTSIDE
         probs[keep] = FREE_INSIDE
-        sure = select_units(layout, group, score, max(k - width, minimum * layout.num_layers), allocation, minimum)
-        probs[sure & keep] = const
+        probs[pick(shifted(free, -1)) & keep] = const
     else:
         probs[keep] = const
     return probs

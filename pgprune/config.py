@@ -8,11 +8,15 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pgprune.errors import ConfigError
+from pgprune.methods import METHOD_ORDER, METHODS, METRIC_METHODS, SEARCH_METHODS
+from pgprune.search.policy import SearchSettings
 
 Scorer = Literal["wanda_sp", "flap", "magnitude", "taylor", "shortgpt", "random"]
-Method = Literal["pg", "wanda_sp", "flap", "magnitude", "taylor", "random", "layer_drop"]
+MethodName = Literal[METHOD_ORDER]  # type: ignore[valid-type]  # the registry, pgprune/methods.py
+SearchMethodName = Literal[SEARCH_METHODS]  # type: ignore[valid-type]
+MetricMethodName = Literal[METRIC_METHODS]  # type: ignore[valid-type]
 Group = Literal["heads", "channels", "layers"]
-TextSource = Literal["local", "wikitext2", "c4", "ptb"]
+TextSource = Literal["local", "licenses", "wikitext2", "c4", "ptb"]
 
 
 class _Strict(BaseModel):
@@ -21,28 +25,36 @@ class _Strict(BaseModel):
 
 class ModelParams(_Strict):
     source: str = Field("embedded:smollm2-135m", description="embedded:smollm2-135m, a local folder or a hub id")
-    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
-    device: str = "cpu"
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("bfloat16", description="dtype the model is loaded, "
+                                                               "searched and evaluated in")
+    device: str = Field("cpu", description="compute device: cpu, cuda, cuda:N, mps")
     threads: int | None = Field(None, ge=1, description="torch CPU threads (None: torch's default)")
+    offload: Literal["none", "cpu", "disk"] = Field(
+        "none", description="none: the whole model on `device`; cpu: weights in CPU memory, one decoder layer at a "
+        "time on `device`; disk: weights memory-mapped from the safetensors files, one layer at a time")
+    device_map: Literal["none", "auto"] = Field(
+        "none", description="auto: place the decoder layers over every visible GPU (and CPU/disk past max_memory), "
+        "with accelerate")
+    max_memory: dict[str, str] = Field(default_factory=dict, description="device_map auto: memory per device, "
+                                       "e.g. {'0': '20GiB', 'cpu': '60GiB'} (accelerate's max_memory)")
 
     @field_validator("device")
     @classmethod
     def _device(cls, v: str) -> str:
-        if not (v == "cpu" or v == "mps" or v == "cuda" or v.startswith("cuda:")):
+        if not (v in ("cpu", "mps", "cuda") or (v.startswith("cuda:") and v[5:].isdigit())):
             raise ValueError(f"device={v!r}; allowed: cpu, cuda, cuda:N, mps")
         return v
 
 
 class DataParams(_Strict):
     calibration: TextSource = "local"
-    evaluation: list[TextSource] = ["local"]
+    evaluation: list[TextSource] = ["local", "licenses"]
     data_files: dict[str, str | list[str]] = Field(default_factory=dict,
                                                    description="local files standing in for a hub dataset")
     local_sources: list[Literal["kjv", "fortunes", "jargon"]] = ["kjv", "fortunes", "jargon"]
     heldout_fraction: float = Field(0.1, gt=0, lt=0.5)
     seq_len: int = Field(128, ge=8, le=32768)
     calib_blocks: int = Field(512, ge=1)
-    eval_blocks: int = Field(256, ge=1)
     zero_shot_items: int = Field(200, ge=4)
     seed: int = 0
 
@@ -50,8 +62,19 @@ class DataParams(_Strict):
     @classmethod
     def _non_empty(cls, v):
         if not v:
-            raise ValueError("at least one evaluation corpus is needed; allowed: local, wikitext2, c4, ptb")
+            raise ValueError("at least one evaluation corpus is needed; allowed: local, licenses, wikitext2, c4, ptb")
+        if len(set(v)) != len(v):
+            raise ValueError(f"evaluation corpora repeat: {v}")
         return v
+
+    @model_validator(mode="after")
+    def _calibration_not_evaluated(self):
+        if self.calibration != "local" and self.calibration in self.evaluation:
+            pass  # hub corpora use their own splits (train for calibration, test/validation for evaluation)
+        if self.calibration == "licenses":
+            raise ValueError("data.calibration='licenses' is not allowed: the licences corpus is the out-of-domain "
+                             "evaluation text; allowed: local, wikitext2, c4, ptb")
+        return self
 
 
 class InitParams(_Strict):
@@ -62,8 +85,10 @@ class InitParams(_Strict):
     seed: int = 0
 
 
-class SearchParams(_Strict):
-    sparsity: float = Field(0.3, gt=0, lt=1, description="fraction of decoder linear parameters removed")
+class SearchParams(SearchSettings):
+    """The pipeline's ``search`` section: the search's own settings (pgprune.search.SearchSettings: steps,
+    samples, estimator, baseline, lr schedule, penalty, checkpoint_every ...) plus what ties it to a model."""
+
     granularity: list[Group] = ["heads", "channels"]
     layer_sparsity: float = Field(0.0, ge=0, lt=1, description="fraction of layers dropped when 'layers' is searched")
     init: Scorer = "flap"
@@ -74,28 +99,27 @@ class SearchParams(_Strict):
     init_free_heads: float = Field(0.5, ge=0, lt=1, description="init_map: const: fraction of the head budget left "
                                    "undecided at the metric's boundary (keep-probability 0.55 just inside, 0.45 just "
                                    "outside), so the search can trade those units; 0 starts every unit decided")
-    init_free_channels: float = Field(0.0, ge=0, lt=1, description="the same for MLP channels")
-    steps: int = Field(200, ge=1)
-    samples: int = Field(2, ge=1, description="K masks sampled per step")
-    batch_size: int = Field(8, ge=1)
+    init_free_channels: float = Field(0.0, ge=0, lt=1, description="the same for MLP channels (channel groups)")
+    channel_group: int = Field(1, ge=1, description="MLP channels searched and kept together: each layer's channels "
+                               "are ranked by the init metric and cut into blocks of this many (kept widths are "
+                               "multiples of it); must divide the intermediate size")
+    batch_size: int = Field(8, ge=1, description="calibration blocks per search step")
     lr_heads: float = Field(0.1, gt=0)
     lr_channels: float = Field(0.02, gt=0)
     lr_layers: float = Field(0.02, gt=0)
-    lr_schedule: Literal["cosine", "const", "linear", "poly", "exp", "step"] = "cosine"
-    estimator: Literal["exact", "loo", "reference"] = "loo"
-    baseline: Literal["ema", "none"] = "ema"
-    ema_window: int = Field(5, ge=1)
-    penalty_init: float = -1.0
-    penalty_final: float = 0.0
-    eps: float = Field(1e-4, gt=0, lt=0.5)
-    min_heads_per_layer: int = Field(1, ge=1)
+    min_heads_per_layer: int = Field(1, ge=1, description="KV groups every kept layer keeps (every method)")
     bias_compensation: bool = Field(True, description="replace removed o_proj/down_proj inputs by their calibration "
                                     "means during the search and in the sliced model (needs the flap scorer)")
-    checkpoint_every: int = Field(50, ge=0)
     validate_every: int = Field(10, ge=0, description="steps between hard-mask validations (0: start and end only)")
     val_blocks: int = Field(32, ge=0, description="calibration blocks held back to validate hard masks (0: off)")
     select: Literal["best", "last"] = Field("best", description="final mask: best validated, or the last probs")
-    seed: int = 42
+    seeds: list[int] = Field([42], min_length=1, description="one search per seed; the first seed's masks are the "
+                             "method's result, the others measure the spread")
+    sample_mode: Literal["auto", "batched", "separate"] = Field(
+        "auto", description="batched: one forward evaluates all K sampled masks (weights read once per step); "
+        "separate: one gathered forward per mask; auto: batched on GPUs, separate on CPU")
+    devices: list[str] = Field(default_factory=list, description="split the K samples of a step over these devices "
+                               "(data parallel, each holds a replica; only losses are exchanged); empty: model.device")
 
     @model_validator(mode="after")
     def _check(self):
@@ -103,14 +127,13 @@ class SearchParams(_Strict):
             raise ValueError("search.granularity is empty; allowed entries: heads, channels, layers")
         if "layers" in self.granularity and self.layer_sparsity == 0 and len(self.granularity) > 1:
             raise ValueError("search.granularity includes 'layers' with heads/channels: set search.layer_sparsity > 0")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"search.seeds repeat: {self.seeds}")
         return self
 
 
-class SliceParams(_Strict):
-    save_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
-
-
 class SpeedParams(_Strict):
+    enabled: bool = True
     batch_size: int = Field(1, ge=1)
     prompt_len: int = Field(64, ge=1)
     new_tokens: int = Field(64, ge=1)
@@ -120,6 +143,8 @@ class SpeedParams(_Strict):
 class EvalParams(_Strict):
     ppl_seq_len: int = Field(128, ge=8)
     ppl_batch_size: int = Field(8, ge=1)
+    ppl_blocks: int = Field(256, ge=1, description="evaluation blocks per corpus (the first ones)")
+    zero_shot: bool = True
     zero_shot_tasks: list[str] = ["local"]
     zero_shot_limit: int | None = Field(None, ge=1)
     zero_shot_batch_size: int = Field(16, ge=1)
@@ -128,10 +153,11 @@ class EvalParams(_Strict):
 
 
 class CompareParams(_Strict):
-    sparsities: list[float] = [0.2, 0.3, 0.5]
-    methods: list[Method] = ["pg", "wanda_sp", "flap", "magnitude", "taylor", "random", "layer_drop"]
-    zero_shot: bool = True
-    speed: bool = True
+    sparsities: list[float] = Field([0.2, 0.3, 0.5], description="sparsities every method is run and evaluated at")
+    searches: list[SearchMethodName] = Field(list(SEARCH_METHODS), description="policy-gradient methods "
+                                             "(pgprune/methods.py): pg (free widths), pg_uniform (stock layout)")
+    baselines: list[MetricMethodName] = Field(list(METRIC_METHODS), description="metric baselines "
+                                              "(pgprune/methods.py)")
 
     @field_validator("sparsities")
     @classmethod
@@ -139,7 +165,16 @@ class CompareParams(_Strict):
         bad = [s for s in v if not 0 < s < 1]
         if bad or not v:
             raise ValueError(f"sparsities {bad or v} must be non-empty and each in (0, 1)")
+        if len(set(v)) != len(v):
+            raise ValueError(f"sparsities repeat: {v}")
         return v
+
+
+class ExportParams(_Strict):
+    method: MethodName = Field("pg", description="whose masks make models/pruned (pg_uniform or a uniform metric "
+                               "baseline gives a stock-architecture model)")
+    sparsity: float = Field(0.3, gt=0, lt=1, description="one of compare.sparsities")
+    save_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
 
 
 class ReportParams(_Strict):
@@ -151,9 +186,9 @@ class Params(_Strict):
     data: DataParams = DataParams()
     init: InitParams = InitParams()
     search: SearchParams = SearchParams()
-    slice: SliceParams = SliceParams()
     eval: EvalParams = EvalParams()
     compare: CompareParams = CompareParams()
+    export: ExportParams = ExportParams()
     report: ReportParams = ReportParams()
 
     @model_validator(mode="after")
@@ -163,6 +198,20 @@ class Params(_Strict):
         if self.search.bias_compensation and not ("flap" in self.init.scorers and self.init.flap_bias_compensation):
             raise ValueError("search.bias_compensation needs the calibration means of the 'flap' scorer: add 'flap' "
                              "to init.scorers and set init.flap_bias_compensation: true (or turn it off)")
+        for m in self.compare.baselines:
+            scorer = METHODS[m].scorer
+            if scorer not in self.init.scorers:
+                raise ValueError(f"compare.baselines has {m!r}, which needs the scorer {scorer!r}: add it to "
+                                 f"init.scorers={self.init.scorers} or remove {m!r}")
+        if self.export.sparsity not in self.compare.sparsities:
+            raise ValueError(f"export.sparsity={self.export.sparsity} must be one of compare.sparsities="
+                             f"{self.compare.sparsities} (its masks are computed there)")
+        if self.export.method not in [*self.compare.searches, *self.compare.baselines]:
+            raise ValueError(f"export.method={self.export.method!r} must be one of compare.searches + "
+                             f"compare.baselines={[*self.compare.searches, *self.compare.baselines]}")
+        if self.model.offload != "none" and self.model.device == "cpu" and self.model.offload == "cpu":
+            raise ValueError("model.offload='cpu' with model.device='cpu' changes nothing; use offload 'none' "
+                             "(or 'disk' to keep the weights out of memory)")
         return self
 
 

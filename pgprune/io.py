@@ -34,6 +34,11 @@ def write_text(path: str | os.PathLike, text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
 
@@ -42,11 +47,70 @@ def read_json(path: str | os.PathLike) -> Any:
     return json.loads(Path(path).read_text(encoding="utf-8"))
 
 
-def torch_save(obj: Any, path: str | os.PathLike) -> None:
-    import torch
+def flatten_tensors(nested: Any, prefix: str = "") -> dict[str, Any]:
+    """{"flap": {"heads": T, "bias": {"o_proj": [T0, T1]}}} -> {"flap/heads": T, "flap/bias/o_proj/0": T0, ...}."""
+    out: dict[str, Any] = {}
+    if isinstance(nested, dict):
+        items = nested.items()
+    elif isinstance(nested, (list, tuple)):
+        items = ((str(i), v) for i, v in enumerate(nested))
+    else:
+        return {prefix: nested}
+    for k, v in items:
+        k = str(k)
+        if "/" in k or not k:
+            raise ValueError(f"key {k!r} cannot be stored (empty or contains '/')")
+        out.update(flatten_tensors(v, f"{prefix}/{k}" if prefix else k))
+    return out
 
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+
+def unflatten_tensors(flat: dict[str, Any]) -> Any:
+    """Inverse of :func:`flatten_tensors` (all-digit keys become list positions)."""
+    root: dict = {}
+    for key in sorted(flat, key=lambda k: [(0, int(p)) if p.isdigit() else (1, p) for p in k.split("/")]):
+        node = root
+        *head, last = key.split("/")
+        for part in head:
+            node = node.setdefault(part, {})
+        node[last] = flat[key]
+
+    def listify(node):
+        if not isinstance(node, dict):
+            return node
+        node = {k: listify(v) for k, v in node.items()}
+        if node and all(k.isdigit() for k in node):
+            return [node[str(i)] for i in range(len(node))]
+        return node
+
+    return listify(root)
+
+
+def save_tensors(path: str | os.PathLike, tensors: Any, metadata: dict[str, str] | None = None) -> None:
+    """Write (nested) tensors as safetensors, atomically. The bytes depend only on the tensors and the metadata
+    (no file names or timestamps inside), so the same inputs give the same file hash on every run."""
+    from safetensors.torch import save
+
+    flat = {k: v.detach().contiguous().cpu() for k, v in flatten_tensors(tensors).items()}
+    write_bytes(path, save(flat, metadata=metadata))
+
+
+def load_tensors(path: str | os.PathLike, what: str = "tensors", nested: bool = True) -> Any:
+    """Read a safetensors file written by :func:`save_tensors`; a missing or damaged file raises an error that
+    names it and the stage that writes it."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    from pgprune.errors import MissingFileError, PgpruneError, require_file
+
+    p = require_file(path, what)
+    try:
+        flat = load(Path(p).read_bytes())
+    except (SafetensorError, OSError, ValueError) as e:
+        raise PgpruneError(f"{what} at '{p}' is damaged or not a safetensors file ({e}); delete it and rerun the "
+                           "stage that writes it (dvc repro)") from None
+    except MissingFileError:  # pragma: no cover
+        raise
+    return unflatten_tensors(flat) if nested else flat
 
 
 def _json_default(o: Any):

@@ -26,12 +26,30 @@ class Masks:
 
     @classmethod
     def from_flat(cls, layout: Layout, flat: dict[str, torch.Tensor]) -> "Masks":
-        """Build from flat vectors (any subset of 'heads', 'channels', 'layers'; missing groups are all kept)."""
+        """Build from flat vectors (any subset of 'heads', 'channels', 'layers'; missing groups are all kept).
+
+        Each vector must have one entry per unit of the model (``layout.n_units``) and hold only 0/1 or bool."""
+        unknown = sorted(set(flat) - set(GROUPS))
+        if unknown:
+            raise PgpruneError(f"unknown mask group(s) {unknown}; allowed: {', '.join(GROUPS)}")
+        n = layout.n_units
+        vec = {}
+        for g, v in flat.items():
+            v = torch.as_tensor(v).detach().reshape(-1).cpu()
+            if v.numel() != n[g]:
+                raise PgpruneError(f"{g} mask has {v.numel()} entries, the model has {n[g]} {g} units")
+            if v.dtype != torch.bool:
+                if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+                    raise PgpruneError(f"{g} mask holds NaN/inf; allowed values: 0/1 or True/False")
+                if not bool(((v == 0) | (v == 1)).all()):
+                    bad = v[(v != 0) & (v != 1)][:5].tolist()
+                    raise PgpruneError(f"{g} mask holds values {bad}; allowed values: 0/1 or True/False")
+                v = v.bool()
+            vec[g] = v
         full = cls.full(layout)
-        heads = list(torch.split(flat["heads"].bool().cpu(), list(layout.kv_heads))) if "heads" in flat else full.heads
-        chans = (list(torch.split(flat["channels"].bool().cpu(), list(layout.intermediate)))
-                 if "channels" in flat else full.channels)
-        layers = flat["layers"].bool().cpu() if "layers" in flat else full.layers
+        heads = list(torch.split(vec["heads"], list(layout.kv_heads))) if "heads" in vec else full.heads
+        chans = list(torch.split(vec["channels"], list(layout.intermediate))) if "channels" in vec else full.channels
+        layers = vec["layers"] if "layers" in vec else full.layers
         return cls(heads, chans, layers)
 
     def flat(self) -> dict[str, torch.Tensor]:
@@ -76,19 +94,68 @@ class Masks:
                 "sizes": {"heads": [h.numel() for h in self.heads], "channels": [c.numel() for c in self.channels]}}
 
     @classmethod
-    def from_json(cls, obj: dict) -> "Masks":
-        def build(idx_lists, sizes):
-            out = []
-            for idx, n in zip(idx_lists, sizes):
-                m = torch.zeros(n, dtype=torch.bool)
-                m[torch.as_tensor(idx, dtype=torch.long)] = True
-                out.append(m)
-            return out
-
+    def from_json(cls, obj: dict, layout: Layout | None = None, source: str = "masks") -> "Masks":
+        """Inverse of :meth:`to_json`; every index is checked (integer, in range, not repeated) and, with
+        ``layout``, the sizes must be the model's. Errors name ``source``, the layer and the bad value."""
+        if not isinstance(obj, dict) or not {"heads", "channels", "layers", "sizes"} <= set(obj):
+            got = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
+            raise PgpruneError(f"{source}: expected keys heads, channels, layers, sizes (pgprune masks.json); got {got}")
         sizes = obj["sizes"]
-        layers = torch.zeros(len(sizes["heads"]), dtype=torch.bool)
-        layers[torch.as_tensor(obj["layers"], dtype=torch.long)] = True
-        return cls(build(obj["heads"], sizes["heads"]), build(obj["channels"], sizes["channels"]), layers)
+        if not isinstance(sizes, dict) or not {"heads", "channels"} <= set(sizes):
+            raise PgpruneError(f"{source}: 'sizes' must hold per-layer 'heads' and 'channels' counts")
+        n_layers = len(sizes["heads"])
+        if len(sizes["channels"]) != n_layers or len(obj["heads"]) != n_layers or len(obj["channels"]) != n_layers:
+            raise PgpruneError(f"{source}: per-layer lists differ in length (sizes.heads {n_layers}, sizes.channels "
+                               f"{len(sizes['channels'])}, heads {len(obj['heads'])}, channels {len(obj['channels'])})")
+        if layout is not None and (tuple(sizes["heads"]) != tuple(layout.kv_heads)
+                                   or tuple(sizes["channels"]) != tuple(layout.intermediate)):
+            raise PgpruneError(f"{source}: masks are for a model with KV groups {sizes['heads']} and channels "
+                               f"{sizes['channels']} per layer; this model has {list(layout.kv_heads)} and "
+                               f"{list(layout.intermediate)}")
+
+        def build(what, idx, n, layer=None):
+            where = f"{what}" + ("" if layer is None else f" of layer {layer}")
+            if not isinstance(n, int) or n < 0:
+                raise PgpruneError(f"{source}: size of {where} must be a non-negative integer, got {n!r}")
+            if not isinstance(idx, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in idx):
+                raise PgpruneError(f"{source}: {where} must be a list of integer indices, got {idx!r:.80}")
+            bad = [i for i in idx if not 0 <= i < n]
+            if bad:
+                raise PgpruneError(f"{source}: {where} has indices {bad[:5]} outside the allowed range [0, {n})")
+            if len(set(idx)) != len(idx):
+                raise PgpruneError(f"{source}: {where} repeats indices")
+            m = torch.zeros(n, dtype=torch.bool)
+            m[torch.as_tensor(idx, dtype=torch.long)] = True
+            return m
+
+        heads = [build("heads", h, n, i) for i, (h, n) in enumerate(zip(obj["heads"], sizes["heads"]))]
+        chans = [build("channels", c, n, i) for i, (c, n) in enumerate(zip(obj["channels"], sizes["channels"]))]
+        layers = build("layers", obj["layers"], n_layers)
+        masks = cls(heads, chans, layers)
+        if layout is not None:
+            masks.validate(layout)
+        return masks
+
+    @classmethod
+    def load(cls, path, layout: Layout | None = None) -> "Masks":
+        """Read a masks.json; a missing, damaged or mismatched file raises an error naming it."""
+        import json
+        from pathlib import Path
+
+        from pgprune.errors import require_file
+
+        p = require_file(path, "masks")
+        try:
+            obj = json.loads(Path(p).read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise PgpruneError(f"masks file '{p}' is not valid JSON ({e}); rerun the stage that writes it") from None
+        return cls.from_json(obj, layout, source=str(p))
+
+    def is_uniform(self) -> bool:
+        """Whether every kept layer keeps the same number of KV groups and of channels (a stock architecture)."""
+        kept = self.kept_layer_indices()
+        return (len({int(self.heads[i].sum()) for i in kept}) <= 1
+                and len({int(self.channels[i].sum()) for i in kept}) <= 1)
 
 
 def segments(layout: Layout, group: str) -> torch.Tensor:
@@ -102,10 +169,11 @@ def segments(layout: Layout, group: str) -> torch.Tensor:
     raise PgpruneError(f"unknown unit group {group!r}; allowed: {GROUPS}")
 
 
-def sparsity_report(layout: Layout, masks: Masks) -> dict:
-    """Kept/removed parameter counts in both conventions (decoder linear weights, and total)."""
-    dense_p, kept_p = layout.prunable_params(), layout.prunable_params(masks)
-    dense_t, kept_t = layout.total_params(), layout.total_params(masks)
+def sparsity_report(layout: Layout, masks: Masks, out_bias: bool = False) -> dict:
+    """Kept/removed parameter counts in both conventions (decoder linear weights, and total). ``out_bias``: the
+    pruned model gets o_proj/down_proj output biases (mean compensation), which count as kept parameters."""
+    dense_p, kept_p = layout.prunable_params(), layout.prunable_params(masks, out_bias=out_bias)
+    dense_t, kept_t = layout.total_params(), layout.total_params(masks, out_bias=out_bias)
     counts = masks.kept_counts()
     return {
         "prunable_params_dense": dense_p, "prunable_params_kept": kept_p,

@@ -105,9 +105,23 @@ def release_unused_memory() -> None:
         pass
 
 
-def load_model(path_or_source: str | Path, dtype: str = "float32", device: str = "cpu"):
-    """(model, tokenizer) from a prepared folder, a local checkpoint or a hub id; clear errors when offline."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+OFFLOADS = ("none", "cpu", "disk")
+DEVICE_MAPS = ("none", "auto")
+
+
+def load_model(path_or_source: str | Path, dtype: str = "float32", device: str = "cpu", offload: str = "none",
+               device_map: str = "none", max_memory: dict | None = None):
+    """(model, tokenizer) from a prepared folder, a local checkpoint or a hub id; clear errors when offline.
+
+    ``offload``: ``none`` (the whole model on ``device``), ``cpu`` (decoder layers in CPU memory, pinned when
+    ``device`` is a GPU, one layer at a time copied to ``device``) or ``disk`` (a skeleton: embeddings, final norm,
+    lm_head and rotary on ``device``, decoder layers on ``meta``, read from the checkpoint's safetensors files when
+    they run). ``device_map: auto``: accelerate places the decoder layers over the visible GPUs, then CPU memory,
+    then disk (``max_memory`` as accelerate takes it, e.g. {'0': '20GiB', 'cpu': '60GiB'}); embeddings/lm_head stay
+    on a GPU (``device`` when accelerate offloads them). Such a model runs through
+    :class:`pgprune.masked_forward.MaskedModel` (search, scorers' statistics, perplexity), not its own forward.
+    """
+    from transformers import AutoTokenizer
 
     if str(path_or_source) in EMBEDDED:
         raise PgpruneError(f"{path_or_source} must be prepared first: pgprune.models.prepare_model(...) "
@@ -115,6 +129,47 @@ def load_model(path_or_source: str | Path, dtype: str = "float32", device: str =
     src = resolve(path_or_source)
     try:
         tok = AutoTokenizer.from_pretrained(src)
+    except OSError as e:
+        raise PgpruneError(f"could not load model {src!r}: {e}. Offline, a hub id works only when it is already in "
+                           "the Hugging Face cache; otherwise point model.source at a local folder.") from e
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return load_weights(src, dtype, device, offload=offload, device_map=device_map, max_memory=max_memory), tok
+
+
+def load_weights(path_or_source: str | Path, dtype: str = "float32", device: str = "cpu", offload: str = "none",
+                 device_map: str = "none", max_memory: dict | None = None):
+    """The model of :func:`load_model` without its tokenizer (checkpoints without one: benchmarks, plans)."""
+    if str(path_or_source) in EMBEDDED:
+        raise PgpruneError(f"{path_or_source} must be prepared first: pgprune.models.prepare_model(...) "
+                           "(the `model` stage of dvc.yaml)")
+    if offload not in OFFLOADS:
+        raise PgpruneError(f"offload={offload!r} is not allowed; allowed: {OFFLOADS}")
+    if device_map not in DEVICE_MAPS:
+        raise PgpruneError(f"device_map={device_map!r} is not allowed; allowed: {DEVICE_MAPS}")
+    if offload != "none" and device_map != "none":
+        raise PgpruneError(f"offload={offload!r} and device_map={device_map!r} both place the layers; use one "
+                           "(device_map auto already sends what does not fit the GPUs to cpu, then disk)")
+    src = resolve(path_or_source)
+    from pgprune.weights import normalize_device
+
+    dev = normalize_device(device)
+    if offload == "disk" or device_map == "auto":
+        model = _load_skeleton(src, torch_dtype(dtype), dev, offload, max_memory)
+    else:
+        model = _load_full(src, dtype)
+        if offload == "cpu" and dev.type != "cpu":
+            _offload_to_cpu(model, dev)
+        else:
+            model = model.to(dev)
+    release_unused_memory()
+    return model.eval()
+
+
+def _load_full(src: str, dtype: str):
+    from transformers import AutoModelForCausalLM
+
+    try:
         model = AutoModelForCausalLM.from_pretrained(src, dtype=torch_dtype(dtype), trust_remote_code=True)
     except OSError as e:
         raise PgpruneError(f"could not load model {src!r}: {e}. Offline, a hub id works only when it is already in "
@@ -122,8 +177,131 @@ def load_model(path_or_source: str | Path, dtype: str = "float32", device: str =
     from pgprune.adapters import adapter_class
 
     adapter_class(model.config)  # unsupported architectures fail here, with the list of supported ones
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    model = model.to(device).eval()
-    release_unused_memory()
-    return model, tok
+    return model
+
+
+def _layer_param_ids(model) -> set[int]:
+    from pgprune.adapters import get_adapter
+
+    return {id(t) for layer in get_adapter(model).layers() for t in layer.parameters()}
+
+
+def _set_tensor(model, name: str, t: torch.Tensor, buffer: bool = False) -> None:
+    from torch import nn
+
+    mod_name, _, attr = name.rpartition(".")
+    mod = model.get_submodule(mod_name) if mod_name else model
+    if buffer:
+        mod._buffers[attr] = t
+    else:
+        mod._parameters[attr] = nn.Parameter(t, requires_grad=False)
+
+
+def _outside_layers(model):
+    """(name, tensor, is_buffer) of every parameter/buffer outside the decoder layers (tied ones once)."""
+    layer_ids = _layer_param_ids(model)
+    from pgprune.adapters import get_adapter
+
+    layer_buf = {id(b) for layer in get_adapter(model).layers() for b in layer.buffers()}
+    for n, p in model.named_parameters():
+        if id(p) not in layer_ids:
+            yield n, p, False
+    for n, b in model.named_buffers():
+        if id(b) not in layer_buf:
+            yield n, b, True
+
+
+def _retie(model) -> None:
+    from pgprune.adapters import get_adapter
+
+    if getattr(model.config, "tie_word_embeddings", False) or getattr(
+            getattr(model.config, "get_text_config", lambda: model.config)(), "tie_word_embeddings", False):
+        ad = get_adapter(model)
+        ad.lm_head().weight = ad.decoder().embed_tokens.weight
+
+
+def _offload_to_cpu(model, device: torch.device) -> None:
+    """offload: cpu: everything outside the decoder layers to ``device``, the layers stay in (pinned) CPU memory."""
+    from pgprune.weights import Placement, attach
+
+    for n, t, is_buf in list(_outside_layers(model)):
+        _set_tensor(model, n, t.detach().to(device), is_buf)
+    _retie(model)
+    pin = device.type == "cuda"
+    if pin:
+        for layer_p in list(_layer_named_params(model)):
+            name, p = layer_p
+            _set_tensor(model, name, p.detach().pin_memory())
+    attach(model, Placement(device, None, {}, pin))
+
+
+def _layer_named_params(model):
+    ids = _layer_param_ids(model)
+    return [(n, p) for n, p in model.named_parameters() if id(p) in ids]
+
+
+def _load_skeleton(src: str, dtype: torch.dtype, device: torch.device, offload: str, max_memory: dict | None):
+    """Weightless model (meta parameters, real buffers) + a safetensors reader; materialise what stays in memory."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from pgprune.adapters import adapter_class, get_adapter
+    from pgprune.placement import auto_device_map, home_device, home_of
+    from pgprune.weights import Placement, SafetensorsReader, attach, checkpoint_folder
+
+    try:
+        config = AutoConfig.from_pretrained(src, trust_remote_code=True)
+    except OSError as e:
+        raise PgpruneError(f"could not load model {src!r}: {e}. Offline, a hub id works only when it is already in "
+                           "the Hugging Face cache; otherwise point model.source at a local folder.") from e
+    adapter_class(config)
+    reader = SafetensorsReader(checkpoint_folder(src))
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=True)
+    model.eval()
+    adapter = get_adapter(model)
+    names = {id(m): n for n, m in model.named_modules()}
+    layer_names = [names[id(layer)] for layer in adapter.layers()]
+    if offload == "disk":
+        dmap: dict = {n: "disk" for n in layer_names}
+        dmap[""] = "compute"
+    else:
+        dmap = auto_device_map(model, dtype, max_memory)
+
+    def where(name: str):
+        home = home_of(name, dmap)
+        if home == "compute":
+            return device
+        dev = home_device(home, device)
+        return dev
+
+    # outside the decoder layers: on its GPU, else on the compute device
+    for n, t, is_buf in list(_outside_layers(model)):
+        mod_name = n.rpartition(".")[0]
+        dev = where(mod_name)
+        dev = dev if (dev is not None and dev.type == "cuda") else device
+        if is_buf:
+            _set_tensor(model, n, t.to(dev), True)
+            continue
+        if n not in reader:
+            if getattr(config, "tie_word_embeddings", False) and t is adapter.lm_head().weight:
+                continue
+            raise PgpruneError(f"the checkpoint has no tensor {n!r}")
+        _set_tensor(model, n, reader.read([n])[n].to(dev, dtype))
+    _retie(model)
+    # decoder layers: resident on their GPU / in CPU memory, or left on meta (disk)
+    for lname, layer in zip(layer_names, adapter.layers()):
+        dev = where(lname)
+        if dev is None:
+            continue
+        pin = dev.type == "cpu" and device.type == "cuda"
+        full = [f"{lname}.{n}" for n, _ in layer.named_parameters()]
+        tensors = reader.read(full)
+        for n in full:
+            t = tensors[n].to(dev, dtype)
+            _set_tensor(model, n, t.pin_memory() if pin else t)
+        del tensors
+    plc_map = {k: (f"cuda:{v}" if isinstance(v, int) else v) for k, v in dmap.items()}
+    attach(model, Placement(device, reader, plc_map, device.type == "cuda"))
+    model.pgprune_weights_digest = reader.digest()  # layers on meta: the files identify the weights
+    return model

@@ -1,20 +1,33 @@
-"""Policy-gradient mask search on a real model: groups and budgets from the layout, initial keep-probabilities
-from a metric, the masked model's LM loss on calibration batches as the reward, exact top-k final masks."""
+"""Policy-gradient mask search on a real model: unit groups and budgets from the layout, initial keep-probabilities
+from a metric, the masked model's LM loss on calibration batches as the reward, exact top-k final masks.
+
+Units: one per KV group, one per MLP channel block (``search.channel_group`` channels ranked together by the init
+metric; 1 = single channels) and, optionally, one per layer. Layouts (pgprune/methods.py): ``heterogeneous`` projects
+each group onto one global budget (layers end up with different widths, as in the paper); ``uniform`` projects every
+layer onto its own budget (the same width everywhere, so the result is a stock architecture).
+
+A search is identified by :func:`search_key` (model weights, dtype, device, calibration data, init scores,
+compensation, sparsity, layout, library versions) together with every setting and its seed: its checkpoint, in
+``checkpoint_dir``, is named by that fingerprint and verified on load, so it is only ever resumed by the very same
+search and it is deleted once the search completes.
+"""
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from pgprune.allocation import boundary_init, keep_counts
+from pgprune.allocation import ChannelBlocks, boundary_init, keep_counts, masks_from_scores, uniform_widths
 from pgprune.config import SearchParams
 from pgprune.errors import PgpruneError
 from pgprune.masked_forward import MaskedModel
 from pgprune.masks import Masks, segments
-from pgprune.search import GroupSpec, PolicyGradientSearch, SearchResult, SearchSettings
+from pgprune.methods import LAYOUTS
+from pgprune.search import GroupSpec, PolicyGradientSearch, SearchResult
 from pgprune.search.init_map import CLIP_EPS, init_probs
-from pgprune.search.projection import select_top_k
 
 
 @dataclass
@@ -22,79 +35,162 @@ class PGOutcome:
     masks: Masks
     result: SearchResult
     init_probs: dict[str, torch.Tensor]
+    blocks: ChannelBlocks
+    seed: int
+    key: str
 
 
-def search_settings(p: SearchParams) -> SearchSettings:
-    return SearchSettings(steps=p.steps, samples=p.samples, estimator=p.estimator, baseline=p.baseline,
-                          ema_window=p.ema_window, lr_schedule=p.lr_schedule, penalty_init=p.penalty_init,
-                          penalty_final=p.penalty_final, eps=p.eps, seed=p.seed,
-                          checkpoint_every=p.checkpoint_every)
+# --- identity of a search --------------------------------------------------------------------------------------
+def _sha(*parts: bytes) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(p)
+    return h.hexdigest()
 
 
-def build_search(masked: MaskedModel, init_scores: dict[str, torch.Tensor], p: SearchParams,
-                 sparsity: float | None = None) -> tuple[PolicyGradientSearch, dict[str, torch.Tensor]]:
-    layout = masked.layout
-    sparsity = p.sparsity if sparsity is None else sparsity
-    counts = keep_counts(layout, sparsity, p.layer_sparsity)
-    n = layout.n_units
+def tensor_digest(t: torch.Tensor) -> str:
+    t = t.detach().contiguous().cpu()
+    raw = t.view(torch.uint8) if t.dtype in (torch.bfloat16, torch.float16) else t
+    return _sha(str(t.dtype).encode(), str(tuple(t.shape)).encode(), raw.numpy().tobytes())
+
+
+def nested_digest(obj) -> str:
+    """Digest of a nested dict/list of tensors (e.g. init scores, compensation means)."""
+    from pgprune.io import flatten_tensors
+
+    if obj is None:
+        return "none"
+    flat = flatten_tensors(obj)
+    return _sha(*[k.encode() + tensor_digest(v).encode() for k, v in sorted(flat.items())])
+
+
+def model_digest(model, sample: int = 4096) -> str:
+    """Identity of a model's weights: config, every tensor's name/shape/dtype and a strided sample of its values
+    (reading every weight of a 70B model just to name a checkpoint would take minutes). A weight source that keeps
+    the weights out of memory may provide ``model.pgprune_weights_digest``."""
+    parts = [json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode()]
+    extra = getattr(model, "pgprune_weights_digest", None)
+    if extra:
+        parts.append(str(extra).encode())
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        parts.append(f"{name}{tuple(t.shape)}{t.dtype}{t.device.type}".encode())
+        if t.device.type != "meta" and t.numel():
+            flat = t.detach().reshape(-1)
+            step = max(1, flat.numel() // sample)
+            parts.append(tensor_digest(flat[::step][:sample]).encode())
+    return _sha(*parts)
+
+
+def search_key(model, calib: torch.Tensor, init_scores: dict, compensation, sparsity: float, layout: str,
+               device: str) -> str:
+    """Everything a search's losses depend on besides its settings and seed."""
+    import transformers
+
+    doc = {"model": model_digest(model), "dtype": str(next(model.parameters()).dtype), "device": str(device),
+           "calib": tensor_digest(calib), "init": nested_digest(init_scores), "comp": nested_digest(compensation),
+           "sparsity": float(sparsity), "layout": layout, "torch": torch.__version__,
+           "transformers": transformers.__version__}
+    return _sha(json.dumps(doc, sort_keys=True).encode())[:24]
+
+
+# --- groups, budgets, initial probabilities -------------------------------------------------------------------
+def _check_layout(layout: str, p: SearchParams) -> None:
+    if layout not in LAYOUTS:
+        raise PgpruneError(f"layout={layout!r} is not allowed; allowed: {', '.join(LAYOUTS)}")
+    if layout == "uniform" and "layers" in p.granularity:
+        raise PgpruneError("the uniform layout searches heads and channels; remove 'layers' from search.granularity "
+                           "(whole layers are dropped by the heterogeneous layout or layer_drop)")
+
+
+def build_search(masked: MaskedModel, init_scores: dict[str, torch.Tensor], p: SearchParams, sparsity: float, *,
+                 layout: str = "heterogeneous", seed: int | None = None, key: str = ""
+                 ) -> tuple[PolicyGradientSearch, dict[str, torch.Tensor], ChannelBlocks]:
+    """The search over ``p.granularity`` at ``sparsity``: groups with budgets, initial probabilities (from the
+    metric ``init_scores``) and the channel blocks; ``seed`` defaults to the first of ``p.seeds``."""
+    _check_layout(layout, p)
+    lay = masked.layout
+    missing = [g for g in p.granularity if g not in init_scores]
+    if missing:
+        raise PgpruneError(f"search.init scorer provides {sorted(init_scores)}, not {missing}; pick a scorer that "
+                           "scores every searched group (e.g. wanda_sp, magnitude, random)")
+    blocks = ChannelBlocks.build(lay, init_scores.get("channels"), p.channel_group)
+    counts = keep_counts(lay, sparsity, p.layer_sparsity, p.granularity, blocks)
+    widths = uniform_widths(lay, sparsity, round_to=p.channel_group, min_heads=p.min_heads_per_layer) \
+        if layout == "uniform" else None
     lrs = {"heads": p.lr_heads, "channels": p.lr_channels, "layers": p.lr_layers}
     groups, probs = {}, {}
     for g in p.granularity:
-        if g == "layers" and set(p.granularity) == {"layers"}:
-            k = max(1, round(n["layers"] * (1 - sparsity)))
-        else:
-            k = counts[g]
-        seg = segments(layout, g)
-        groups[g] = GroupSpec(size=n[g], budget=float(k), lr=lrs[g], segments=seg if g != "layers" else None)
-        if g not in init_scores:
-            raise PgpruneError(f"search.init scorer provides {sorted(init_scores)}, not {g!r}; "
-                               "pick a scorer that scores every searched group (e.g. wanda_sp, magnitude, random)")
+        seg = blocks.block_layer if g == "channels" else segments(lay, g)
+        score = blocks.reduce(init_scores[g]) if g == "channels" else init_scores[g].float().reshape(-1)
+        minimum = p.min_heads_per_layer if g == "heads" else (1 if g == "channels" else 0)
+        quota = None
+        if widths is not None:
+            quota = [widths[g] // (blocks.size if g == "channels" else 1)] * lay.num_layers
+        budget = float(sum(quota)) if quota is not None else float(counts[g])
+        groups[g] = GroupSpec(size=seg.numel(), budget=budget, lr=lrs[g], segments=seg if g != "layers" else None,
+                              segment_budgets=None if quota is None else tuple(float(q) for q in quota))
         if p.init_map == "const" and g != "layers":
             # exactly the metric baseline's mask (same allocation, same k): the search starts from it
             # (boundary units nearly undecided when search.init_free_<group> > 0)
             free = p.init_free_heads if g == "heads" else p.init_free_channels
-            probs[g] = boundary_init(layout, g, init_scores[g], k, p.init_allocation,
-                                     p.min_heads_per_layer if g == "heads" else 1, p.init_const, free)
+            probs[g] = boundary_init(score, seg, k=None if quota else int(budget), quota=quota,
+                                     allocation=p.init_allocation, minimum=minimum, const=p.init_const, free=free)
             probs[g] = probs[g].clamp(CLIP_EPS, 1.0 - CLIP_EPS)
             continue
-        per_layer = seg if (g != "layers" and p.init_allocation == "uniform") else None
-        probs[g] = init_probs(init_scores[g], k / n[g], method=p.init_map, segments=per_layer, const=p.init_const)
-    return PolicyGradientSearch(groups, probs, search_settings(p)), probs
+        per_layer = seg if (g != "layers" and (p.init_allocation == "uniform" or quota is not None)) else None
+        probs[g] = init_probs(score, budget / seg.numel(), method=p.init_map, segments=per_layer, const=p.init_const)
+    seed = p.seeds[0] if seed is None else int(seed)
+    return PolicyGradientSearch(groups, probs, p, seed=seed, key=key), probs, blocks
 
 
-def hard_masks(layout, probs: dict[str, torch.Tensor], groups: dict, p: SearchParams, sparsity: float,
+def hard_masks(layout, probs: dict[str, torch.Tensor], p: SearchParams, sparsity: float, *,
+               layout_kind: str = "heterogeneous", blocks: ChannelBlocks | None = None,
                validate: bool = True) -> Masks:
-    """Exact top-k by probability: layers first, then heads/channels among kept layers (min heads per layer)."""
-    counts = keep_counts(layout, sparsity, p.layer_sparsity)
-    flat: dict[str, torch.Tensor] = {}
-    layer_keep = torch.ones(layout.num_layers, dtype=torch.bool)
-    if "layers" in probs:
-        k = int(groups["layers"].budget)
-        layer_keep = select_top_k(probs["layers"], k)
-        flat["layers"] = layer_keep
-    for g, minimum in (("heads", p.min_heads_per_layer), ("channels", 1)):
-        if g in probs:
-            allowed = layer_keep[segments(layout, g)]
-            flat[g] = select_top_k(probs[g], counts[g], segments=segments(layout, g),
-                                   min_per_segment=minimum, allowed=allowed)
-    masks = Masks.from_flat(layout, flat)
+    """Exact top-k of the probabilities (pgprune.allocation.masks_from_scores, the rule every method uses):
+    layers first, then KV groups and channel blocks among the kept layers (min KV groups per layer)."""
+    masks = masks_from_scores(layout, probs, sparsity, allocation="global", granularity=tuple(probs),
+                              layer_sparsity=p.layer_sparsity, min_heads_per_layer=p.min_heads_per_layer,
+                              layout_kind=layout_kind, blocks=blocks)
     if validate:
         masks.validate(layout)
     return masks
 
 
-def final_masks(masked: MaskedModel, result: SearchResult, p: SearchParams, sparsity: float) -> Masks:
-    """The hard mask of the best validated probabilities (``search.select: best``) or of the last ones."""
-    probs = result.best_probs if (p.select == "best" and result.best_probs is not None) else result.probs
-    return hard_masks(masked.layout, probs, result.groups, p, sparsity)
+def sample_masks(layout, flat: dict[str, torch.Tensor], blocks: ChannelBlocks) -> Masks:
+    """A sampled flat mask (channel blocks) as model masks (channels)."""
+    if "channels" in flat and blocks.size > 1:
+        flat = dict(flat, channels=blocks.expand(flat["channels"]))
+    return Masks.from_flat(layout, flat)
 
 
-def make_validate_fn(masked: MaskedModel, val: torch.Tensor, groups: dict, p: SearchParams, sparsity: float,
-                     device: str = "cpu"):
+# --- losses ---------------------------------------------------------------------------------------------------
+def make_losses_fn(masked: MaskedModel, calib: torch.Tensor, batch_size: int, device: str = "cpu",
+                   mode: str = "auto", blocks: ChannelBlocks | None = None):
+    """losses_fn(masks of the K samples, step): the masked model's LM loss of each sample on calibration batch
+    ``step`` (cycled), all K on the same batch (so the batch's difficulty cancels in the leave-one-out baseline)."""
+    n = calib.shape[0]
+    if n < batch_size:
+        raise PgpruneError(f"search.batch_size={batch_size} is larger than the {n} calibration blocks available "
+                           "for the search; lower it or add calibration blocks")
+    n_batches = n // batch_size
+    layout = masked.layout
+    blocks = blocks or ChannelBlocks.build(layout, None, 1)
+
+    def losses_fn(flat_masks: list[dict[str, torch.Tensor]], step: int) -> torch.Tensor:
+        b = step % n_batches
+        ids = calib[b * batch_size:(b + 1) * batch_size].to(device)
+        return masked.sample_losses(ids, [sample_masks(layout, m, blocks) for m in flat_masks], mode=mode)
+
+    return losses_fn
+
+
+def make_validate_fn(masked: MaskedModel, val: torch.Tensor, p: SearchParams, sparsity: float, device: str,
+                     layout_kind: str, blocks: ChannelBlocks):
     """validate_fn(probs): mean LM loss of the probabilities' hard top-k mask on held-back calibration blocks."""
 
     def validate_fn(probs: dict[str, torch.Tensor]) -> float:
-        masks = hard_masks(masked.layout, probs, groups, p, sparsity, validate=False)
+        masks = hard_masks(masked.layout, probs, p, sparsity, layout_kind=layout_kind, blocks=blocks,
+                           validate=False)
         losses = [masked.loss(val[i:i + p.batch_size].to(device), masks, validate=False)
                   for i in range(0, val.shape[0], p.batch_size)]
         return float(sum(losses) / len(losses))
@@ -102,30 +198,20 @@ def make_validate_fn(masked: MaskedModel, val: torch.Tensor, groups: dict, p: Se
     return validate_fn
 
 
-def make_loss_fn(masked: MaskedModel, calib: torch.Tensor, batch_size: int, device: str = "cpu"):
-    """loss_fn(flat_masks, step, sample): LM loss of the masked model on calibration batch ``step`` (cycled)."""
-    n = calib.shape[0]
-    n_batches = max(1, n // batch_size)
-    layout = masked.layout
-
-    def loss_fn(flat: dict[str, torch.Tensor], step: int, sample: int) -> float:
-        b = step % n_batches
-        ids = calib[b * batch_size:(b + 1) * batch_size].to(device)
-        return masked.loss(ids, Masks.from_flat(layout, flat), validate=False)
-
-    return loss_fn
-
-
 def run_pg_search(model, calib: torch.Tensor, init_scores: dict[str, torch.Tensor], p: SearchParams, *,
-                  sparsity: float | None = None, checkpoint_path: str | Path | None = None, device: str = "cpu",
-                  progress: bool = True, on_step=None,
-                  compensation: dict[str, list[torch.Tensor]] | None = None) -> PGOutcome:
-    """Search masks at ``sparsity``. ``compensation`` (calibration means of o_proj/down_proj inputs, e.g. the
-    flap scorer's "bias" entry) makes every evaluated mask mean-compensated, like the final sliced model."""
-    sparsity = p.sparsity if sparsity is None else sparsity
+                  sparsity: float, layout: str = "heterogeneous", seed: int | None = None,
+                  checkpoint_dir: str | Path | None = None, device: str = "cpu", progress: bool = True,
+                  on_step=None, compensation: dict[str, list[torch.Tensor]] | None = None,
+                  stop_after: int | None = None) -> PGOutcome:
+    """Search masks at ``sparsity`` in ``layout`` with ``seed`` (default: the first of ``p.seeds``).
+
+    ``compensation`` (calibration means of o_proj/down_proj inputs, e.g. the flap scorer's "bias" entry) makes
+    every evaluated mask mean-compensated, like the final sliced model. With ``checkpoint_dir`` the search
+    checkpoints there every ``p.checkpoint_every`` steps and resumes a checkpoint of exactly this search."""
     masked = MaskedModel(model)
     masked.set_compensation(compensation)
-    search, probs0 = build_search(masked, init_scores, p, sparsity)
+    key = search_key(model, calib, init_scores, compensation, sparsity, layout, device)
+    search, probs0, blocks = build_search(masked, init_scores, p, sparsity, layout=layout, seed=seed, key=key)
     validate_fn = None
     train = calib
     if p.val_blocks:
@@ -133,8 +219,10 @@ def run_pg_search(model, calib: torch.Tensor, init_scores: dict[str, torch.Tenso
             raise PgpruneError(f"search.val_blocks={p.val_blocks} leaves no calibration blocks for the search "
                                f"(data.calib_blocks gives {calib.shape[0]}); lower it or use more blocks")
         train, val = calib[:-p.val_blocks], calib[-p.val_blocks:]
-        validate_fn = make_validate_fn(masked, val, search.groups, p, sparsity, device)
-    result = search.run(make_loss_fn(masked, train, p.batch_size, device), checkpoint_path=checkpoint_path,
-                        progress=progress, on_step=on_step, validate_fn=validate_fn,
-                        validate_every=p.validate_every)
-    return PGOutcome(final_masks(masked, result, p, sparsity), result, probs0)
+        validate_fn = make_validate_fn(masked, val, p, sparsity, device, layout, blocks)
+    result = search.run(make_losses_fn(masked, train, p.batch_size, device, p.sample_mode, blocks),
+                        checkpoint_dir=checkpoint_dir, progress=progress, on_step=on_step,
+                        validate_fn=validate_fn, validate_every=p.validate_every, stop_after=stop_after)
+    masks = hard_masks(masked.layout, result.selected_probs(p.select), p, sparsity, layout_kind=layout,
+                       blocks=blocks)
+    return PGOutcome(masks, result, probs0, blocks, search.seed, key)

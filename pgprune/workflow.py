@@ -1,9 +1,18 @@
-"""Library functions behind the pipeline stages (the stages only parse params, call these, write outputs)."""
+"""Library functions behind the pipeline stages and the `pgprune` command (stages only parse params, call these and
+write outputs).
+
+Masks are the hand-off between the steps: :func:`method_masks` turns (method, sparsity) into ``Masks`` plus the
+mean-compensation biases the pruned model gets; :func:`save_masks` / :func:`load_masks` store them as
+``masks.json`` + ``compensation.safetensors`` (byte-reproducible: same inputs, same bytes); the evaluation and the
+export only slice what they are given.
+"""
 from __future__ import annotations
 
 import json
 import logging
+import os
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -12,14 +21,12 @@ from pgprune.allocation import masks_from_scores
 from pgprune.config import Params
 from pgprune.errors import MissingFileError, PgpruneError, require_file
 from pgprune.masks import Masks, sparsity_report
+from pgprune.methods import METHODS, get_method
 
 log = logging.getLogger("pgprune")
 
-# the allocation of each baseline: the same sparsity in every layer. For FLAP that is its UL-UM variant, which on
-# the embedded SmolLM2 beats its global AL-AM variant (held-out ppl 278 vs 506 at 50%), so the comparison uses
-# the stronger one. Wanda-sp, LLM-Pruner's Taylor, magnitude and random use it in their own papers.
-BASELINE_ALLOCATION = {"wanda_sp": "uniform", "flap": "uniform", "magnitude": "uniform", "taylor": "uniform",
-                       "random": "uniform"}
+CHECKPOINT_DIR_ENV = "PGPRUNE_CHECKPOINT_DIR"
+DEFAULT_CHECKPOINT_DIR = "artifacts/checkpoints"
 
 
 def setup_torch(params: Params) -> None:
@@ -27,11 +34,41 @@ def setup_torch(params: Params) -> None:
         torch.set_num_threads(params.model.threads)
 
 
+def checkpoint_dir(default: str | Path = DEFAULT_CHECKPOINT_DIR) -> Path:
+    """Where search checkpoints live: $PGPRUNE_CHECKPOINT_DIR, else ``default`` (never a DVC output)."""
+    return Path(os.environ.get(CHECKPOINT_DIR_ENV) or default)
+
+
+# --- model ---------------------------------------------------------------------------------------------------
+def save_tokenizer(model_dir: str | Path, out_dir: str | Path) -> Path:
+    """Save the base model's tokenizer on its own (the data stage depends on it, not on the weights)."""
+    import shutil
+    import tempfile
+
+    from transformers import AutoTokenizer
+
+    from pgprune.models import resolve
+
+    tok = AutoTokenizer.from_pretrained(resolve(model_dir))
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        tok.save_pretrained(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
 # --- data ---------------------------------------------------------------------------------------------------
 def corpus_texts(params: Params) -> tuple[str, dict[str, str]]:
     """(calibration text, {eval corpus name: held-out text})."""
     from pgprune.data import load_hub_text
-    from pgprune.data.corpus import interleave, load_local_corpus
+    from pgprune.data.corpus import interleave, license_text, load_local_corpus
 
     d = params.data
     local = None
@@ -41,40 +78,39 @@ def corpus_texts(params: Params) -> tuple[str, dict[str, str]]:
     if d.calibration == "local":
         calib = interleave({s: v["calibration"] for s, v in local.items()}, d.seed)
     else:
-        split = "train"
-        calib = load_hub_text(d.calibration, split, data_files=d.data_files.get(d.calibration), max_chars=max_chars)
+        calib = load_hub_text(d.calibration, "train", data_files=d.data_files.get(d.calibration), max_chars=max_chars)
     evals = {}
     for name in d.evaluation:
         if name == "local":
             evals["local"] = interleave({s: v["heldout"] for s, v in local.items()}, d.seed)
+        elif name == "licenses":
+            evals["licenses"] = license_text()
         else:
             split = "validation" if name == "c4" else "test"
             evals[name] = load_hub_text(name, split, data_files=d.data_files.get(name),
-                                        max_chars=d.eval_blocks * d.seq_len * 8 if name == "c4" else None)
+                                        max_chars=params.eval.ppl_blocks * d.seq_len * 8 if name == "c4" else None)
     return calib, evals
 
 
 def prepare_data(params: Params, tokenizer, out_dir: str | Path) -> dict:
-    """Write calib.pt, eval/<corpus>.pt, tasks/ (offline lm-eval tasks over the held-out text) and stats.json."""
-    from pgprune.data import calibration_blocks, tokenize_blocks
+    """Write calib.safetensors, eval/<corpus>.txt, tasks/ (offline lm-eval tasks over the held-out text) and
+    stats.json: everything deterministic, so a rerun gives the same bytes."""
+    from pgprune.data import calibration_blocks
     from pgprune.eval.local_tasks import write_local_tasks
-    from pgprune.io import torch_save, write_json
+    from pgprune.io import save_tensors, write_json, write_text
 
     d = params.data
     out = Path(out_dir)
     calib_text, evals = corpus_texts(params)
     calib = calibration_blocks(calib_text, tokenizer, d.seq_len, d.calib_blocks, d.seed)
-    torch_save(calib, out / "calib.pt")
+    save_tensors(out / "calib.safetensors", {"blocks": calib})
     stats = {"calibration": {"source": d.calibration, "chars": len(calib_text), "blocks": list(calib.shape)},
              "evaluation": {}}
-    from pgprune.io import write_text
-
     for name, text in evals.items():
         # held-out text is stored as text: the evaluation tokenizes it with its own eval.ppl_seq_len, so that
         # changing an eval parameter reruns only the evaluation
         write_text(out / "eval" / f"{name}.txt", text)
-        probe = tokenize_blocks(text, tokenizer, d.seq_len, max_blocks=d.eval_blocks)
-        stats["evaluation"][name] = {"chars": len(text), "blocks_at_data_seq_len": list(probe.shape)}
+        stats["evaluation"][name] = {"chars": len(text)}
     if "local" in evals:
         tasks = write_local_tasks({"heldout": evals["local"]}, out / "tasks", n_items=d.zero_shot_items, seed=d.seed)
         stats["local_tasks"] = tasks
@@ -82,34 +118,38 @@ def prepare_data(params: Params, tokenizer, out_dir: str | Path) -> dict:
     return stats
 
 
-def load_data(data_dir: str | Path, tokenizer=None, params: Params | None = None
-              ) -> tuple[torch.Tensor, dict[str, torch.Tensor], Path]:
-    """(calibration blocks, {eval corpus: blocks of eval.ppl_seq_len tokens}, tasks folder).
+def load_calibration(data_dir: str | Path) -> torch.Tensor:
+    """The calibration blocks [n, seq_len] written by the data stage."""
+    from pgprune.io import load_tensors
 
-    Without a tokenizer the evaluation blocks are not built (an empty dict)."""
+    blocks = load_tensors(Path(data_dir) / "calib.safetensors", "calibration blocks (data stage)")["blocks"]
+    if blocks.dim() != 2 or blocks.dtype != torch.long:
+        raise PgpruneError(f"calibration blocks in {data_dir} have shape {tuple(blocks.shape)} / {blocks.dtype}; "
+                           "expected int64 [n, seq_len]; rerun the data stage")
+    return blocks
+
+
+def load_eval_data(data_dir: str | Path, tokenizer, params: Params) -> tuple[dict[str, torch.Tensor], Path]:
+    """({eval corpus: blocks of eval.ppl_seq_len tokens (the first eval.ppl_blocks)}, tasks folder)."""
     from pgprune.data import tokenize_blocks
 
     data = Path(data_dir)
-    calib = torch.load(require_file(data / "calib.pt", "calibration blocks"))
     texts = sorted((data / "eval").glob("*.txt"))
     if not texts:
         raise MissingFileError(f"no held-out evaluation text in {data / 'eval'}; run the data stage")
-    evals = {}
-    if tokenizer is not None:
-        seq_len = params.eval.ppl_seq_len if params else 128
-        max_blocks = params.data.eval_blocks if params else None
-        evals = {p.stem: tokenize_blocks(p.read_text(encoding="utf-8"), tokenizer, seq_len, max_blocks=max_blocks)
-                 for p in texts}
-    return calib, evals, data / "tasks"
+    evals = {p.stem: tokenize_blocks(p.read_text(encoding="utf-8"), tokenizer, params.eval.ppl_seq_len,
+                                     max_blocks=params.eval.ppl_blocks) for p in texts}
+    return evals, data / "tasks"
 
 
-# --- scores and masks ----------------------------------------------------------------------------------------
-def compute_all_scores(params: Params, model, calib: torch.Tensor) -> tuple[dict, dict]:
+# --- scores ----------------------------------------------------------------------------------------------------
+def compute_all_scores(params: Params, model, calib: torch.Tensor, scorers=None) -> tuple[dict, dict]:
+    """{scorer: its importance scores} for ``scorers`` (default init.scorers), and the seconds each took."""
     from pgprune.scorers import compute_scores
 
     n = min(params.init.nsamples, calib.shape[0])
     scores, timing = {}, {}
-    for name in params.init.scorers:
+    for name in scorers or params.init.scorers:
         t0 = time.perf_counter()
         opts = {"seed": params.init.seed} if name == "random" else {}
         if name == "flap":
@@ -120,18 +160,179 @@ def compute_all_scores(params: Params, model, calib: torch.Tensor) -> tuple[dict
     return scores, timing
 
 
-def baseline_masks(method: str, layout, scores: dict, sparsity: float, params: Params) -> Masks:
-    """Masks of a metric baseline at ``sparsity`` (layer_drop: ShortGPT block influence, whole layers)."""
-    if method == "layer_drop":
-        if "shortgpt" not in scores:
-            raise PgpruneError("layer_drop needs the 'shortgpt' scorer in init.scorers")
-        return masks_from_scores(layout, scores["shortgpt"], sparsity, granularity=("layers",))
-    if method not in BASELINE_ALLOCATION:
-        raise PgpruneError(f"unknown baseline {method!r}; allowed: {sorted(BASELINE_ALLOCATION) + ['layer_drop']}")
-    if method not in scores:
-        raise PgpruneError(f"baseline {method!r} needs the scorer {method!r} in init.scorers={sorted(scores)}")
-    return masks_from_scores(layout, scores[method], sparsity, allocation=BASELINE_ALLOCATION[method],
-                             min_heads_per_layer=params.search.min_heads_per_layer)
+def scorers_needed(method: str, params: Params) -> list[str]:
+    """The scorers a method needs: its own metric, or the search's init metric (+ flap for compensation)."""
+    m = get_method(method)
+    need = [m.scorer] if m.kind == "metric" else [params.search.init]
+    if (m.kind == "search" and params.search.bias_compensation) or (m.compensated and
+                                                                      params.init.flap_bias_compensation):
+        need.append("flap")
+    return list(dict.fromkeys(need))
+
+
+# --- masks -------------------------------------------------------------------------------------------------------
+@dataclass
+class MethodResult:
+    """What a pruning method produced: the masks, the compensation biases of the pruned model (or None), and
+    details (search history, timing, seeds ...)."""
+
+    method: str
+    sparsity: float
+    masks: Masks
+    extra_bias: dict[int, dict[str, torch.Tensor]] | None
+    info: dict = field(default_factory=dict)
+    history: list[dict] | None = None
+    # search: every seed's (masks, compensation), the first seed's being ``masks``/``extra_bias``
+    seeds: dict[int, tuple[Masks, dict | None]] = field(default_factory=dict)
+
+
+def compensation_biases(model, masks: Masks, flap_scores: dict) -> dict[int, dict[str, torch.Tensor]]:
+    """FLAP bias compensation for ``masks``: {layer: {"o_proj"|"down_proj": bias to add}}."""
+    from pgprune.scorers.flap import as_extra_bias, flap_compensation_biases
+
+    if "bias" not in flap_scores:
+        raise PgpruneError("FLAP scores were computed without bias compensation; set init.flap_bias_compensation")
+    return as_extra_bias(flap_compensation_biases(model, masks, flap_scores))
+
+
+def search_compensation(params: Params, all_scores: dict) -> dict | None:
+    """The calibration means the search compensates with (None when search.bias_compensation is off)."""
+    if not params.search.bias_compensation:
+        return None
+    flap = all_scores.get("flap", {})
+    if "bias" not in flap:
+        raise PgpruneError("search.bias_compensation needs the flap scorer's calibration means (init scores "
+                           "computed with init.flap_bias_compensation: true); rerun the init stage")
+    return flap["bias"]
+
+
+def metric_masks(method: str, layout, scores: dict, sparsity: float, params: Params,
+                 layout_kind: str = "heterogeneous", round_to: int = 1) -> Masks:
+    """Masks of a metric baseline at ``sparsity``, by the registry's scorer/allocation/granularity."""
+    m = get_method(method)
+    if m.kind != "metric":
+        raise PgpruneError(f"{method!r} is a search method, not a metric baseline")
+    if m.scorer not in scores:
+        raise PgpruneError(f"method {method!r} needs the scorer {m.scorer!r}; scores exist for {sorted(scores)}")
+    return masks_from_scores(layout, scores[m.scorer], sparsity, allocation=m.allocation, granularity=m.granularity,
+                             min_heads_per_layer=params.search.min_heads_per_layer,
+                             layout_kind=layout_kind if m.granularity != ("layers",) else "heterogeneous",
+                             round_to=round_to)
+
+
+def method_masks(method: str, model, calib: torch.Tensor, scores: dict, params: Params, sparsity: float, *,
+                 seeds: list[int] | None = None, layout_kind: str | None = None, round_to: int = 1,
+                 checkpoint_root: str | Path | None = None, progress: bool = True) -> MethodResult:
+    """Masks (and compensation) of ``method`` at ``sparsity``. Search methods run one search per seed (default
+    search.seeds; the first seed's masks are the result). ``layout_kind`` overrides the method's layout (the
+    `pgprune prune --layout` option); ``round_to`` rounds a uniform metric layout's channels."""
+    from pgprune.adapters import get_adapter
+    from pgprune.pg_prune import run_pg_search
+
+    m = get_method(method)
+    layout = get_adapter(model).layout()
+    kind = layout_kind or m.layout
+    t0 = time.perf_counter()
+    if m.kind == "metric":
+        masks = metric_masks(method, layout, scores, sparsity, params, kind, round_to)
+        extra = None
+        if m.compensated and params.init.flap_bias_compensation:
+            extra = compensation_biases(model, masks, scores["flap"])
+        return MethodResult(method, sparsity, masks, extra, {"time_s": time.perf_counter() - t0, "layout": kind})
+    p = params.search
+    comp = search_compensation(params, scores)
+    if p.init not in scores:
+        raise PgpruneError(f"search.init={p.init!r} scores are missing; computed scorers: {sorted(scores)}")
+    seeds = list(seeds or p.seeds)
+    outcomes, info = [], {"seeds": {}, "layout": kind, "device": params.model.device}
+    for seed in seeds:
+        out = run_pg_search(model, calib, scores[p.init], p, sparsity=sparsity, layout=kind, seed=seed,
+                            checkpoint_dir=checkpoint_root, device=params.model.device, progress=progress,
+                            compensation=comp)
+        r = out.result
+        info["seeds"][str(seed)] = {
+            "time_s": r.elapsed_s, "resumed_from_step": r.resumed_from, "steps": r.steps_done,
+            "forward_passes": r.forward_passes, "best_step": r.best_step,
+            "best_val_loss": min((v["val_loss"] for v in r.validation), default=None),
+            "init_val_loss": r.validation[0]["val_loss"] if r.validation else None}
+        outcomes.append(out)
+    per_seed = {o.seed: (o.masks, compensation_biases(model, o.masks, scores["flap"]) if comp is not None else None)
+                for o in outcomes}
+    main = outcomes[0]
+    info["time_s"] = sum(v["time_s"] for v in info["seeds"].values())
+    return MethodResult(method, sparsity, main.masks, per_seed[main.seed][1], info, history=main.result.history,
+                        seeds=per_seed)
+
+
+# --- the hand-off: masks.json + compensation.safetensors ------------------------------------------------------
+def _write_masks(out: Path, masks: Masks, extra) -> None:
+    from pgprune.io import save_tensors, write_json
+
+    write_json(out / "masks.json", masks.to_json())
+    comp = out / "compensation.safetensors"
+    if extra is not None:
+        save_tensors(comp, {f"layers.{i}.{name}": v for i, d in sorted(extra.items()) for name, v in sorted(d.items())})
+    elif comp.exists():
+        comp.unlink()
+
+
+def save_masks(out_dir: str | Path, result: MethodResult, layout) -> dict:
+    """Write masks.json, compensation.safetensors (when compensated), seeds/<seed>/ the same for extra seeds,
+    history.csv (searches) and summary.json (parameter counts; no timings: the bytes must not vary between runs)."""
+    from pgprune.io import write_json, write_text
+
+    out = Path(out_dir)
+    _write_masks(out, result.masks, result.extra_bias)
+    for seed, (masks, extra) in list(result.seeds.items())[1:]:
+        _write_masks(out / "seeds" / str(seed), masks, extra)
+    if result.history is not None:
+        write_text(out / "history.csv", history_csv(result.history))
+    summary = {"method": result.method, "sparsity": result.sparsity, "layout": result.info.get("layout"),
+               "compensated": result.extra_bias is not None, "seeds": [int(s) for s in result.seeds] or None,
+               "params": sparsity_report(layout, result.masks, out_bias=result.extra_bias is not None)}
+    if "seeds" in result.info:
+        summary["search"] = {s: {k: v for k, v in d.items() if k in ("steps", "forward_passes", "best_step",
+                                                                     "best_val_loss", "init_val_loss")}
+                             for s, d in result.info["seeds"].items()}
+    write_json(out / "summary.json", summary)
+    return summary
+
+
+def load_masks(masks_dir: str | Path, layout=None) -> tuple[Masks, dict[int, dict[str, torch.Tensor]] | None]:
+    """(masks, compensation biases or None) from a folder written by :func:`save_masks`."""
+    from pgprune.io import load_tensors
+
+    d = Path(masks_dir)
+    masks = Masks.load(d / "masks.json", layout)
+    comp = d / "compensation.safetensors"
+    if not comp.exists():
+        return masks, None
+    flat = load_tensors(comp, "compensation biases", nested=False)
+    extra: dict[int, dict[str, torch.Tensor]] = {}
+    for key, v in flat.items():
+        _, i, name = key.split(".")
+        extra.setdefault(int(i), {})[name] = v
+    return masks, extra
+
+
+def seed_results(masks_dir: str | Path, layout=None) -> dict[str, tuple[Masks, dict | None]]:
+    """{seed: (masks, compensation)} of the extra seeds of a search (seeds/<seed>/)."""
+    d = Path(masks_dir) / "seeds"
+    if not d.is_dir():
+        return {}
+    return {p.name: load_masks(p, layout) for p in sorted(d.iterdir(), key=lambda x: int(x.name)) if p.is_dir()}
+
+
+def history_csv(history: list[dict]) -> str:
+    import csv
+    import io
+
+    keys = list(dict.fromkeys(k for row in history for k in row))
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=keys, lineterminator="\n")
+    w.writeheader()
+    w.writerows(history)
+    return buf.getvalue()
 
 
 # --- evaluation ----------------------------------------------------------------------------------------------
@@ -142,21 +343,27 @@ def local_task_names(tasks_dir: Path) -> list[str]:
     return sorted(json.loads(manifest.read_text())["tasks"])
 
 
-def evaluate(model, tokenizer, evals: dict[str, torch.Tensor], tasks_dir: Path, params: Params, *,
-             zero_shot: bool = True, speed: bool = True) -> dict:
-    """Perplexity on every eval corpus, lm-eval zero-shot average, generation tokens/s."""
-    from pgprune.eval import generation_speed, perplexity, zero_shot as run_zero_shot
+def evaluate(model, tokenizer, evals: dict[str, torch.Tensor], tasks_dir: Path | None, params: Params, *,
+             zero_shot: bool | None = None, speed: bool | None = None) -> dict:
+    """Perplexity on every eval corpus, lm-eval zero-shot average, generation tokens/s (each when enabled)."""
+    from pgprune.eval import generation_speed, perplexity
 
     e = params.eval
+    zero_shot = e.zero_shot if zero_shot is None else zero_shot
+    speed = e.speed.enabled if speed is None else speed
     out: dict = {"ppl": {}, "zero_shot": None, "tokens_per_s": None}
     t0 = time.perf_counter()
     for name, blocks in evals.items():
         out["ppl"][name] = perplexity(model, blocks, batch_size=e.ppl_batch_size, progress=True)["ppl"]
     out["ppl_time_s"] = time.perf_counter() - t0
     if zero_shot and e.zero_shot_tasks:
+        from pgprune.eval import zero_shot as run_zero_shot
+
         tasks, include = [], None
         for t in e.zero_shot_tasks:
             if t == "local":
+                if tasks_dir is None:
+                    raise PgpruneError("eval.zero_shot_tasks has 'local' but no local tasks were prepared")
                 tasks += local_task_names(tasks_dir)
                 include = str(tasks_dir)
             else:
@@ -173,25 +380,7 @@ def evaluate(model, tokenizer, evals: dict[str, torch.Tensor], tasks_dir: Path, 
     return out
 
 
-def params_summary(layout, masks: Masks) -> dict:
-    return sparsity_report(layout, masks)
-
-
-def search_compensation(params: Params, all_scores: dict) -> dict | None:
-    """The calibration means the search compensates with (None when search.bias_compensation is off)."""
-    if not params.search.bias_compensation:
-        return None
-    flap = all_scores.get("flap", {})
-    if "bias" not in flap:
-        raise PgpruneError("search.bias_compensation needs artifacts/init/scores.pt from the flap scorer with "
-                           "init.flap_bias_compensation: true; rerun the init stage")
-    return flap["bias"]
-
-
-def compensation_biases(model, masks: Masks, flap_scores: dict) -> dict[int, dict[str, torch.Tensor]]:
-    """FLAP bias compensation for ``masks``: {layer: {"o_proj"|"down_proj": bias to add}}."""
-    from pgprune.scorers.flap import as_extra_bias, flap_compensation_biases
-
-    if "bias" not in flap_scores:
-        raise PgpruneError("FLAP scores were computed without bias compensation; set init.flap_bias_compensation")
-    return as_extra_bias(flap_compensation_biases(model, masks, flap_scores))
+__all__ = ["METHODS", "MethodResult", "checkpoint_dir", "compensation_biases", "compute_all_scores",
+           "corpus_texts", "evaluate", "history_csv", "load_calibration", "load_eval_data", "load_masks",
+           "method_masks", "metric_masks", "prepare_data", "save_masks", "scorers_needed", "search_compensation",
+           "seed_results", "setup_torch"]

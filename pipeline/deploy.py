@@ -6,8 +6,8 @@
 
 Runs of the deployment (scheduled, or started from the UI / `prefect deployment run
 'pgprune-pipeline/pgprune-nightly'`) execute in this process, in this checkout. At most one run at a time
-(DVC holds a repository lock). With --with-sweep, the sparsity sweep flow is served too (no schedule; start it from
-the UI with its `sparsities` parameter).
+(DVC holds a repository lock). With --with-sweep, the local sweep flow is served too (no schedule; start it from
+the UI with its `units` parameter: lists of key=value overrides). Sweeps over many machines: pipeline/workpool.py.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from typing import Sequence
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 
-from pipeline.flows import pgprune_pipeline, stage_order, load_dvc_yaml, sweep_sparsity  # noqa: E402
+from pipeline.flows import pgprune_pipeline, pipeline_plan, repo_root, sweep_experiments  # noqa: E402
 
 
 def build_deployments(name: str, cron: str, stages: list[str] | None = None, params_file: str = "params.yaml",
@@ -28,15 +28,16 @@ def build_deployments(name: str, cron: str, stages: list[str] | None = None, par
     from prefect.schedules import Cron
 
     if stages:
-        stage_order(load_dvc_yaml(), stages)  # unknown stage names fail now, not at 3 a.m.
+        pipeline_plan(repo_root(), stages)  # unknown stage names fail now, not at 3 a.m.
     deployments = [pgprune_pipeline.to_deployment(
         name=name, schedule=Cron(cron, timezone=timezone),
         parameters={"stages": stages, "params_file": params_file, "force": force},
         description="pgprune DVC pipeline (dvc repro per stage) on a schedule", tags=["pgprune", "dvc"])]
     if with_sweep:
-        deployments.append(sweep_sparsity.to_deployment(
-            name=f"{name}-sweep", parameters={"sparsities": [0.2, 0.3, 0.4, 0.5]},
-            description="dvc exp run -S search.sparsity=S for each S, then dvc exp show", tags=["pgprune", "dvc"]))
+        deployments.append(sweep_experiments.to_deployment(
+            name=f"{name}-sweep", parameters={"units": [["compare.sparsities=[0.4]", "export.sparsity=0.4"]]},
+            description="one dvc exp run -S ... per unit in this checkout, then dvc exp show",
+            tags=["pgprune", "dvc"]))
     return deployments
 
 

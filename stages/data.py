@@ -1,15 +1,17 @@
-"""Stage `data`: calibration blocks, held-out evaluation blocks and offline zero-shot tasks."""
+"""Stage `data`: calibration blocks, held-out evaluation texts and offline zero-shot tasks."""
 from transformers import AutoTokenizer
 
-from pgprune.models import resolve
 from pgprune.workflow import prepare_data
-from stages._common import BASE_DIR, DATA_DIR, parse, run
+from stages._common import parse, run
 
 
 def main(argv=None):
-    params, _ = parse(__doc__, argv=argv)
-    tokenizer = AutoTokenizer.from_pretrained(resolve(BASE_DIR))
-    stats = prepare_data(params, tokenizer, DATA_DIR)
+    def args(ap):
+        ap.add_argument("--tokenizer", required=True)
+        ap.add_argument("--out", required=True)
+
+    params, a = parse(__doc__, args, argv)
+    stats = prepare_data(params, AutoTokenizer.from_pretrained(a.tokenizer), a.out)
     print(stats)
 
 

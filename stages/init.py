@@ -1,20 +1,24 @@
-"""Stage `init`: importance scores of every scorer (metric init of the search, and the baselines)."""
-from pgprune.io import torch_save, write_json
+"""Stage `init`: importance scores of every scorer in init.scorers (the search's init and the baselines)."""
+from pgprune.io import save_tensors, write_json
 from pgprune.models import load_model
-from pgprune.workflow import compute_all_scores, load_data
-from stages._common import BASE_DIR, DATA_DIR, parse, run
-
-OUT = "artifacts/init"
+from pgprune.workflow import compute_all_scores, load_calibration
+from stages._common import parse, run
 
 
 def main(argv=None):
-    params, _ = parse(__doc__, argv=argv)
-    model, _ = load_model(BASE_DIR, params.model.dtype, params.model.device)
-    calib, _, _ = load_data(DATA_DIR)
-    scores, timing = compute_all_scores(params, model, calib)
-    torch_save(scores, f"{OUT}/scores.pt")
-    write_json(f"{OUT}/summary.json", {"time_s": timing,
-                                       "groups": {k: sorted(v) for k, v in scores.items()}})
+    def args(ap):
+        ap.add_argument("--model", required=True)
+        ap.add_argument("--data", required=True)
+        ap.add_argument("--out", required=True, help="scores (safetensors)")
+        ap.add_argument("--timing", required=True, help="seconds per scorer (json, not cached)")
+
+    params, a = parse(__doc__, args, argv)
+    m = params.model
+    model, _ = load_model(a.model, m.dtype, m.device, offload=m.offload, device_map=m.device_map,
+                          max_memory=m.max_memory)
+    scores, timing = compute_all_scores(params, model, load_calibration(a.data))
+    save_tensors(a.out, scores)
+    write_json(a.timing, {"time_s": timing})
 
 
 if __name__ == "__main__":

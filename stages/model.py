@@ -1,11 +1,18 @@
-"""Stage `model`: materialise the base model (the embedded default is converted once to safetensors)."""
+"""Stage `model`: materialise the base model in model.dtype (the embedded default is converted once to
+safetensors; a hub id or local folder is recorded, not copied) and its tokenizer."""
 from pgprune.models import prepare_model
-from stages._common import BASE_DIR, parse, run
+from pgprune.workflow import save_tokenizer
+from stages._common import parse, run
 
 
 def main(argv=None):
-    params, _ = parse(__doc__, argv=argv)
-    prepare_model(params.model.source, BASE_DIR, dtype="bfloat16")
+    def args(ap):
+        ap.add_argument("--out", required=True, help="model folder")
+        ap.add_argument("--tokenizer-out", required=True, help="tokenizer folder")
+
+    params, a = parse(__doc__, args, argv)
+    prepare_model(params.model.source, a.out, dtype=params.model.dtype)
+    save_tokenizer(a.out, a.tokenizer_out)
 
 
 if __name__ == "__main__":

@@ -1,71 +1,33 @@
-"""Stage `search`: policy-gradient mask search at search.sparsity (checkpointed; resumes after interruption)."""
-import csv
-import io
-import logging
-import time
-from pathlib import Path
-
-import torch
-
-from pgprune.errors import ConfigError, require_file
-from pgprune.io import torch_save, write_json, write_text
+"""Stage `search@<method>-<sparsity>`: the policy-gradient search of one search method (pgprune/methods.py) at one
+sparsity, one search per seed in search.seeds; writes the masks hand-off (masks.json, compensation, history).
+Checkpoints ($PGPRUNE_CHECKPOINT_DIR or artifacts/checkpoints, never a DVC output) let a killed run resume."""
+from pgprune.adapters import get_adapter
+from pgprune.io import load_tensors, write_json
 from pgprune.models import load_model
-from pgprune.pg_prune import run_pg_search
-from pgprune.workflow import load_data, params_summary, search_compensation
-from stages._common import BASE_DIR, DATA_DIR, parse, run
-
-OUT = Path("artifacts/search")
-CHECKPOINT = Path("artifacts/checkpoints/search.pt")
-log = logging.getLogger("pgprune.search")
-
-
-def history_csv(history: list[dict]) -> str:
-    keys = list(dict.fromkeys(k for row in history for k in row))
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=keys)
-    w.writeheader()
-    w.writerows(history)
-    return buf.getvalue()
-
-
-def search_and_save(params, model, calib, all_scores, sparsity, out: Path, checkpoint: Path):
-    t0 = time.perf_counter()
-    scores = all_scores[params.search.init]
-    comp = search_compensation(params, all_scores)
-    try:
-        outcome = run_pg_search(model, calib, scores, params.search, sparsity=sparsity, checkpoint_path=checkpoint,
-                                device=params.model.device, compensation=comp)
-    except ConfigError as e:
-        if "checkpoint" not in str(e).lower():
-            raise
-        log.warning("discarding a checkpoint of other settings (%s)", e)
-        checkpoint.unlink()
-        outcome = run_pg_search(model, calib, scores, params.search, sparsity=sparsity, checkpoint_path=checkpoint,
-                                device=params.model.device, compensation=comp)
-    elapsed = time.perf_counter() - t0
-    from pgprune.masked_forward import MaskedModel
-
-    layout = MaskedModel(model).layout
-    torch_save({"probs": outcome.result.probs, "init_probs": outcome.init_probs}, out / "result.pt")
-    write_json(out / "masks.json", outcome.masks.to_json())
-    write_text(out / "history.csv", history_csv(outcome.result.history))
-    # time_s: the whole search, summed over interrupted and resumed runs (this run alone: run_time_s)
-    summary = {"sparsity": sparsity, "time_s": outcome.result.elapsed_s, "run_time_s": elapsed,
-               "steps": outcome.result.steps_done,
-               "best_step": outcome.result.best_step, "validation": outcome.result.validation,
-               "bias_compensation": comp is not None,
-               "final_loss_mean": outcome.result.history[-1].get("loss_mean") if outcome.result.history else None,
-               "params": params_summary(layout, outcome.masks)}
-    write_json(out / "summary.json", summary)
-    return outcome, summary
+from pgprune.workflow import checkpoint_dir, load_calibration, method_masks, save_masks
+from stages._common import parse, run
 
 
 def main(argv=None):
-    params, _ = parse(__doc__, argv=argv)
-    model, _ = load_model(BASE_DIR, params.model.dtype, params.model.device)
-    calib, _, _ = load_data(DATA_DIR)
-    scores = torch.load(require_file("artifacts/init/scores.pt", "init scores"))
-    _, summary = search_and_save(params, model, calib, scores, params.search.sparsity, OUT, CHECKPOINT)
+    def args(ap):
+        ap.add_argument("--method", required=True)
+        ap.add_argument("--sparsity", type=float, required=True)
+        ap.add_argument("--model", required=True)
+        ap.add_argument("--data", required=True)
+        ap.add_argument("--scores", required=True)
+        ap.add_argument("--out", required=True, help="masks folder")
+        ap.add_argument("--timing", required=True, help="search time and peak memory (json, not cached)")
+
+    params, a = parse(__doc__, args, argv)
+    m = params.model
+    model, _ = load_model(a.model, m.dtype, m.device, offload=m.offload, device_map=m.device_map,
+                          max_memory=m.max_memory)
+    scores = load_tensors(a.scores, "init scores (init stage)")
+    result = method_masks(a.method, model, load_calibration(a.data), scores, params, a.sparsity,
+                          checkpoint_root=checkpoint_dir())
+    summary = save_masks(a.out, result, get_adapter(model).layout())
+    write_json(a.timing, {"time_s": result.info["time_s"], "seeds": result.info["seeds"],
+                          "device": result.info["device"]})
     print({k: v for k, v in summary.items() if k != "params"})
 
 

@@ -12,6 +12,19 @@ os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 import pytest
 import torch
 
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA device (run when one is present, skipped otherwise)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="no CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
 TINY_TEXT = (
     "In the beginning was the word, and the word was with the model. "
     "The quick brown fox jumps over the lazy dog while the hacker reads the jargon file. "

@@ -4,7 +4,8 @@ import torch
 
 from conftest import make_tiny_model
 from pgprune.adapters import get_adapter
-from pgprune.allocation import keep_counts, masks_from_scores, uniform_quota
+from pgprune.allocation import (ChannelBlocks, boundary_init, keep_count, keep_counts, masks_from_scores,
+                                uniform_quota, uniform_widths)
 from pgprune.errors import BudgetError, PgpruneError
 
 
@@ -67,3 +68,62 @@ def test_bad_inputs(layout):
         masks_from_scores(layout, {"heads": torch.ones(16)}, 0.5)
     with pytest.raises(PgpruneError, match="entries"):
         masks_from_scores(layout, {"heads": torch.ones(3), "channels": torch.ones(160)}, 0.5)
+
+
+def test_one_rounding_rule_for_every_method():
+    """Layers only, 25% of 30 layers: 22.5 rounds to 23 kept for layer_drop and for a layer search alike (the PG
+    search used to keep 22 by Python's round-half-even)."""
+    lay = get_adapter(make_tiny_model("llama", n_heads=2, n_kv=1, layers=30, hidden=16, ffn=8)).layout()
+    assert keep_count(30, 0.75) == 23 and keep_counts(lay, 0.25, granularity=("layers",))["layers"] == 23
+    m = masks_from_scores(lay, {"layers": torch.arange(30.0)}, 0.25, granularity=("layers",))
+    assert int(m.layers.sum()) == 23
+    from pgprune.config import SearchParams
+    from pgprune.masked_forward import MaskedModel
+    from pgprune.pg_prune import build_search
+
+    mm = MaskedModel(make_tiny_model("llama", n_heads=2, n_kv=1, layers=30, hidden=16, ffn=8))
+    search, _, _ = build_search(mm, {"layers": torch.arange(30.0)}, SearchParams(granularity=["layers"],
+                                init_map="sigmap"), 0.25)
+    assert search.groups["layers"].budget == 23
+
+
+def test_uniform_layout_widths_are_equal_and_rounded(layout):
+    w = uniform_widths(layout, 0.5, round_to=4)
+    assert w == {"heads": 2, "channels": 20}
+    assert uniform_widths(layout, 0.3, round_to=8) == {"heads": 3, "channels": 32}  # 40/8 = 5 blocks * 0.7 = 3.5 -> 4
+    scores = {"heads": torch.rand(16), "channels": torch.rand(160)}
+    m = masks_from_scores(layout, scores, 0.3, layout_kind="uniform", round_to=8)
+    assert m.is_uniform() and m.kept_counts()["heads"] == [3] * 4 and m.kept_counts()["channels"] == [32] * 4
+    with pytest.raises(BudgetError, match="channel_group=3 does not divide the MLP widths"):
+        uniform_widths(layout, 0.3, round_to=3)
+    with pytest.raises(BudgetError, match="cannot also drop layers"):
+        masks_from_scores(layout, {**scores, "layers": torch.rand(4)}, 0.3, layout_kind="uniform",
+                          granularity=("layers", "heads", "channels"), layer_sparsity=0.25)
+
+
+def test_channel_blocks_group_channels_by_rank(layout):
+    ranking = torch.arange(160, dtype=torch.float).flip(0)  # within each layer: lower index = higher score
+    b = ChannelBlocks.build(layout, ranking, 8)
+    assert b.n_blocks == 20 and b.block_layer.tolist() == [i for i in range(4) for _ in range(5)]
+    assert b.channel_block[:8].tolist() == [0] * 8 and b.channel_block[40:48].tolist() == [5] * 8
+    block_scores = torch.zeros(20)
+    block_scores[[0, 6, 12, 18]] = 1.0
+    m = masks_from_scores(layout, {"heads": torch.rand(16), "channels": block_scores}, 0.5, blocks=b,
+                          allocation="uniform")
+    kept = m.kept_counts()["channels"]
+    assert all(k % 8 == 0 for k in kept) and sum(kept) == keep_counts(layout, 0.5, blocks=b)["channels"] * 8
+    assert bool(m.channels[0][:8].all())  # block 0 = layer 0's top-ranked 8 channels
+    assert torch.equal(b.expand(b.reduce(torch.arange(160.0))), b.expand(b.reduce(torch.arange(160.0))))
+    assert ChannelBlocks.build(layout, None, 1).n_blocks == 160
+    with pytest.raises(BudgetError, match="channel_group=7"):
+        ChannelBlocks.build(layout, ranking, 7)
+
+
+def test_boundary_init_per_layer_quota():
+    seg = torch.arange(4).repeat_interleave(10)
+    score = torch.rand(40)
+    p = boundary_init(score, seg, quota=[4] * 4, const=0.95, free=0.5)
+    for j in range(4):
+        layer = p[seg == j]
+        assert int((layer > 0.5).sum()) == 4  # the top-4 of every layer sit above 0.5
+        assert int((layer == 0.55).sum()) == 2 and int((layer == 0.45).sum()) == 2

@@ -14,9 +14,9 @@ def test_defaults_round_trip(tmp_path):
 
 def test_errors_name_key_value_and_allowed():
     with pytest.raises(ConfigError) as e:
-        parse_params({"search": {"sparsity": 1.5, "estimator": "foo"}, "bogus": 1})
+        parse_params({"export": {"sparsity": 1.5}, "search": {"estimator": "foo"}, "bogus": 1})
     msg = str(e.value)
-    assert "search.sparsity" in msg and "1.5" in msg
+    assert "export.sparsity" in msg and "1.5" in msg
     assert "search.estimator" in msg and "'exact', 'loo' or 'reference'" in msg
     assert "bogus" in msg
 
@@ -28,7 +28,34 @@ def test_cross_field_checks():
         parse_params({"model": {"device": "tpu"}})
     with pytest.raises(ConfigError, match="sparsities"):
         parse_params({"compare": {"sparsities": [0.0]}})
+    with pytest.raises(ConfigError, match=r"export.sparsity=0.4 must be one of compare.sparsities"):
+        parse_params({"export": {"sparsity": 0.4}})
+    with pytest.raises(ConfigError, match="needs the scorer 'taylor'"):
+        parse_params({"init": {"scorers": ["flap", "shortgpt", "wanda_sp", "magnitude", "random"]}})
+    with pytest.raises(ConfigError, match="export.method='taylor' must be one of"):
+        parse_params({"compare": {"baselines": ["flap"]}, "export": {"method": "taylor"}})
 
+
+def test_search_settings_are_checked_where_they_are_declared():
+    """The pipeline's search section is the search's own settings class: one declaration, one validation."""
+    from pgprune.search import SearchSettings
+    from pgprune.config import SearchParams
+
+    assert issubclass(SearchParams, SearchSettings)
+    with pytest.raises(ConfigError, match=r"samples=1: estimator 'loo' needs samples >= 2"):
+        parse_params({"search": {"samples": 1}})
+    assert parse_params({"search": {"samples": 1, "estimator": "exact"}}).search.samples == 1
+    with pytest.raises(ConfigError, match="lr_schedule 'step' needs lr_milestones"):
+        parse_params({"search": {"lr_schedule": "step"}})
+    with pytest.raises(ConfigError, match=r"lr_milestones: a non-empty list of steps in \(0, steps=200\); got \[300\]"):
+        parse_params({"search": {"lr_schedule": "step", "lr_milestones": [300]}})
+    with pytest.raises(ConfigError, match="only used by lr_schedule 'step'"):
+        parse_params({"search": {"lr_milestones": [50]}})
+    assert parse_params({"search": {"lr_schedule": "step", "lr_milestones": [50, 150]}}).search.lr_milestones == [50, 150]
+    with pytest.raises(ConfigError, match="seeds repeat"):
+        parse_params({"search": {"seeds": [1, 1]}})
+    with pytest.raises(ConfigError, match="compare.searches"):
+        parse_params({"compare": {"searches": ["flap"]}})
 
 def test_missing_and_broken_files(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
@@ -44,4 +71,9 @@ def test_repository_params_yaml_is_valid():
 
     root = Path(__file__).resolve().parents[1]
     assert isinstance(load_params(root / "params.yaml"), Params)
-    assert yaml.safe_load((root / "params.yaml").read_text())["search"]["sparsity"] > 0
+    data = yaml.safe_load((root / "params.yaml").read_text())
+    assert data["export"]["sparsity"] in data["compare"]["sparsities"]
+    # every key of the schema is written out (DVC tracks keys, and a missing one stops a stage)
+    assert set(data) == set(Params.model_fields)
+    for section, model in Params.model_fields.items():
+        assert set(data[section]) == set(model.annotation.model_fields), section

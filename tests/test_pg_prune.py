@@ -22,9 +22,9 @@ def setup():
 
 def test_heads_and_channels_exact_budget_and_best_selection(setup):
     model, calib, scores = setup
-    p = SearchParams(sparsity=0.5, steps=8, batch_size=4, val_blocks=8, validate_every=4, init="magnitude",
+    p = SearchParams(steps=8, batch_size=4, val_blocks=8, validate_every=4, init="magnitude",
                      bias_compensation=False, lr_heads=0.3, lr_channels=0.3)
-    out = run_pg_search(model, calib, scores, p, progress=False)
+    out = run_pg_search(model, calib, scores, p, sparsity=0.5, progress=False)
     rep = sparsity_report(get_adapter(model).layout(), out.masks)
     assert rep["kv_groups_kept"] == 4 and rep["channels_kept"] == 96
     assert rep["prunable_sparsity"] == pytest.approx(0.5)
@@ -36,16 +36,16 @@ def test_heads_and_channels_exact_budget_and_best_selection(setup):
 
 def test_layer_granularity_drops_layers_and_keeps_total_budget(setup):
     model, calib, scores = setup
-    p = SearchParams(sparsity=0.5, steps=4, batch_size=4, val_blocks=8, init="magnitude", bias_compensation=False,
+    p = SearchParams(steps=4, batch_size=4, val_blocks=8, init="magnitude", bias_compensation=False,
                      granularity=["heads", "channels", "layers"], layer_sparsity=0.25)
-    out = run_pg_search(model, calib, scores, p, progress=False)
+    out = run_pg_search(model, calib, scores, p, sparsity=0.5, progress=False)
     assert int(out.masks.layers.sum()) == 3
     kept = out.masks.kept_layer_indices()
     assert sum(int(out.masks.heads[i].sum()) for i in kept) == 4
     assert sum(int(out.masks.channels[i].sum()) for i in kept) == 96
-    only = SearchParams(sparsity=0.5, steps=4, batch_size=4, val_blocks=8, init="magnitude", bias_compensation=False,
-                        granularity=["layers"])
-    out2 = run_pg_search(model, calib, scores, only, progress=False)
+    only = SearchParams(steps=4, batch_size=4, val_blocks=8, init="magnitude", bias_compensation=False,
+                        granularity=["layers"], init_map="sigmap")
+    out2 = run_pg_search(model, calib, scores, only, sparsity=0.5, progress=False)
     assert int(out2.masks.layers.sum()) == 2 and all(int(h.sum()) == 2 for h in out2.masks.heads)
 
 
@@ -53,7 +53,7 @@ def test_too_few_calibration_blocks_is_named(setup):
     model, calib, scores = setup
     p = SearchParams(steps=2, val_blocks=64, init="magnitude", bias_compensation=False)
     with pytest.raises(PgpruneError, match="search.val_blocks=64"):
-        run_pg_search(model, calib, scores, p, progress=False)
+        run_pg_search(model, calib, scores, p, sparsity=0.3, progress=False)
 
 
 @pytest.mark.parametrize("allocation", ["uniform", "global"])
@@ -61,14 +61,14 @@ def test_const_init_starts_exactly_at_the_metric_baseline_mask(setup, allocation
     """init_map: const puts init_const on exactly the baseline's units (same allocation, exact budget), so the
     search's step-0 hard mask is the metric baseline itself, even where round(r * n) per layer would undershoot."""
     model, calib, scores = setup
-    p = SearchParams(sparsity=0.3, init="magnitude", init_map="const", init_allocation=allocation, init_const=0.9,
+    p = SearchParams(init="magnitude", init_map="const", init_allocation=allocation, init_const=0.9,
                      init_free_heads=0.0, bias_compensation=False)
     layout = get_adapter(model).layout()
-    search, probs = build_search(MaskedModel(model), scores, p)
+    search, probs, _ = build_search(MaskedModel(model), scores, p, 0.3)
     baseline = masks_from_scores(layout, scores, 0.3, allocation=allocation)
     for g in ("heads", "channels"):
         assert probs[g].unique().tolist() == pytest.approx([0.1, 0.9])
-    start = hard_masks(layout, search.init_probs, search.groups, p, 0.3)
+    start = hard_masks(layout, search.init_probs, p, 0.3)
     for a, b in zip(start.heads + start.channels, baseline.heads + baseline.channels):
         assert torch.equal(a, b)
 
@@ -78,10 +78,10 @@ def test_free_boundary_init_starts_at_the_baseline_with_undecided_units_at_the_c
     """init_free_<group>: the metric's surest units at init_const, about free*k units on each side of the cut at
     0.55 (kept) / 0.45 (pruned), the rest at 1 - init_const; the step-0 hard mask is still the baseline's."""
     model, calib, scores = setup
-    p = SearchParams(sparsity=0.5, init="magnitude", init_map="const", init_allocation=allocation, init_const=0.95,
+    p = SearchParams(init="magnitude", init_map="const", init_allocation=allocation, init_const=0.95,
                      init_free_channels=0.25, init_free_heads=0.5, bias_compensation=False)
     layout = get_adapter(model).layout()
-    search, probs = build_search(MaskedModel(model), scores, p)
+    search, probs, _ = build_search(MaskedModel(model), scores, p, 0.5)
     baseline = masks_from_scores(layout, scores, 0.5, allocation=allocation)
     keep = torch.cat(baseline.channels)
     ch = probs["channels"]
@@ -96,10 +96,66 @@ def test_free_boundary_init_starts_at_the_baseline_with_undecided_units_at_the_c
         s_l, p_l = score[layer], ch[layer]
         if allocation == "uniform" and (p_l == 0.55).any() and (p_l == 0.95).any():
             assert s_l[p_l == 0.55].max() <= s_l[p_l == 0.95].min()
-    start = hard_masks(layout, search.init_probs, search.groups, p, 0.5)
+    start = hard_masks(layout, search.init_probs, p, 0.5)
     for a, b in zip(start.heads + start.channels, baseline.heads + baseline.channels):
         assert torch.equal(a, b)
     assert int((probs["heads"] > 0.5).sum()) == 4  # heads: 4 of 8 kept, still at least one per layer
     with pytest.raises(PgpruneError, match="free=1.5"):
         from pgprune.allocation import boundary_init
-        boundary_init(layout, "heads", scores["heads"], 4, free=1.5)
+        boundary_init(scores["heads"], torch.arange(4).repeat_interleave(2), k=4, free=1.5)
+
+
+def test_a_changed_setting_never_returns_a_stale_result(setup, tmp_path):
+    """The bug of issue 9: a checkpoint of batch_size 4 was returned for batch_size 16. Now the checkpoint is keyed
+    by every setting: the second search is a fresh one and equals a search without any checkpoint."""
+    model, calib, scores = setup
+    kw = dict(steps=6, val_blocks=4, init="magnitude", bias_compensation=False, lr_heads=0.3, lr_channels=0.3,
+              init_free_heads=0.5, init_free_channels=0.5, checkpoint_every=2)
+    a = run_pg_search(model, calib, scores, SearchParams(batch_size=4, **kw), sparsity=0.5, progress=False,
+                      checkpoint_dir=tmp_path, stop_after=4)
+    assert not a.result.completed and list(tmp_path.glob("search-*.ckpt"))
+    b = run_pg_search(model, calib, scores, SearchParams(batch_size=16, **kw), sparsity=0.5, progress=False,
+                      checkpoint_dir=tmp_path)
+    fresh = run_pg_search(model, calib, scores, SearchParams(batch_size=16, **kw), sparsity=0.5, progress=False)
+    assert b.result.resumed_from == 0 and b.result.history == fresh.result.history
+    assert b.masks.to_json() == fresh.masks.to_json()
+    # the model's weights, its dtype and the calibration data are part of the key as well
+    other = make_tiny_model("llama", seed=1, n_heads=4, n_kv=2, layers=4, hidden=32, ffn=48)
+    c = run_pg_search(other, calib, scores, SearchParams(batch_size=4, **kw), sparsity=0.5, progress=False,
+                      checkpoint_dir=tmp_path)
+    assert c.result.resumed_from == 0
+    d = run_pg_search(model, calib.flip(0), scores, SearchParams(batch_size=4, **kw), sparsity=0.5, progress=False,
+                      checkpoint_dir=tmp_path)
+    assert d.result.resumed_from == 0
+    e = run_pg_search(model, calib, scores, SearchParams(batch_size=4, **kw), sparsity=0.5, progress=False,
+                      checkpoint_dir=tmp_path)
+    assert e.result.resumed_from == 4  # the very same search resumes
+
+
+def test_uniform_layout_search_keeps_equal_widths(setup):
+    model, calib, scores = setup
+    p = SearchParams(steps=6, batch_size=4, val_blocks=4, init="magnitude", bias_compensation=False,
+                     init_free_heads=0.5, init_free_channels=0.5, lr_heads=0.3, lr_channels=0.3, channel_group=4)
+    out = run_pg_search(model, calib, scores, p, sparsity=0.5, layout="uniform", progress=False)
+    counts = out.masks.kept_counts()
+    assert out.masks.is_uniform() and counts["heads"] == [1] * 4 and counts["channels"] == [24] * 4
+    groups = out.result.groups
+    assert groups["channels"].segment_budgets == (6.0,) * 4 and groups["heads"].segment_budgets == (1.0,) * 4
+    with pytest.raises(PgpruneError, match="uniform layout searches heads and channels"):
+        run_pg_search(model, calib, scores, SearchParams(granularity=["heads", "layers"], layer_sparsity=0.25,
+                                                         init="magnitude", bias_compensation=False),
+                      sparsity=0.5, layout="uniform", progress=False)
+
+
+def test_channel_groups_keep_whole_blocks(setup):
+    model, calib, scores = setup
+    p = SearchParams(steps=6, batch_size=4, val_blocks=4, init="magnitude", bias_compensation=False,
+                     init_free_channels=0.5, lr_channels=0.3, channel_group=8)
+    out = run_pg_search(model, calib, scores, p, sparsity=0.5, progress=False)
+    assert out.blocks.n_blocks == 24 and out.result.groups["channels"].size == 24
+    kept = out.masks.kept_counts()["channels"]
+    assert all(k % 8 == 0 for k in kept) and sum(kept) == 96
+    for i, c in enumerate(out.masks.channels):  # every block is kept or removed whole
+        ids = out.blocks.channel_block[i * 48:(i + 1) * 48]
+        for b in ids.unique():
+            assert c[ids == b].all() or not c[ids == b].any()

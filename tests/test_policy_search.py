@@ -25,16 +25,26 @@ def make_w(seed: int = 0, top_among: int = N) -> torch.Tensor:
     return w
 
 
-def make_loss(w: torch.Tensor, noise: float = 0.1):
+def one_loss(w: torch.Tensor, noise: float = 0.1):
     """loss(m) = sum_i w_i (1 - m_i) + deterministic noise of (step, sample); minimised by the top-16 w."""
-    def loss_fn(masks, step, sample):
-        return float((w * (1 - masks["u"].double())).sum()) + random.Random(step * 997 + sample).gauss(0, noise)
-    return loss_fn
+    def loss(mask, step, sample):
+        return float((w * (1 - mask["u"].double())).sum()) + random.Random(step * 997 + sample).gauss(0, noise)
+    return loss
 
 
-def make_search(seg=None, lr=0.005, init=0.4, **kw) -> PolicyGradientSearch:
+def per_sample(loss):
+    """losses_fn(masks of the K samples, step) from a one-sample loss(mask, step, sample)."""
+    return lambda masks, step: [loss(m, step, j) for j, m in enumerate(masks)]
+
+
+def make_loss(w: torch.Tensor, noise: float = 0.1):
+    return per_sample(one_loss(w, noise))
+
+
+def make_search(seg=None, lr=0.005, init=0.4, seed=42, **kw) -> PolicyGradientSearch:
     kw = {"steps": 400, "samples": 8, **kw}
-    return PolicyGradientSearch({"u": GroupSpec(N, B, lr, seg)}, {"u": torch.full((N,), init)}, SearchSettings(**kw))
+    return PolicyGradientSearch({"u": GroupSpec(N, B, lr, seg)}, {"u": torch.full((N,), init)}, SearchSettings(**kw),
+                                seed=seed)
 
 
 @pytest.mark.parametrize("estimator", ["exact", "loo", "reference"])
@@ -42,8 +52,7 @@ def test_finds_top_k_optimum(estimator):
     w = make_w(3)
     res = make_search(estimator=estimator, seed=3).run(make_loss(w), progress=False)
     assert res.completed and res.steps_done == 400 and len(res.history) == 400
-    assert torch.equal(res.final_masks({"u": B})["u"], select_top_k(w, B))
-    assert torch.equal(res.final_masks()["u"], select_top_k(w, B))  # default k = floor(budget)
+    assert torch.equal(select_top_k(res.probs["u"], B), select_top_k(w, B))
     p = res.probs["u"]
     assert float(p.sum()) <= B + 1e-4 and float(p.min()) >= 0 and float(p.max()) <= 1
     assert float(p[select_top_k(w, B)].min()) > 0.5 > float(p[~select_top_k(w, B)].max())
@@ -61,15 +70,29 @@ def test_min_per_segment_in_final_masks():
     top = select_top_k(w, B)
     assert int(top[seg == 3].sum()) == 0
     res = make_search(seg, seed=5).run(make_loss(w), progress=False)
-    assert torch.equal(res.final_masks()["u"], top)
-    masks = res.final_masks({"u": B}, {"u": 2})["u"]
+    assert torch.equal(select_top_k(res.probs["u"], B), top)
+    masks = select_top_k(res.probs["u"], B, segments=seg, min_per_segment=2)
     assert int(masks.sum()) == B
     assert all(int(masks[seg == s].sum()) >= 2 for s in range(4))
     assert bool(top[masks & (seg != 3)].all())  # the 14 other slots come from the optimum
     with pytest.raises(BudgetError, match="reserved"):
-        res.final_masks({"u": 7}, {"u": 2})
-    with pytest.raises(ConfigError, match="unknown group"):
-        res.final_masks({"v": 3})
+        select_top_k(res.probs["u"], 7, segments=seg, min_per_segment=2)
+
+
+def test_segment_budgets_keep_every_segment_at_its_own_budget():
+    """The uniform layout: each segment (layer) is projected onto its own budget, so every layer keeps 4."""
+    w = make_w(6)
+    seg = torch.arange(N) // 10
+    spec = GroupSpec(N, B, 0.005, seg, segment_budgets=(4.0, 4.0, 4.0, 4.0))
+    res = PolicyGradientSearch({"u": spec}, {"u": torch.full((N,), 0.4)}, SearchSettings(steps=300, samples=8),
+                               seed=6).run(make_loss(w), progress=False)
+    p = res.probs["u"]
+    for j in range(4):
+        assert float(p[seg == j].sum()) <= 4 + 1e-4
+        top_j = select_top_k(w[seg == j], 4)
+        assert torch.equal(select_top_k(p[seg == j], 4), top_j)
+    with pytest.raises(BudgetError, match="segment budgets sum to 15"):
+        GroupSpec(N, B, 0.1, seg, segment_budgets=(4.0, 4.0, 4.0, 3.0))
 
 
 def test_determinism_and_seed():
@@ -85,26 +108,68 @@ def test_checkpoint_resume_bit_identical(tmp_path):
     w = make_w(2)
     kw = dict(steps=40, seed=11, checkpoint_every=5, estimator="reference", penalty_init=0.01, penalty_final=0.1)
     full = make_search(**kw).run(make_loss(w), progress=False)
-    ckpt = tmp_path / "search.pt"
-    part = make_search(**kw).run(make_loss(w), checkpoint_path=ckpt, progress=False, stop_after=17)
+    part = make_search(**kw).run(make_loss(w), checkpoint_dir=tmp_path, progress=False, stop_after=17)
+    ckpt = make_search(**kw).checkpoint_file(tmp_path)
     assert not part.completed and part.steps_done == 17 and ckpt.exists()
     steps_seen = []
-    resumed = make_search(**kw).run(make_loss(w), checkpoint_path=ckpt, progress=False,
+    resumed = make_search(**kw).run(make_loss(w), checkpoint_dir=tmp_path, progress=False,
                                     on_step=lambda e: steps_seen.append(e["step"]))
-    assert steps_seen == list(range(17, 40))
+    assert steps_seen == list(range(17, 40)) and resumed.resumed_from == 17
     assert resumed.completed and torch.equal(resumed.probs["u"], full.probs["u"])
     assert resumed.history == full.history
-    # a finished checkpoint just returns the result; operational settings do not change the fingerprint
-    again = make_search(**{**kw, "checkpoint_every": 0}).run(make_loss(w), checkpoint_path=ckpt, progress=False,
-                                                             on_step=lambda e: pytest.fail("no step expected"))
-    assert torch.equal(again.probs["u"], full.probs["u"])
+    assert resumed.forward_passes == full.forward_passes == 40 * 8
     # the search time is summed over the interrupted and the resumed run, not restarted by a resume
-    assert again.elapsed_s >= resumed.elapsed_s >= part.elapsed_s > 0
-    assert torch.load(ckpt, weights_only=True)["elapsed_s"] == pytest.approx(resumed.elapsed_s, rel=0.5, abs=0.05)
-    with pytest.raises(ConfigError, match="delete the checkpoint.*restore the settings"):
-        make_search(**{**kw, "seed": 12}).run(make_loss(w), checkpoint_path=ckpt, progress=False)
-    with pytest.raises(ConfigError, match="different search settings"):
-        make_search(init=0.3, **kw).run(make_loss(w), checkpoint_path=ckpt, progress=False)
+    assert resumed.elapsed_s >= part.elapsed_s > 0
+    assert not ckpt.exists()  # a completed search removes its checkpoint
+
+
+def test_checkpoints_are_keyed_by_every_setting_seed_and_caller_key(tmp_path):
+    w = make_w(2)
+    kw = dict(steps=20, checkpoint_every=5)
+    base = make_search(**kw)
+    names = {base.checkpoint_file(tmp_path).name,
+             make_search(**kw, seed=12).checkpoint_file(tmp_path).name,
+             make_search(**{**kw, "samples": 4}).checkpoint_file(tmp_path).name,
+             make_search(init=0.3, **kw).checkpoint_file(tmp_path).name,
+             PolicyGradientSearch({"u": GroupSpec(N, B, 0.005)}, {"u": torch.full((N,), 0.4)},
+                                  SearchSettings(steps=20, samples=8, checkpoint_every=5), seed=42,
+                                  key="other model").checkpoint_file(tmp_path).name}
+    assert len(names) == 5
+    # operational settings (checkpoint_every) do not change the key: resuming with another interval is allowed
+    assert make_search(steps=20, checkpoint_every=3).checkpoint_file(tmp_path) == base.checkpoint_file(tmp_path)
+    make_search(**kw).run(make_loss(w), checkpoint_dir=tmp_path, progress=False, stop_after=10)
+    other = make_search(**{**kw, "samples": 4}).run(make_loss(w), checkpoint_dir=tmp_path, progress=False)
+    assert other.resumed_from == 0  # another search never picks up this checkpoint
+    assert base.checkpoint_file(tmp_path).exists()
+
+
+@pytest.mark.parametrize("damage", ["truncate", "empty", "garbage", "flip", "foreign"])
+def test_damaged_checkpoint_is_moved_aside_and_the_search_restarts(tmp_path, damage):
+    w = make_w(2)
+    kw = dict(steps=20, seed=3, checkpoint_every=5)
+    full = make_search(**kw).run(make_loss(w), progress=False)
+    make_search(**kw).run(make_loss(w), checkpoint_dir=tmp_path, progress=False, stop_after=10)
+    ckpt = make_search(**kw).checkpoint_file(tmp_path)
+    raw = ckpt.read_bytes()
+    if damage == "truncate":
+        ckpt.write_bytes(raw[: len(raw) // 2])
+    elif damage == "empty":
+        ckpt.write_bytes(b"")
+    elif damage == "garbage":
+        ckpt.write_bytes(b"\x00\x01 not a checkpoint at all" * 50)
+    elif damage == "flip":  # one flipped byte deep in the payload: the state would silently differ
+        b = bytearray(raw)
+        b[-200] ^= 0xFF
+        ckpt.write_bytes(bytes(b))
+    else:  # a checkpoint of another search copied under this name
+        make_search(**{**kw, "seed": 4}).run(make_loss(w), checkpoint_dir=tmp_path / "o", progress=False,
+                                             stop_after=10)
+        ckpt.write_bytes(make_search(**{**kw, "seed": 4}).checkpoint_file(tmp_path / "o").read_bytes())
+    with pytest.warns(RuntimeWarning, match=r"starting the search over") as rec:
+        res = make_search(**kw).run(make_loss(w), checkpoint_dir=tmp_path, progress=False)
+    assert str(ckpt) in str(rec[0].message)
+    assert res.resumed_from == 0 and torch.equal(res.probs["u"], full.probs["u"])
+    assert len(list(tmp_path.glob(ckpt.name + ".damaged-*"))) == 1  # kept for inspection, not deleted
 
 
 def test_keyboard_interrupt_saves_and_resumes(tmp_path):
@@ -112,23 +177,23 @@ def test_keyboard_interrupt_saves_and_resumes(tmp_path):
     full = make_search(steps=25, seed=1).run(make_loss(w), progress=False)
     base = make_loss(w)
 
-    def flaky(masks, step, sample):
-        if step == 9 and sample == 3:
+    def flaky(masks, step):
+        if step == 9:
             raise KeyboardInterrupt
-        return base(masks, step, sample)
+        return base(masks, step)
 
-    ckpt = tmp_path / "search.pt"
     with pytest.raises(KeyboardInterrupt):
-        make_search(steps=25, seed=1).run(flaky, checkpoint_path=ckpt, progress=False)
-    assert torch.load(ckpt, weights_only=True)["step"] == 9
-    resumed = make_search(steps=25, seed=1).run(base, checkpoint_path=ckpt, progress=False)
-    assert torch.equal(resumed.probs["u"], full.probs["u"])
+        make_search(steps=25, seed=1).run(flaky, checkpoint_dir=tmp_path, progress=False)
+    assert make_search(steps=25, seed=1)._load(make_search(steps=25, seed=1).checkpoint_file(tmp_path))["step"] == 9
+    resumed = make_search(steps=25, seed=1).run(base, checkpoint_dir=tmp_path, progress=False)
+    assert resumed.resumed_from == 9 and torch.equal(resumed.probs["u"], full.probs["u"])
 
 
 def test_nan_samples_are_dropped_with_warning():
     w = make_w(0)
-    base = make_loss(w)
+    base = one_loss(w)
 
+    @per_sample
     def some_nan(masks, step, sample):
         if step == 3 and sample < 2 or step == 5:
             return float("nan") if sample % 2 else float("inf")
@@ -149,9 +214,9 @@ def test_all_nan_forever_raises():
     search = make_search(steps=100, max_consecutive_nan_steps=4)
     calls = []
 
-    def always_nan(masks, step, sample):
+    def always_nan(masks, step):
         calls.append(step)
-        return float("nan")
+        return [float("nan")] * len(masks)
 
     with pytest.warns(RuntimeWarning), pytest.raises(NaNLossError, match="4 consecutive steps"):
         search.run(always_nan, progress=False)
@@ -162,6 +227,7 @@ def test_all_nan_forever_raises():
     ({"samples": 0}, "samples"), ({"steps": 0}, "steps"), ({"estimator": "vanilla"}, "estimator"),
     ({"estimator": "loo", "samples": 1}, "samples"), ({"lr_schedule": "cosinus"}, "lr_schedule"),
     ({"ema_window": 0.5}, "ema_window"), ({"eps": 0.7}, "eps"), ({"stepz": 3}, "stepz"),
+    ({"lr_schedule": "step"}, "lr_milestones"), ({"lr_milestones": [3]}, "lr_milestones"),
 ])
 def test_bad_settings_name_the_field(bad, field):
     with pytest.raises(ValidationError, match=field):
@@ -184,3 +250,9 @@ def test_bad_groups():
     # infeasible initial probabilities are projected onto the budget
     s = PolicyGradientSearch({"u": GroupSpec(N, B, 0.1)}, {"u": torch.full((N,), 0.9)}, {"steps": 3})
     assert float(s.init_probs["u"].sum()) == pytest.approx(B, abs=1e-4)
+
+
+def test_step_schedule_uses_its_milestones():
+    w = make_w(1)
+    res = make_search(steps=12, lr_schedule="step", lr_milestones=[4, 8]).run(make_loss(w), progress=False)
+    assert [round(h["lr"], 6) for h in res.history] == [1.0] * 4 + [0.1] * 4 + [0.01] * 4

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fake_artifacts import METHODS, make_fake_artifacts
+from fake_artifacts import METHODS, REPORT_ARGS, make_fake_artifacts
 
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATE = ROOT / "pgprune" / "assets" / "dvc_plots_template.html"
@@ -41,7 +41,7 @@ def test_report_stage_writes_report_figures_and_plots_data(workdir):
 
     _set(workdir / "params.yaml", "compare.sparsities", [0.2, 0.3, 0.5])
     make_fake_artifacts(workdir, sparsities=(0.2, 0.3, 0.5), corpora=("local", "wikitext2"))
-    report.main([])
+    report.main(REPORT_ARGS)
     for png in ("ppl_vs_sparsity.png", "search_curve.png", "kept_per_layer.png"):
         data = (workdir / "report" / png).read_bytes()
         assert data.startswith(PNG) and len(data) > 5000, png
@@ -53,6 +53,8 @@ def test_report_stage_writes_report_figures_and_plots_data(workdir):
     assert "zero-shot avg acc" in md and "average of `acc`" in md  # the metric is named
     assert "sparsity (decoder linear)" in md and "sparsity (total)" in md and "ppl wikitext2" in md
     assert "![" in md and "(ppl_vs_sparsity.png)" in md
+    assert "ppl local: mean ± sd over seeds" in md and "(n=3)" in md  # the search rows' spread over seeds
+    assert "`models/pruned` (the `export` stage): PG search (`pg`) at sparsity 0.3" in md
 
     # the DVC plots CSVs have the columns dvc.yaml's `plots:` draws
     spec = yaml.safe_load((ROOT / "dvc.yaml").read_text())
@@ -70,29 +72,33 @@ def test_report_stage_writes_report_figures_and_plots_data(workdir):
     assert len(kept) == 6 and all(0 <= float(r["heads_kept"]) <= 1 for r in kept)
     loss = list(csv.DictReader(open(workdir / "report/plots/search_loss.csv")))
     assert len(loss) == 19  # the step whose samples all failed is left out
+    assert sum(1 for r in loss if r["val_loss"]) == 4
 
     # same inputs, same bytes (no timestamps): git diffs of the report show real changes only
     before = {p.name: p.read_bytes() for p in (workdir / "report").rglob("*") if p.is_file()}
-    report.main([])
+    report.main(REPORT_ARGS)
     assert before == {p.name: p.read_bytes() for p in (workdir / "report").rglob("*") if p.is_file()}
 
 
-def test_report_stage_names_a_missing_compare_result(workdir, capsys):
+def test_report_stage_names_a_missing_result(workdir, capsys):
     from stages import _common, report
 
-    make_fake_artifacts(workdir, sparsities=(0.2,))
-    _set(workdir / "params.yaml", "compare.sparsities", [0.2, 0.4])
+    make_fake_artifacts(workdir, sparsities=(0.2, 0.3))
+    _set(workdir / "params.yaml", "compare.sparsities", [0.2, 0.3, 0.4])
     with pytest.raises(SystemExit) as e:
-        _common.run(lambda: report.main([]))
+        _common.run(lambda: report.main(REPORT_ARGS))
     assert e.value.code == 2
-    assert "artifacts/compare/s0.4/results.json" in capsys.readouterr().err
+    assert "evaluation of pg at sparsity 0.4 not found at 'artifacts/eval/pg-s0.4.json'" in capsys.readouterr().err
 
 
 def test_comparison_rows_conventions_and_speedup(tmp_path):
+    from pgprune.report import collect_results
     from pgprune.report.tables import comparison_rows, markdown_table
 
     make_fake_artifacts(tmp_path, sparsities=(0.5, 0.2), methods=["pg", "flap"])
-    results = [json.loads(p.read_text()) for p in sorted((tmp_path / "artifacts/compare").glob("*/results.json"))]
+    results = collect_results(tmp_path / "artifacts/eval", tmp_path / "artifacts/timing", [0.5, 0.2], ["pg", "flap"],
+                              "flap")
+    assert results[1]["methods"]["pg"]["time_s"] == 43.0 and results[1]["methods"]["flap"]["time_s"] == 3.0
     rows = comparison_rows(results)
     assert [(r["method"], r["sparsity"]) for r in rows] == [("dense", 0.0), ("pg", 0.2), ("pg", 0.5),
                                                             ("flap", 0.2), ("flap", 0.5)]
@@ -111,8 +117,10 @@ def test_comparison_rows_conventions_and_speedup(tmp_path):
 def test_report_without_zero_shot_and_speed(tmp_path):
     from pgprune.report.tables import markdown_report
 
+    from pgprune.report import collect_results
+
     make_fake_artifacts(tmp_path, sparsities=(0.3,), methods=["pg", "random"], zero_shot=False)
-    res = [json.loads((tmp_path / "artifacts/compare/s0.3/results.json").read_text())]
+    res = collect_results(tmp_path / "artifacts/eval", tmp_path / "artifacts/timing", [0.3], ["pg", "random"], "flap")
     md = markdown_report("t", compare_results=res)
     assert "zero-shot avg |" in md and "not run" in md and "–" in md
 
@@ -123,7 +131,7 @@ def test_plots_accept_both_history_styles_and_dropped_layers(tmp_path):
 
     for style in ("suffix", "slash"):
         make_fake_artifacts(tmp_path / style, prob_style=style)
-        rows = read_history_csv((tmp_path / style / "artifacts/search/history.csv").read_text())
+        rows = read_history_csv((tmp_path / style / "artifacts/masks/pg/s0.3/history.csv").read_text())
         assert set(prob_columns(rows)) == {"heads", "channels"}
         plot_search_curve(rows, tmp_path / f"{style}.png")
         assert (tmp_path / f"{style}.png").read_bytes().startswith(PNG)
@@ -142,17 +150,16 @@ def test_plots_accept_both_history_styles_and_dropped_layers(tmp_path):
     assert (tmp_path / "empty.png").exists()
 
 
-def test_compare_folder_naming_agrees_with_dvc_and_the_stage():
+def test_sparsity_tag_agrees_with_dvc():
     from dvc.parsing.interpolate import to_str
 
     from pgprune.config import load_params
-    from pgprune.report import compare_folder_name
+    from pgprune.report import sparsity_tag
 
     values = [0.1, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.05, 0.125, 0.33]
     values += load_params(ROOT / "params.yaml").compare.sparsities
     for s in values:
-        assert compare_folder_name(s) == "s" + to_str(s)  # dvc.yaml: artifacts/compare/s${item}
-        assert compare_folder_name(s) == f"s{s:g}"  # stages/compare.py's folder()
+        assert sparsity_tag(s) == "s" + to_str(s)  # dvc.yaml: artifacts/masks/<m>/s${item.sparsity}
 
 
 def test_offline_plots_template():
@@ -171,7 +178,8 @@ def test_dvc_plots_show_renders_offline(tmp_path):
     (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
     (tmp_path / "dvc.yaml").write_text((ROOT / "dvc.yaml").read_text())
     env = dict(os.environ, PYTHONPATH=str(ROOT), DVC_NO_ANALYTICS="1")
-    subprocess.run([sys.executable, "-m", "stages.report"], cwd=tmp_path, env=env, check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "stages.report", *REPORT_ARGS], cwd=tmp_path, env=env, check=True,
+                   capture_output=True)
     subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
     subprocess.run([str(dvc), "init", "-q"], cwd=tmp_path, env=env, check=True)
     r = subprocess.run([str(dvc), "plots", "show", "--html-template", str(TEMPLATE), "-o", "dvc_plots"],

@@ -1,16 +1,20 @@
-"""End to end: every stage of dvc.yaml run for real, in a temporary folder, on a tiny local model and the
-Debian corpus (a few steps / blocks). Checks the artifacts each stage promises, and bad input handling."""
+"""End to end: every stage of dvc.yaml, with the command line dvc.yaml gives it, run in-process in a temporary folder
+on a tiny local model and the Debian corpus (a few steps / blocks). Checks the artifacts each stage promises, the
+masks hand-off, byte-reproducible outputs and bad input handling."""
+import hashlib
+import importlib
 import json
-import os
+import re
+import shlex
 import shutil
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 from conftest import make_tiny_model
 
+ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.skipif(not Path("/usr/share/games/fortunes").is_dir() or shutil.which("bible") is None,
                                 reason="Debian corpus packages not installed (scripts/setup.sh installs them)")
 
@@ -18,16 +22,49 @@ pytestmark = pytest.mark.skipif(not Path("/usr/share/games/fortunes").is_dir() o
 def tiny_params(model_dir: Path) -> dict:
     return {
         "model": {"source": str(model_dir), "dtype": "float32", "device": "cpu"},
-        "data": {"local_sources": ["fortunes", "jargon"], "seq_len": 32, "calib_blocks": 16, "eval_blocks": 8,
-                 "zero_shot_items": 8},
+        "data": {"local_sources": ["fortunes", "jargon"], "seq_len": 32, "calib_blocks": 24, "zero_shot_items": 8},
         "init": {"nsamples": 8, "batch_size": 4},
-        "search": {"sparsity": 0.5, "steps": 6, "samples": 2, "batch_size": 4, "checkpoint_every": 2, "val_blocks": 4,
-                   "validate_every": 3,
-                   "lr_heads": 0.2, "lr_channels": 0.2},
-        "eval": {"ppl_seq_len": 32, "zero_shot_limit": 8, "speed": {"prompt_len": 4, "new_tokens": 4, "repeats": 1}},
-        "compare": {"sparsities": [0.5], "methods": ["pg", "wanda_sp", "flap", "magnitude", "taylor", "random",
-                                                     "layer_drop"]},
+        "search": {"steps": 6, "samples": 2, "batch_size": 4, "checkpoint_every": 2, "val_blocks": 4,
+                   "validate_every": 3, "lr_heads": 0.2, "lr_channels": 0.2, "seeds": [42, 7]},
+        "eval": {"ppl_seq_len": 32, "ppl_blocks": 8, "zero_shot_limit": 8,
+                 "speed": {"prompt_len": 4, "new_tokens": 4, "repeats": 1}},
+        "compare": {"sparsities": [0.5], "searches": ["pg", "pg_uniform"],
+                    "baselines": ["wanda_sp", "flap", "magnitude", "taylor", "random", "layer_drop"]},
+        "export": {"method": "pg", "sparsity": 0.5, "save_dtype": "float32"},
     }
+
+
+def stage_commands(params: dict) -> list[tuple[str, list[str]]]:
+    """(stage name, argv) of every stage cell in dvc.yaml's order, templates resolved like DVC does."""
+    spec = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+    ctx = {k: v for d in spec["vars"] for k, v in d.items()} | params
+
+    def get(key, item):
+        if key.startswith("item."):
+            return item[key[5:]]
+        node = ctx
+        for k in key.split("."):
+            node = node[k]
+        return node
+
+    out = []
+    for name, st in spec["stages"].items():
+        items = [{}]
+        if "matrix" in st:
+            items = [{}]
+            for key, ref in st["matrix"].items():
+                values = get(ref.strip("${}"), {})
+                items = [dict(i, **{key: v}) for i in items for v in values]
+        for item in items:
+            cmd = re.sub(r"\$\{([^}]+)\}", lambda m: str(get(m.group(1).strip(), item)), " ".join(st["cmd"].split()))
+            argv = shlex.split(cmd)
+            assert argv[:2] == ["python", "-m"], cmd
+            out.append((argv[2], argv[3:]))
+    return out
+
+
+def run_stage(module: str, argv: list[str]) -> None:
+    importlib.import_module(module).main(argv)
 
 
 @pytest.fixture
@@ -35,63 +72,105 @@ def workdir(tmp_path, tiny_tokenizer, monkeypatch):
     model = make_tiny_model("llama", n_heads=4, n_kv=2, layers=4, hidden=32, ffn=48, vocab=len(tiny_tokenizer))
     model.save_pretrained(tmp_path / "tiny")
     tiny_tokenizer.save_pretrained(tmp_path / "tiny")
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(tiny_params(tmp_path / "tiny")))
+    params = tiny_params(tmp_path / "tiny")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     monkeypatch.chdir(tmp_path)
-    return tmp_path
+    monkeypatch.setenv("PGPRUNE_CHECKPOINT_DIR", str(tmp_path / "ckpt"))
+    return tmp_path, params
+
+
+def _digest(path: Path) -> str:
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    h = hashlib.sha256()
+    for f in files:
+        h.update(str(f.relative_to(path) if path.is_dir() else f.name).encode() + f.read_bytes())
+    return h.hexdigest()
 
 
 def test_all_stages(workdir):
-    from stages import compare, data, eval as eval_stage, init, model, search, slice as slice_stage
-
-    model.main([])
+    tmp, params = workdir
+    cmds = stage_commands(params)
+    names = [m for m, _ in cmds]
+    assert names[:3] == ["stages.model", "stages.data", "stages.init"] and names[-2:] == ["stages.export",
+                                                                                          "stages.report"]
+    for module, argv in cmds:
+        run_stage(module, argv)
     assert json.loads(Path("models/base/pgprune_source.json").read_text())["source"].endswith("tiny")
-    data.main([])
-    assert torch.load("data/prepared/calib.pt").shape == (16, 32)
-    assert (Path("data/prepared/tasks") / "manifest.json").exists()
-    init.main([])
-    scores = torch.load("artifacts/init/scores.pt")
-    assert {"wanda_sp", "flap", "magnitude", "taylor", "shortgpt", "random"} <= set(scores)
-    search.main([])
-    summary = json.loads(Path("artifacts/search/summary.json").read_text())
-    assert summary["steps"] == 6 and abs(summary["params"]["prunable_sparsity"] - 0.5) < 0.05
-    assert Path("artifacts/checkpoints/search.pt").exists()
-    hist = Path("artifacts/search/history.csv").read_text().splitlines()
-    assert hist[0].startswith("step,") and len(hist) == 7
-    slice_stage.main([])
-    assert (Path("models/pruned") / "model.safetensors").exists()
-    eval_stage.main([])
-    metrics = json.loads(Path("artifacts/eval/metrics.json").read_text())
-    assert metrics["pruned"]["ppl"]["local"] > 1 and metrics["dense"]["ppl"]["local"] > 1
-    assert 0 <= metrics["pruned"]["zero_shot"]["average"] <= 1
-    compare.main(["--sparsity", "0.5"])
-    res = json.loads(Path("artifacts/compare/s0.5/results.json").read_text())
-    assert set(res["methods"]) == {"pg", "wanda_sp", "flap", "magnitude", "taylor", "random", "layer_drop"}
-    for name, r in res["methods"].items():
-        assert r["ppl"]["local"] > 1, name
-        assert abs(r["params"]["prunable_sparsity"] - 0.5) < 0.1, name
-    # the search resumes from its checkpoint: a rerun with the same settings gives the same masks
-    before = Path("artifacts/search/masks.json").read_text()
-    search.main([])
-    assert Path("artifacts/search/masks.json").read_text() == before
+    assert (Path("models/tokenizer") / "tokenizer.json").exists()
+    assert (Path("data/prepared") / "calib.safetensors").exists() and (Path("data/prepared/tasks") /
+                                                                       "manifest.json").exists()
+    assert {p.name for p in Path("data/prepared/eval").iterdir()} == {"local.txt", "licenses.txt"}
+    # the masks hand-off of every cell, and the evaluations
+    for m in params["compare"]["searches"] + params["compare"]["baselines"]:
+        cell = Path("artifacts/masks") / m / "s0.5"
+        summary = json.loads((cell / "summary.json").read_text())
+        assert (cell / "masks.json").exists() and summary["method"] == m
+        assert abs(summary["params"]["prunable_sparsity"] - 0.5) < 0.1, m
+        r = json.loads(Path(f"artifacts/eval/{m}-s0.5.json").read_text())
+        assert r["ppl"]["local"] > 1 and r["ppl"]["licenses"] > 1 and 0 <= r["zero_shot"]["average"] <= 1, m
+    pg = Path("artifacts/masks/pg/s0.5")
+    assert (pg / "compensation.safetensors").exists() and (pg / "seeds/7/masks.json").exists()
+    assert len((pg / "history.csv").read_text().splitlines()) == 7
+    assert set(json.loads(Path("artifacts/eval/pg-s0.5.json").read_text())["seed_ppl"]) == {"7"}
+    uniform = json.loads((Path("artifacts/masks/pg_uniform/s0.5/summary.json")).read_text())["params"]["per_layer"]
+    assert len(set(uniform["heads"])) == 1 and len(set(uniform["channels"])) == 1
+    timing = json.loads(Path("artifacts/timing/search-pg-s0.5.json").read_text())
+    assert set(timing["seeds"]) == {"42", "7"} and timing["time_s"] > 0
+    assert not list(Path("ckpt").glob("*.ckpt"))  # completed searches leave no checkpoint behind
+    # export and report
+    assert (Path("models/pruned") / "model.safetensors").exists() and (Path("models/pruned") / "README.md").exists()
+    assert json.loads((Path("models/pruned") / "masks.json").read_text()) == json.loads((pg / "masks.json").read_text())
+    report = Path("report/report.md").read_text()
+    assert "PG search (uniform layout)" in report and "mean ± sd over seeds" in report and "licenses" in report
+
+    # byte-reproducible: the same inputs give the same bytes
+    before = {p: _digest(Path(p)) for p in ("data/prepared", "artifacts/init/scores.safetensors", "artifacts/masks",
+                                            "models/base", "models/tokenizer", "models/pruned")}
+    for module, argv in cmds:
+        if module in ("stages.model", "stages.data", "stages.init", "stages.search", "stages.baseline",
+                      "stages.export"):
+            run_stage(module, argv)
+    after = {p: _digest(Path(p)) for p in before}
+    assert before == after
 
 
 def test_stage_reports_bad_params_without_traceback(workdir, capsys):
     from stages import _common, search
 
-    p = yaml.safe_load(Path("params.yaml").read_text())
-    p["search"]["estimator"] = "magic"
-    Path("params.yaml").write_text(yaml.safe_dump(p))
+    Path("params.yaml").write_text(Path("params.yaml").read_text().replace("samples: 2", "samples: 1"))
     with pytest.raises(SystemExit) as e:
-        _common.run(lambda: search.main([]))
+        _common.run(lambda: search.main(["--method", "pg", "--sparsity", "0.5", "--model", "m", "--data", "d",
+                                         "--scores", "s", "--out", "o", "--timing", "t"]))
     assert e.value.code == 2
     err = capsys.readouterr().err
-    assert "search.estimator" in err and "'exact', 'loo' or 'reference'" in err
+    assert "search" in err and "samples=1: estimator 'loo' needs samples >= 2" in err and "Traceback" not in err
 
 
-def test_stage_reports_missing_inputs(workdir, capsys):
-    from stages import _common, slice as slice_stage, model
+def test_stage_reports_missing_and_damaged_inputs(workdir, capsys):
+    from stages import _common, evaluate, model
 
-    model.main([])
+    tmp, params = workdir
+    cmds = dict((m + (a[a.index("--method") + 1] if "--method" in a else ""), a) for m, a in stage_commands(params))
+    model.main(cmds["stages.model"])
+    argv = cmds["stages.evaluatepg"]
     with pytest.raises(SystemExit):
-        _common.run(lambda: slice_stage.main([]))
-    assert "search masks not found" in capsys.readouterr().err
+        _common.run(lambda: evaluate.main(argv))
+    assert "masks not found at 'artifacts/masks/pg/s0.5/masks.json'" in capsys.readouterr().err
+    cell = Path("artifacts/masks/pg/s0.5")
+    cell.mkdir(parents=True)
+    good = {"heads": [[0]] * 4, "channels": [[0, 1]] * 4, "layers": [0, 1, 2, 3],
+            "sizes": {"heads": [2] * 4, "channels": [48] * 4}}
+    (cell / "masks.json").write_text(json.dumps(dict(good, sizes={"heads": [2] * 4, "channels": [40] * 4})))
+    with pytest.raises(SystemExit):
+        _common.run(lambda: evaluate.main(argv))
+    assert "masks are for a model with KV groups [2, 2, 2, 2] and channels [40, 40, 40, 40] per layer; this " \
+           "model has [2, 2, 2, 2] and [48, 48, 48, 48]" in capsys.readouterr().err
+    (cell / "masks.json").write_text(json.dumps(dict(good, heads=[[0, 9]] + [[0]] * 3)))
+    with pytest.raises(SystemExit):
+        _common.run(lambda: evaluate.main(argv))
+    err = capsys.readouterr().err
+    assert "heads of layer 0 has indices [9] outside the allowed range [0, 2)" in err and "masks.json" in err
+    (cell / "masks.json").write_text("{not json")
+    with pytest.raises(SystemExit):
+        _common.run(lambda: evaluate.main(argv))
+    assert "is not valid JSON" in capsys.readouterr().err

@@ -72,37 +72,41 @@ class Layout:
             n += 2  # gate and up bias entries (down's bias is per output, not per channel)
         return n
 
-    def layer_fixed_params(self) -> int:
-        """Per-layer parameters not attached to a unit: o_proj/down_proj biases (norms are non-prunable)."""
+    def layer_fixed_params(self, out_bias: bool = False) -> int:
+        """Per-layer parameters not attached to a unit: o_proj/down_proj biases (norms are non-prunable).
+        ``out_bias``: the pruned model gains both (mean compensation) where the family has none."""
         n = 0
-        if self.o_bias:
+        if self.o_bias or out_bias:
             n += self.hidden_size
-        if self.mlp_bias:
+        if self.mlp_bias or out_bias:
             n += self.hidden_size
         return n
 
-    def layer_params(self, kv_heads: int, channels: int) -> int:
+    def layer_params(self, kv_heads: int, channels: int, out_bias: bool = False) -> int:
         if kv_heads == 0 and channels == 0:
             return 0
-        return kv_heads * self.head_unit_params() + channels * self.channel_unit_params() + self.layer_fixed_params()
+        return (kv_heads * self.head_unit_params() + channels * self.channel_unit_params()
+                + self.layer_fixed_params(out_bias))
 
-    def prunable_params(self, masks=None) -> int:
-        """Decoder-layer linear parameters kept under ``masks`` (all of them when masks is None)."""
+    def prunable_params(self, masks=None, out_bias: bool = False) -> int:
+        """Decoder-layer linear parameters kept under ``masks`` (all of them when masks is None), with the
+        compensation biases of a pruned model when ``out_bias``."""
         total = 0
         for i in range(self.num_layers):
             if masks is None:
                 total += self.layer_params(self.kv_heads[i], self.intermediate[i])
             elif masks.layer_kept(i):
-                total += self.layer_params(int(masks.heads[i].sum()), int(masks.channels[i].sum()))
+                total += self.layer_params(int(masks.heads[i].sum()), int(masks.channels[i].sum()), out_bias)
         return total
 
     def norm_params_per_layer(self) -> int:
         return 2 * self.hidden_size
 
-    def total_params(self, masks=None) -> int:
+    def total_params(self, masks=None, out_bias: bool = False) -> int:
         """All parameters: prunable + embeddings/head/final norm + the norms of kept layers."""
         kept_layers = self.num_layers if masks is None else sum(masks.layer_kept(i) for i in range(self.num_layers))
-        return self.prunable_params(masks) + self.non_prunable_params + kept_layers * self.norm_params_per_layer()
+        return (self.prunable_params(masks, out_bias) + self.non_prunable_params
+                + kept_layers * self.norm_params_per_layer())
 
 
 class Adapter:

@@ -3,6 +3,9 @@ the fortune-mod collection (fortunes) and the Jargon File (jargon-text).
 
 Each source is cut into documents; each document goes, by a stable hash of its text, to the calibration
 or the held-out split, so the two never share a document. ``scripts/setup.sh`` installs the packages.
+
+A second, out-of-domain evaluation text of another genre (legal prose the calibration never sees): the software
+licences every Debian system carries in /usr/share/common-licenses (package base-files), a fixed list of files.
 """
 from __future__ import annotations
 
@@ -55,6 +58,25 @@ def jargon_documents(path: Path = JARGON_FILE) -> list[str]:
     text = gzip.open(path, "rt", encoding="utf-8", errors="replace").read()
     paras = [re.sub(r"[ \t]+", " ", p).strip() for p in re.split(r"\n\s*\n", text)]
     return [p for p in paras if len(p) > 80 and not set(p) <= set("═─-= \n")]
+
+
+LICENSES_DIR = Path("/usr/share/common-licenses")
+LICENSE_FILES = ("Apache-2.0", "Artistic", "BSD", "CC0-1.0", "GFDL-1.2", "GFDL-1.3", "GPL-1", "GPL-2", "GPL-3",
+                 "LGPL-2", "LGPL-2.1", "LGPL-3", "MPL-1.1", "MPL-2.0")
+
+
+def license_text(directory: Path = LICENSES_DIR) -> str:
+    """The out-of-domain evaluation text: the licences above, in that order, paragraphs whitespace-normalised."""
+    missing = [f for f in LICENSE_FILES if not (directory / f).is_file()]
+    if missing:
+        raise MissingFileError(f"licence texts {missing} not found in {directory} (Debian package base-files); "
+                               "use data.evaluation without 'licenses' on other systems")
+    docs = []
+    for f in LICENSE_FILES:
+        text = (directory / f).read_text(encoding="utf-8", errors="replace")
+        paras = [re.sub(r"\s+", " ", p).strip() for p in re.split(r"\n\s*\n", text)]
+        docs.append("\n".join(p for p in paras if p))
+    return "\n\n".join(docs)
 
 
 READERS = {"kjv": kjv_documents, "fortunes": fortune_documents, "jargon": jargon_documents}

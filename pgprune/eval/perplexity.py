@@ -57,14 +57,34 @@ def block_nll_sum(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor
     return nll.view(b, t - 1).sum(dim=1)
 
 
+def _executor(model: Any, masks: Any):
+    """A MaskedModel when the model must run layer by layer (streamed / spread over devices) or masks are given."""
+    from pgprune.masked_forward import MaskedModel
+
+    if isinstance(model, MaskedModel):
+        return model
+    if _is_hf_model(model):
+        from pgprune.weights import is_streamed
+
+        if masks is not None or is_streamed(model):
+            return MaskedModel(model)
+    elif masks is not None:
+        raise PgpruneError("masks need a Hugging Face model or a MaskedModel, not a callable")
+    return None
+
+
 def perplexity(model: ModelLike, blocks: torch.Tensor, *, batch_size: int = 8, device: str | torch.device | None = None,
-               progress: bool = False) -> dict[str, float | int]:
+               progress: bool = False, masks: Any = None, sweep_blocks: int | None = None) -> dict[str, float | int]:
     """Perplexity of ``model`` on token ``blocks`` ``[n, T]`` (paper protocol: CE over positions 1..T-1 of each block).
 
-    ``model`` is an HF causal LM or a callable ``fn(input_ids) -> logits``. ``device`` defaults to the model's
-    device (CPU for a callable without parameters). A batch whose NLL is NaN/inf is dropped with a warning; if all
-    are, :class:`NaNLossError` is raised. Returns ``{"ppl", "nll", "tokens", "blocks", "dropped_batches",
-    "dropped_blocks"}`` where ``nll`` is the token-mean NLL in nats and ``tokens`` the number of predicted tokens.
+    ``model`` is an HF causal LM, a callable ``fn(input_ids) -> logits`` or a
+    :class:`pgprune.masked_forward.MaskedModel`. ``device`` defaults to the model's device (CPU for a callable
+    without parameters). A model loaded with offload/device_map (``pgprune.weights.is_streamed``), a MaskedModel,
+    or ``masks`` (evaluated with the masked forward, i.e. the sliced model without slicing it) run through the
+    layer-major executor: every block of a sweep (``sweep_blocks``, default all) passes through a layer before the
+    next is loaded. A batch whose NLL is NaN/inf is dropped with a warning; if all are, :class:`NaNLossError` is
+    raised. Returns ``{"ppl", "nll", "tokens", "blocks", "dropped_batches", "dropped_blocks"}`` where ``nll`` is the
+    token-mean NLL in nats and ``tokens`` the number of predicted tokens.
     """
     if not isinstance(blocks, torch.Tensor) or blocks.dim() != 2:
         shape = tuple(blocks.shape) if isinstance(blocks, torch.Tensor) else type(blocks).__name__
@@ -76,12 +96,18 @@ def perplexity(model: ModelLike, blocks: torch.Tensor, *, batch_size: int = 8, d
         raise PgpruneError(f"blocks must be [n>=1, T>=2], got [{n}, {t}]")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise PgpruneError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    executor = _executor(model, masks)
+    if executor is not None:
+        nll = executor.block_nll(blocks.long(), masks, batch_size=batch_size, sweep_blocks=sweep_blocks,
+                                 progress=progress)  # float64 [n]
+        sums = [(float(nll[s:s + batch_size].sum()), min(batch_size, n - s)) for s in range(0, n, batch_size)]
+        return _reduce(sums, n, t)
     dev = torch.device(device) if device is not None else (_model_device(model) or blocks.device)
 
     was_training = isinstance(model, torch.nn.Module) and model.training
     if isinstance(model, torch.nn.Module):
         model.eval()
-    total, tokens, kept_blocks, dropped_batches, dropped_blocks = 0.0, 0, 0, 0, 0
+    sums = []
     starts = range(0, n, batch_size)
     if progress:
         from tqdm.auto import tqdm
@@ -92,23 +118,30 @@ def perplexity(model: ModelLike, blocks: torch.Tensor, *, batch_size: int = 8, d
             for s in starts:
                 ids = blocks[s: s + batch_size].to(dev, dtype=torch.long)
                 nll = block_nll_sum(forward_logits(model, ids), ids)
-                batch_sum = float(nll.double().sum())
-                if not math.isfinite(batch_sum):
-                    dropped_batches += 1
-                    dropped_blocks += ids.shape[0]
-                    continue
-                total += batch_sum
-                tokens += ids.shape[0] * (t - 1)
-                kept_blocks += ids.shape[0]
+                sums.append((float(nll.double().sum()), ids.shape[0]))
     finally:
         if was_training:
             model.train()
+    return _reduce(sums, n, t)
+
+
+def _reduce(sums: list[tuple[float, int]], n: int, t: int) -> dict[str, float | int]:
+    """Token-mean NLL and perplexity from per-batch (NLL sum, blocks); non-finite batches are dropped."""
+    total, tokens, kept_blocks, dropped_batches, dropped_blocks = 0.0, 0, 0, 0, 0
+    for batch_sum, nb in sums:
+        if not math.isfinite(batch_sum):
+            dropped_batches += 1
+            dropped_blocks += nb
+            continue
+        total += batch_sum
+        tokens += nb * (t - 1)
+        kept_blocks += nb
     if tokens == 0:
         raise NaNLossError(f"every batch gave a NaN/inf loss ({dropped_batches} batches, {n} blocks of {t} tokens); "
                            f"no perplexity can be computed")
     if dropped_batches:
         warnings.warn(f"perplexity: dropped {dropped_batches} batch(es) ({dropped_blocks} of {n} blocks) with "
-                      f"NaN/inf loss", RuntimeWarning, stacklevel=2)
+                      f"NaN/inf loss", RuntimeWarning, stacklevel=3)
     mean = total / tokens
     return {"ppl": math.exp(mean) if mean < 709.0 else float("inf"), "nll": mean, "tokens": tokens,
             "blocks": kept_blocks, "dropped_batches": dropped_batches, "dropped_blocks": dropped_blocks}

@@ -8,15 +8,19 @@ torch. The config adds three lists to the family's own config:
 * ``pgprune_kept_layers``: index of each saved layer in the original model (dropped layers are absent);
 ``num_hidden_layers`` is the number of saved layers. ``pgprune_out_bias`` gives o_proj and down_proj a bias
 (FLAP-style compensation of the removed units' mean output).
+
+``auto_map`` maps ``AutoConfig``, ``AutoModelForCausalLM`` (the ``Pgprune*ForCausalLM`` classes) and ``AutoModel``
+(the decoder alone, ``Pgprune*Model``: hidden states, no LM head).
 """
 from __future__ import annotations
 
 from torch import nn
-from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
-                          Qwen2ForCausalLM)
+from transformers import (LlamaConfig, LlamaForCausalLM, LlamaModel, MistralConfig, MistralForCausalLM, MistralModel,
+                          Qwen2Config, Qwen2ForCausalLM, Qwen2Model)
 
 
-def _resize_layers(model, config) -> None:
+def _resize_layers(decoder, config) -> None:
+    """Replace the projections of every layer of ``decoder`` (a LlamaModel-like module) by the per-layer widths."""
     kv = list(config.pgprune_kv_heads)
     inter = list(config.pgprune_intermediate)
     if len(kv) != config.num_hidden_layers or len(inter) != config.num_hidden_layers:
@@ -25,7 +29,7 @@ def _resize_layers(model, config) -> None:
     hd = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     group = config.num_attention_heads // config.num_key_value_heads
     d = config.hidden_size
-    for i, layer in enumerate(model.model.layers):
+    for i, layer in enumerate(decoder.layers):
         attn, mlp = layer.self_attn, layer.mlp
         nq = kv[i] * group * hd
         nkv = kv[i] * hd
@@ -89,7 +93,7 @@ class PgpruneLlamaForCausalLM(LlamaForCausalLM):
 
     def __init__(self, config):
         super().__init__(config)
-        _resize_layers(self, config)
+        _resize_layers(self.model, config)
         self.post_init()
 
 
@@ -98,7 +102,7 @@ class PgpruneMistralForCausalLM(MistralForCausalLM):
 
     def __init__(self, config):
         super().__init__(config)
-        _resize_layers(self, config)
+        _resize_layers(self.model, config)
         self.post_init()
 
 
@@ -107,12 +111,47 @@ class PgpruneQwen2ForCausalLM(Qwen2ForCausalLM):
 
     def __init__(self, config):
         super().__init__(config)
+        _resize_layers(self.model, config)
+        self.post_init()
+
+
+class PgpruneLlamaModel(LlamaModel):
+    config_class = PgpruneLlamaConfig
+
+    def __init__(self, config):
+        super().__init__(config)
         _resize_layers(self, config)
         self.post_init()
 
 
+class PgpruneMistralModel(MistralModel):
+    config_class = PgpruneMistralConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        _resize_layers(self, config)
+        self.post_init()
+
+
+class PgpruneQwen2Model(Qwen2Model):
+    config_class = PgpruneQwen2Config
+
+    def __init__(self, config):
+        super().__init__(config)
+        _resize_layers(self, config)
+        self.post_init()
+
+
+# family -> (config class, causal-LM class)
 PRUNED_CLASSES = {
     "llama": (PgpruneLlamaConfig, PgpruneLlamaForCausalLM),
     "mistral": (PgpruneMistralConfig, PgpruneMistralForCausalLM),
     "qwen2": (PgpruneQwen2Config, PgpruneQwen2ForCausalLM),
+}
+
+# family -> decoder-only class (``AutoModel``)
+PRUNED_BASE_CLASSES = {
+    "llama": PgpruneLlamaModel,
+    "mistral": PgpruneMistralModel,
+    "qwen2": PgpruneQwen2Model,
 }

@@ -2,12 +2,12 @@
 
 Inputs (plain JSON/CSV, as the stages write them):
 
-* ``artifacts/compare/s<S>/results.json``: ``{"sparsity": S, "dense": R, "methods": {name: R, ...}}`` where a result
-  ``R`` is ``{"ppl": {corpus: float}, "zero_shot": {"average", "metric", "tasks"} | None, "tokens_per_s": float | None,
+* per sparsity S, ``{"sparsity": S, "dense": R, "methods": {name: R, ...}}`` (the report stage assembles it from
+  ``artifacts/eval/<method>-s<S>.json``, ``artifacts/eval/dense.json`` and the timing files) where a result ``R`` is
+  ``{"ppl": {corpus: float}, "zero_shot": {"average", "metric", "tasks"} | None, "tokens_per_s": float | None,
   "params": {"prunable_params_kept", "prunable_sparsity", "total_params_kept", "total_sparsity", "per_layer", ...},
-  "time_s": float}``;
-* ``artifacts/eval/metrics.json``: ``{"sparsity": S, "dense": R, "pruned": R}`` (``pruned.params``: the slice summary);
-* ``artifacts/search/history.csv``: ``step, loss_mean, loss_min, baseline, lr, n_valid`` and per-group columns
+  "time_s": float, "seed_ppl": {seed: {corpus: float}} (searches with several seeds)}``;
+* a search's ``history.csv``: ``step, loss_mean, loss_min, baseline, lr, n_valid`` and per-group columns
   (``<group>_mean_prob`` or ``<group>/prob_mean``).
 
 Conventions (stated in the report too): *sparsity (decoder linear)* is the fraction of the decoder layers' linear
@@ -21,19 +21,13 @@ import csv
 import io
 import math
 import re
+import statistics
 from typing import Any, Iterable, Sequence
 
-METHOD_ORDER = ["pg", "wanda_sp", "flap", "magnitude", "taylor", "random", "layer_drop"]
-METHOD_LABELS = {
-    "dense": "dense",
-    "pg": "PG search",
-    "wanda_sp": "Wanda-sp",
-    "flap": "FLAP",
-    "magnitude": "magnitude",
-    "taylor": "Taylor",
-    "random": "random",
-    "layer_drop": "layer drop (ShortGPT)",
-}
+from pgprune.methods import METHODS
+
+METHOD_ORDER = list(METHODS)  # the registry's order (pgprune/methods.py)
+METHOD_LABELS = {"dense": "dense", **{n: m.label for n, m in METHODS.items()}}
 _PROB_COLUMN = re.compile(r"^(?P<group>.+?)(?:_mean_prob|/prob_mean)$")
 
 
@@ -74,6 +68,11 @@ def _row(method: str, target: float, r: dict, dense_tps: float | None) -> dict:
     p = r.get("params") or {}
     zs = r.get("zero_shot") or None
     tps = _num(r.get("tokens_per_s"))
+    seeds: dict[str, list[float]] = {}
+    if r.get("seed_ppl"):
+        for c, v in (r.get("ppl") or {}).items():
+            vals = [_num(v)] + [_num((d or {}).get(c)) for d in r["seed_ppl"].values()]
+            seeds[c] = [x for x in vals if x is not None]
     return {
         "method": method,
         "sparsity": target,
@@ -88,6 +87,7 @@ def _row(method: str, target: float, r: dict, dense_tps: float | None) -> dict:
         "tokens_per_s": tps,
         "speedup": tps / dense_tps if tps is not None and dense_tps else None,
         "time_s": _num(r.get("time_s")),
+        "ppl_seeds": seeds,
     }
 
 
@@ -117,20 +117,6 @@ def comparison_rows(results: Sequence[dict]) -> list[dict]:
     return rows
 
 
-def eval_rows(metrics: dict) -> list[dict]:
-    """Dense and pruned rows of the main run (artifacts/eval/metrics.json)."""
-    s = float(metrics.get("sparsity") or 0.0)
-    dense, pruned = metrics["dense"], metrics["pruned"]
-    p = pruned.get("params") or {}
-    dense = dict(dense)
-    dense.setdefault("params", {"prunable_params_kept": p.get("prunable_params_dense"), "prunable_sparsity": 0.0,
-                                 "total_params_kept": p.get("total_params_dense"), "total_sparsity": 0.0})
-    dtps = _num(dense.get("tokens_per_s"))
-    d = _row("dense", 0.0, dense, None)
-    d["speedup"] = 1.0 if dtps else None
-    return [d, _row("pg", s, pruned, dtps)]
-
-
 def _corpora(rows: Iterable[dict]) -> list[str]:
     return list(dict.fromkeys(c for r in rows for c in r["ppl"]))
 
@@ -146,8 +132,10 @@ def markdown_table(rows: Sequence[dict], *, bold_best: bool = True) -> str:
     With ``bold_best`` the lowest perplexity among the methods at each sparsity is bold."""
     corpora = _corpora(rows)
     metric = zero_shot_metric(rows)
+    seeded = [c for c in corpora if any(len(r.get("ppl_seeds", {}).get(c, [])) > 1 for r in rows)][:1]
     header = ["method", "target sparsity", "prunable params (M)", "sparsity (decoder linear)", "sparsity (total)"]
     header += [f"ppl {c} ↓" for c in corpora]
+    header += [f"ppl {c}: mean ± sd over seeds" for c in seeded]
     header += [f"zero-shot avg {metric} ↑" if metric else "zero-shot avg", "tokens/s", "speed-up vs dense",
                "prune time (s)"]
     best: dict[tuple[float, str], float] = {}
@@ -171,6 +159,10 @@ def markdown_table(rows: Sequence[dict], *, bold_best: bool = True) -> str:
             if bold_best and v is not None and r["method"] != "dense" and v == best.get((r["sparsity"], c)):
                 cell = f"**{cell}**"
             cells.append(cell)
+        for c in seeded:
+            vals = r.get("ppl_seeds", {}).get(c, [])
+            cells.append(f"{statistics.mean(vals):.2f} ± {statistics.stdev(vals):.2f} (n={len(vals)})"
+                         if len(vals) > 1 else "–")
         cells += [_fmt(r["zero_shot"], ".3f"), _fmt(r["tokens_per_s"], ".1f"),
                   _fmt(r["speedup"], ".2f") + ("×" if r["speedup"] is not None else ""), _fmt(r["time_s"], ".1f")]
         lines.append("| " + " | ".join(cells) + " |")
@@ -179,9 +171,9 @@ def markdown_table(rows: Sequence[dict], *, bold_best: bool = True) -> str:
 
 def conventions_text(metric: str | None, tasks: Sequence[str] = ()) -> str:
     zs = (f"average of `{metric}` over the lm-eval tasks ({', '.join(tasks) or 'see eval.zero_shot_tasks'}), "
-          "0-shot" if metric else "not run (compare.zero_shot or eval.zero_shot_tasks off)")
+          "0-shot" if metric else "not run (eval.zero_shot or eval.zero_shot_tasks off)")
     return "\n".join([
-        "* **target sparsity**: the requested fraction (`search.sparsity`, `compare.sparsities`).",
+        "* **target sparsity**: the requested fraction (`compare.sparsities`).",
         "* **sparsity (decoder linear)**: fraction of the decoder layers' linear weights (q, k, v, o, gate, up, "
         "down projections) removed, the convention the targets use (and the paper's and FLAP's). "
         "**prunable params (M)**: those weights kept, in millions.",
@@ -189,7 +181,8 @@ def conventions_text(metric: str | None, tasks: Sequence[str] = ()) -> str:
         "pruned, so it is smaller than the decoder-linear sparsity.",
         "* **ppl**: perplexity on the held-out blocks of each evaluation corpus (`data.evaluation`; non-overlapping "
         "blocks of `eval.ppl_seq_len` tokens, exp of the token-mean NLL); lower is better; the best method at each "
-        "sparsity is bold.",
+        "sparsity is bold. A policy-gradient search's row is its first seed (`search.seeds`); **mean ± sd over "
+        "seeds** summarises all of its seeds.",
         f"* **zero-shot avg**: {zs}; higher is better.",
         "* **tokens/s**: greedy generation throughput (`eval.speed`); **speed-up** = tokens/s ÷ the dense model's "
         "tokens/s measured in the same run. **prune time**: finding the masks — the scorer's calibration pass "
@@ -198,36 +191,26 @@ def conventions_text(metric: str | None, tasks: Sequence[str] = ()) -> str:
     ]) + "\n"
 
 
-def markdown_report(title: str, *, compare_results: Sequence[dict], eval_metrics: dict | None = None,
-                    search_summary: dict | None = None, figures: dict[str, str] | None = None) -> str:
+def markdown_report(title: str, *, compare_results: Sequence[dict], export: dict | None = None,
+                    search_summary: dict | None = None, figures: dict[str, str] | None = None,
+                    extra_sections: Sequence[str] = ()) -> str:
     """The whole report.md (no timestamps: the text changes only when the numbers do)."""
     rows = comparison_rows(compare_results)
-    main = eval_rows(eval_metrics) if eval_metrics else []
-    metric = zero_shot_metric(rows) or zero_shot_metric(main)
-    tasks = list(dict.fromkeys(t for r in rows + main for t in r["zero_shot_tasks"]))
+    metric = zero_shot_metric(rows)
+    tasks = list(dict.fromkeys(t for r in rows for t in r["zero_shot_tasks"]))
     out = [f"# {title}", ""]
-    if main:
-        s = main[1]["sparsity"]
-        out += [f"## Main run: PG search at sparsity {s:g} (`search`, `slice`, `eval` stages)", "",
-                markdown_table(main, bold_best=False)]
-        if search_summary:
-            bits = []
-            if search_summary.get("steps") is not None:
-                bits.append(f"{search_summary['steps']} steps")
-            if search_summary.get("best_step") is not None:
-                bits.append(f"masks from step {search_summary['best_step']} (best validated)")
-            if _num(search_summary.get("time_s")) is not None:
-                bits.append(f"{float(search_summary['time_s']):.1f} s")
-            if _num(search_summary.get("final_loss_mean")) is not None:
-                bits.append(f"final mean calibration loss {float(search_summary['final_loss_mean']):.4f}")
-            if bits:
-                out += ["Search: " + ", ".join(bits) + ".", ""]
+    if export:
+        out += [f"`models/pruned` (the `export` stage): {method_label(export['method'])} (`{export['method']}`) at "
+                f"sparsity {export['sparsity']:g}, saved as {export.get('architecture', 'a pruned model')}.", ""]
+    if search_summary:
+        out += [search_summary_text(search_summary), ""]
     if rows:
         sp = sorted({r["sparsity"] for r in rows if r["method"] != "dense"})
         methods = [m for m in dict.fromkeys(r["method"] for r in rows) if m != "dense"]
-        out += [f"## Comparison at sparsities {', '.join(f'{s:g}' for s in sp)} (`compare` stages)", "",
+        out += [f"## Comparison at sparsities {', '.join(f'{s:g}' for s in sp)}", "",
                 "Methods: " + ", ".join(f"{method_label(m)} (`{m}`)" for m in methods) + ".", "",
                 markdown_table(rows)]
+    out += list(extra_sections)
     out += ["## Conventions", "", conventions_text(metric, tasks)]
     if figures:
         out += ["## Figures", ""]
@@ -236,9 +219,26 @@ def markdown_report(title: str, *, compare_results: Sequence[dict], eval_metrics
     return "\n".join(out).rstrip() + "\n"
 
 
+def search_summary_text(summary: dict) -> str:
+    """One sentence on a search cell (its masks' summary.json, with the timing file's seconds)."""
+    bits = []
+    for seed, d in (summary.get("search") or {}).items():
+        part = f"seed {seed}: {d.get('steps')} steps, {d.get('forward_passes')} sampled-mask forwards"
+        if d.get("best_step") is not None:
+            part += f", masks from step {d['best_step']} (best validated"
+            if _num(d.get("init_val_loss")) is not None and _num(d.get("best_val_loss")) is not None:
+                part += f": held-back loss {d['init_val_loss']:.4f} at step 0 → {d['best_val_loss']:.4f}"
+            part += ")"
+        if _num((summary.get("time_s") or {}).get(seed)) is not None:
+            part += f", {summary['time_s'][seed]:.0f} s"
+        bits.append(part)
+    head = f"Search `{summary.get('method')}` at sparsity {summary.get('sparsity')}"
+    return head + (": " + "; ".join(bits) + "." if bits else ".")
+
+
 # --- plot data (DVC plots CSVs) --------------------------------------------------------------------------------
 def ppl_vs_sparsity_rows(results: Sequence[dict], corpus: str | None = None,
-                         methods: Sequence[str] = METHOD_ORDER) -> tuple[list[dict], str | None]:
+                         methods: Sequence[str] = tuple(METHOD_ORDER)) -> tuple[list[dict], str | None]:
     """Wide rows ``{sparsity, dense, <method>...}`` for one corpus (default: the first); a method absent from the
     results has empty cells, so the columns dvc.yaml names always exist. Returns (rows, corpus)."""
     rows = comparison_rows(results)
@@ -273,13 +273,14 @@ def prob_columns(rows: Sequence[dict]) -> dict[str, str]:
 
 
 def search_loss_rows(history: Sequence[dict]) -> list[dict]:
-    """``{step, loss_mean, loss_min, baseline}`` per step with a loss (steps whose samples all failed are left out)."""
+    """``{step, loss_mean, loss_min, baseline, val_loss}`` per step with a loss (steps whose samples all failed are left out)."""
     out = []
     for r in history:
         if _num(r.get("loss_mean")) is None:
             continue
         out.append({"step": int(_num(r.get("step")) or 0), "loss_mean": _num(r.get("loss_mean")),
-                    "loss_min": _num(r.get("loss_min")), "baseline": _num(r.get("baseline"))})
+                    "loss_min": _num(r.get("loss_min")), "baseline": _num(r.get("baseline")),
+                    "val_loss": _num(r.get("val_loss"))})
     return out
 
 

@@ -134,6 +134,10 @@ def collect_activation_stats(model, calib: torch.Tensor, *, batch_size: int = 8,
     """Run the calibration blocks (dense model) and accumulate the statistics described in the module docstring."""
     calib = check_calib(calib)
     batch_size = check_batch_size(batch_size)
+    from pgprune.weights import is_streamed
+
+    if is_streamed(model):
+        return _collect_streamed(model, calib, batch_size, progress, desc)
     adapter = get_adapter(model)
     layout = adapter.layout()
     n_layers = layout.num_layers
@@ -179,6 +183,33 @@ def collect_activation_stats(model, calib: torch.Tensor, *, batch_size: int = 8,
         if o_stats[i].n != n_tokens or d_stats[i].n != n_tokens:
             raise PgpruneError(f"layer {i}: hooks saw {o_stats[i].n}/{d_stats[i].n} tokens, expected {n_tokens}; "
                                "the model's forward does not call o_proj/down_proj once per token")
+    return ActivationStats(layout, [m.cpu() for m in o_stats], [m.cpu() for m in d_stats], cos_sum, n_tokens)
+
+
+def _collect_streamed(model, calib: torch.Tensor, batch_size: int, progress: bool, desc: str) -> ActivationStats:
+    """The same statistics through the layer-major executor (a model loaded with offload cpu/disk or a device map):
+    every calibration block passes through layer i (loaded once) before layer i+1; the taps see the inputs of
+    o_proj / down_proj and the layer's input/output, batch by batch in the same order as the hooks above."""
+    from pgprune.masked_forward import MaskedModel
+
+    mm = MaskedModel(model)
+    layout = mm.layout
+    n_layers = layout.num_layers
+    o_stats = [RunningMoments() for _ in range(n_layers)]
+    d_stats = [RunningMoments() for _ in range(n_layers)]
+    cos_acc: list[torch.Tensor | None] = [None] * n_layers  # float64 scalars on each layer's device
+
+    def taps(i: int, kind: str, x: torch.Tensor, out: torch.Tensor | None = None) -> None:
+        if kind == "o_proj":
+            o_stats[i].update(x)
+        elif kind == "down_proj":
+            d_stats[i].update(x)
+        else:
+            c = F.cosine_similarity(x.float(), out.float(), dim=-1, eps=1e-8).double().sum()
+            cos_acc[i] = c if cos_acc[i] is None else cos_acc[i] + c
+
+    n_tokens = mm.scan(calib, taps, batch_size=batch_size, progress=progress, desc=desc)
+    cos_sum = torch.stack([c.cpu() for c in cos_acc])
     return ActivationStats(layout, [m.cpu() for m in o_stats], [m.cpu() for m in d_stats], cos_sum, n_tokens)
 
 

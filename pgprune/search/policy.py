@@ -2,39 +2,45 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, Mapping
+from typing import Any, Callable, Literal, Mapping, Sequence
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from tqdm.auto import tqdm
 
 from pgprune.errors import BudgetError, ConfigError, NaNLossError, PgpruneError
-from pgprune.io import torch_save
+from pgprune.io import write_bytes
 from pgprune.search.estimators import advance_baseline, penalty_gradient, sample_weights, score
-from pgprune.search.projection import project_budget, select_top_k
+from pgprune.search.projection import project_budget, project_segments
 from pgprune.search.schedules import lr_factor, penalty_weight
 
-CHECKPOINT_FORMAT = "pgprune.search/1"
+CHECKPOINT_FORMAT = "pgprune.search/2"
+CHECKPOINT_MAGIC = b"PGPRUNE-SEARCH-CHECKPOINT/2"
 _OPERATIONAL_FIELDS = {"checkpoint_every", "max_consecutive_nan_steps"}  # do not change the result
 
-LossFn = Callable[[dict[str, torch.Tensor], int, int], float]
+# losses_fn(masks of the K samples, step) -> K losses
+LossesFn = Callable[[list[dict[str, torch.Tensor]], int], "Sequence[float] | torch.Tensor"]
 
 
 @dataclass(frozen=True)
 class GroupSpec:
-    """One group of units sharing a budget: ``size`` units, keep at most ``budget`` in expectation,
-    base learning rate ``lr``, optional ``segments`` (segment id per unit, e.g. the layer index)."""
+    """One group of units sharing a budget: ``size`` units, keep at most ``budget`` in expectation, base learning
+    rate ``lr``; optional ``segments`` (segment id per unit, e.g. the layer index) and ``segment_budgets`` (one
+    budget per segment id 0..S-1: the probabilities are then projected segment by segment, so every segment keeps
+    its own expected count, e.g. the same width in every layer; ``budget`` must be their sum)."""
 
     size: int
     budget: float
     lr: float
     segments: torch.Tensor | None = field(default=None, compare=False)
+    segment_budgets: tuple[float, ...] | None = None
 
     def __post_init__(self):
         if int(self.size) != self.size or self.size < 1:
@@ -47,39 +53,68 @@ class GroupSpec:
             if self.segments.numel() != self.size or self.segments.is_floating_point():
                 raise ConfigError(f"segments must be an integer tensor with {self.size} entries, got "
                                   f"{self.segments.dtype} with {self.segments.numel()}.")
+        if self.segment_budgets is not None:
+            if self.segments is None:
+                raise ConfigError("segment_budgets need segments (the segment id of every unit).")
+            n_seg = int(self.segments.max()) + 1
+            if len(self.segment_budgets) != n_seg:
+                raise ConfigError(f"{len(self.segment_budgets)} segment budgets for {n_seg} segments.")
+            if abs(sum(self.segment_budgets) - float(self.budget)) > 1e-6:
+                raise BudgetError(f"segment budgets sum to {sum(self.segment_budgets)}, the group budget is "
+                                  f"{self.budget}.")
+
+    def project(self, s: torch.Tensor) -> torch.Tensor:
+        """Euclidean projection onto this group's budget (per segment when segment_budgets are set)."""
+        if self.segment_budgets is None:
+            return project_budget(s, self.budget)
+        return project_segments(s, self.segments, self.segment_budgets)
 
     def describe(self) -> dict[str, Any]:
         seg = None
         if self.segments is not None:
             seg = hashlib.sha256(self.segments.to(torch.int64).cpu().contiguous().numpy().tobytes()).hexdigest()
-        return {"size": int(self.size), "budget": float(self.budget), "lr": float(self.lr), "segments": seg}
+        return {"size": int(self.size), "budget": float(self.budget), "lr": float(self.lr), "segments": seg,
+                "segment_budgets": None if self.segment_budgets is None else [float(b) for b in
+                                                                              self.segment_budgets]}
 
 
 class SearchSettings(BaseModel):
-    """Settings of the mask search (validated; unknown fields are rejected)."""
+    """Settings of the mask search itself (validated; unknown fields are rejected). The pipeline's ``search``
+    section (pgprune.config.SearchParams) extends this class with the model-side settings: one declaration each."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
-    steps: int = Field(ge=1, description="total number of search steps T")
+    steps: int = Field(200, ge=1, description="total number of search steps T")
     samples: int = Field(2, ge=1, description="mask samples K per step")
-    estimator: Literal["exact", "loo", "reference"] = "exact"
+    estimator: Literal["exact", "loo", "reference"] = Field(
+        "loo", description="loo: exact score, leave-one-out baseline (needs K >= 2); exact: the paper's estimator "
+        "with an EMA baseline; reference: the reference code (sqrt denominator, needs K >= 2)")
     baseline: Literal["ema", "none"] = "ema"
     ema_window: float = Field(5.0, ge=1.0, description="EMA window W (coefficient 1/W)")
     lr_schedule: Literal["cosine", "const", "linear", "poly", "exp", "step"] = "cosine"
-    lr_milestones: list[int] = Field(default_factory=list, description="steps where 'step' multiplies lr by 0.1")
-    lr_power: float = Field(0.9, gt=0)
-    lr_gamma: float = Field(0.995, gt=0)
+    lr_milestones: list[int] = Field(default_factory=list,
+                                     description="lr_schedule: step: steps at which the lr is multiplied by 0.1")
+    lr_power: float = Field(0.9, gt=0, description="lr_schedule: poly: exponent")
+    lr_gamma: float = Field(0.995, gt=0, description="lr_schedule: exp: factor per step")
     penalty_init: float = Field(-1.0, description="entropy-penalty weight at step 0; < 0 turns it off")
     penalty_final: float = 0.0
     eps: float = Field(1e-4, gt=0, lt=0.5, description="clamp of s in the exact score's denominator")
-    seed: int = 42
-    checkpoint_every: int = Field(0, ge=0, description="steps between checkpoints (0: only at the end)")
+    checkpoint_every: int = Field(50, ge=0, description="steps between checkpoints (0: only when interrupted)")
     max_consecutive_nan_steps: int = Field(20, ge=1)
 
     @model_validator(mode="after")
-    def _enough_samples(self):
+    def _consistent(self):
         if self.estimator in ("loo", "reference") and self.samples < 2:
-            raise ValueError(f"samples: estimator '{self.estimator}' needs samples >= 2, got {self.samples}")
+            raise ValueError(f"samples={self.samples}: estimator {self.estimator!r} needs samples >= 2 "
+                             "(set samples: 2 or more, or estimator: exact)")
+        if self.lr_schedule == "step":
+            bad = [m for m in self.lr_milestones if not 0 < m < self.steps]
+            if not self.lr_milestones or bad:
+                raise ValueError(f"lr_schedule 'step' needs lr_milestones: a non-empty list of steps in "
+                                 f"(0, steps={self.steps}); got {self.lr_milestones}")
+        elif self.lr_milestones:
+            raise ValueError(f"lr_milestones={self.lr_milestones} is only used by lr_schedule 'step' "
+                             f"(lr_schedule is {self.lr_schedule!r}); remove it")
         return self
 
     @classmethod
@@ -89,7 +124,7 @@ class SearchSettings(BaseModel):
             return cls.model_validate(dict(data))
         except ValidationError as e:
             msgs = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'settings'}: {err['msg']}" for err in e.errors())
-            raise ConfigError(f"invalid search settings: {msgs}") from e
+            raise ConfigError(f"invalid search settings: {msgs}") from None
 
 
 @dataclass
@@ -105,22 +140,14 @@ class SearchResult:
     best_step: int | None = None
     validation: list[dict[str, Any]] = field(default_factory=list)
     elapsed_s: float = 0.0  # wall-clock time of the search, summed over interrupted and resumed runs
+    resumed_from: int = 0  # the step a checkpoint resumed from (0: a fresh start)
+    forward_passes: int = 0  # sampled-mask loss evaluations (K per step), over all runs
 
-    def final_masks(self, keep_counts: Mapping[str, int] | None = None,
-                    min_per_segment: Mapping[str, int] | None = None,
-                    allowed: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-        """Exact top-k mask per group (default k = floor(budget)), see :func:`select_top_k`."""
-        keep_counts, min_per_segment, allowed = keep_counts or {}, min_per_segment or {}, allowed or {}
-        unknown = sorted((set(keep_counts) | set(min_per_segment) | set(allowed)) - set(self.probs))
-        if unknown:
-            raise ConfigError(f"unknown group(s) {unknown}; groups are {sorted(self.probs)}.")
-        out = {}
-        for name, p in self.probs.items():
-            spec = self.groups[name]
-            k = keep_counts.get(name, int(math.floor(spec.budget + 1e-9)))
-            out[name] = select_top_k(p, k, segments=spec.segments, min_per_segment=min_per_segment.get(name, 0),
-                                     allowed=allowed.get(name))
-        return out
+    def selected_probs(self, select: str = "best") -> dict[str, torch.Tensor]:
+        """The probabilities of the best validated step (``select="best"``, when validation ran) or the last."""
+        if select not in ("best", "last"):
+            raise ConfigError(f"select={select!r}; allowed: best, last")
+        return self.best_probs if (select == "best" and self.best_probs is not None) else self.probs
 
 
 def _entropy(p: torch.Tensor) -> float:
@@ -128,12 +155,27 @@ def _entropy(p: torch.Tensor) -> float:
     return float((torch.special.entr(p) + torch.special.entr(1.0 - p)).mean())
 
 
+def _digest(payload: bytes) -> str:
+    return hashlib.sha256(payload).hexdigest()
+
+
+class CheckpointDamaged(PgpruneError):
+    """A checkpoint file that cannot be trusted (truncated, garbage, flipped bytes, other settings)."""
+
+
 class PolicyGradientSearch:
-    """REINFORCE search: sample masks, evaluate losses, SGD step on s per group, project onto the budget."""
+    """REINFORCE search: sample masks, evaluate losses, SGD step on s per group, project onto the budget.
+
+    ``seed`` seeds the search's own generator (mask sampling); ``key`` is the caller's digest of everything else
+    the losses depend on (model weights, dtype, device, calibration data, compensation ...). The fingerprint
+    hashes the settings, groups, initial probabilities, seed and key: a checkpoint is only ever resumed by a search
+    with the same fingerprint (its file name holds it, and its content is verified on load).
+    """
 
     def __init__(self, groups: Mapping[str, GroupSpec], init_probs: Mapping[str, torch.Tensor],
-                 settings: SearchSettings | Mapping[str, Any]):
+                 settings: SearchSettings | Mapping[str, Any], *, seed: int = 0, key: str = ""):
         self.settings = settings if isinstance(settings, SearchSettings) else SearchSettings.parse(settings)
+        self.seed, self.key = int(seed), str(key)
         self.groups = dict(groups)
         if not self.groups:
             raise ConfigError("at least one group is required.")
@@ -148,57 +190,95 @@ class PolicyGradientSearch:
                 p = p.to(torch.float32)
             if not bool(torch.isfinite(p).all()):
                 raise PgpruneError(f"group '{name}': initial probs contain NaN or inf.")
-            self.init_probs[name] = project_budget(p, spec.budget)
+            self.init_probs[name] = spec.project(p)
 
     @property
     def fingerprint(self) -> str:
-        """Hash of the settings that change the result, the group specs and the initial probs."""
-        s = {k: v for k, v in self.settings.model_dump().items() if k not in _OPERATIONAL_FIELDS}
-        doc = {"settings": s, "groups": {n: g.describe() for n, g in sorted(self.groups.items())},
-               "init": {n: hashlib.sha256(p.contiguous().numpy().tobytes()).hexdigest()
-                        for n, p in sorted(self.init_probs.items())}}
-        return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
+        """Hash of everything that changes the result: settings (but the operational ones), group specs,
+        initial probabilities, seed and the caller's key."""
+        s = {k: v for k, v in self.settings.model_dump(mode="json").items() if k not in _OPERATIONAL_FIELDS}
+        doc = {"format": CHECKPOINT_FORMAT, "settings": s, "seed": self.seed, "key": self.key,
+               "groups": {n: g.describe() for n, g in sorted(self.groups.items())},
+               "init": {n: _digest(p.contiguous().numpy().tobytes()) for n, p in sorted(self.init_probs.items())}}
+        return _digest(json.dumps(doc, sort_keys=True).encode())[:20]
+
+    def checkpoint_file(self, directory: str | Path) -> Path:
+        """Where this search's checkpoint lives in ``directory`` (the name holds the fingerprint)."""
+        return Path(directory) / f"search-{self.fingerprint}.ckpt"
 
     # ---- state and checkpoints -------------------------------------------------------------
     def _fresh_state(self) -> dict[str, Any]:
-        gen = torch.Generator().manual_seed(self.settings.seed)
+        gen = torch.Generator().manual_seed(self.seed)
         return {"step": 0, "probs": {n: p.clone() for n, p in self.init_probs.items()}, "baseline": None,
-                "generator": gen.get_state(), "history": [], "nan_streak": 0, "best": None, "validation": []}
+                "generator": gen.get_state(), "history": [], "nan_streak": 0, "best": None, "validation": [],
+                "elapsed_s": 0.0, "forward_passes": 0}
 
     def _load(self, path: Path) -> dict[str, Any]:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-            raise ConfigError(f"'{path}' is not a pgprune search checkpoint; delete it or pick another path.")
-        if ckpt["fingerprint"] != self.fingerprint:
-            raise ConfigError(f"checkpoint '{path}' was written with different search settings, groups or initial "
-                              f"probabilities (fingerprint {ckpt['fingerprint']} != {self.fingerprint}); delete the "
-                              f"checkpoint to start over, or restore the settings it was made with.")
-        return ckpt
+        """Read and verify a checkpoint; CheckpointDamaged says why it cannot be used."""
+        try:
+            raw = path.read_bytes()
+        except OSError as e:
+            raise CheckpointDamaged(f"cannot read '{path}': {e}") from None
+        head, sep, payload = raw.partition(b"\n")
+        parts = head.split(b" ")
+        if not sep or len(parts) != 3 or parts[0] != CHECKPOINT_MAGIC:
+            raise CheckpointDamaged(f"'{path}' is not a pgprune search checkpoint (bad header)")
+        if parts[1].decode(errors="replace") != self.fingerprint:
+            raise CheckpointDamaged(f"'{path}' was written by another search (fingerprint "
+                                    f"{parts[1].decode(errors='replace')}, this search: {self.fingerprint})")
+        if _digest(payload) != parts[2].decode(errors="replace"):
+            raise CheckpointDamaged(f"'{path}' is damaged (its content does not match its sha256; truncated or "
+                                    "modified)")
+        try:
+            ckpt = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - any unpickling failure means the file is unusable
+            raise CheckpointDamaged(f"'{path}' cannot be unpickled: {type(e).__name__}: {e}") from None
+        if not isinstance(ckpt, dict) or ckpt.get("fingerprint") != self.fingerprint or "state" not in ckpt:
+            raise CheckpointDamaged(f"'{path}' holds no state of this search")
+        return ckpt["state"]
 
     def _save(self, path: Path, state: dict[str, Any]) -> None:
-        torch_save({"format": CHECKPOINT_FORMAT, "fingerprint": self.fingerprint,
-                    "settings": self.settings.model_dump(), **state}, path)
+        buf = io.BytesIO()
+        torch.save({"fingerprint": self.fingerprint, "settings": self.settings.model_dump(mode="json"),
+                    "seed": self.seed, "state": state}, buf)
+        payload = buf.getvalue()
+        header = b" ".join([CHECKPOINT_MAGIC, self.fingerprint.encode(), _digest(payload).encode()]) + b"\n"
+        write_bytes(path, header + payload)
+
+    def _resume_or_start(self, path: Path | None) -> dict[str, Any]:
+        if path is None or not path.exists():
+            return self._fresh_state()
+        try:
+            return self._load(path)
+        except CheckpointDamaged as e:
+            aside = path.with_name(path.name + f".damaged-{int(time.time())}")
+            path.replace(aside)
+            warnings.warn(f"{e}; moved it to '{aside}' and starting the search over", RuntimeWarning, stacklevel=3)
+            return self._fresh_state()
 
     # ---- the search ------------------------------------------------------------------------
-    def run(self, loss_fn: LossFn, *, checkpoint_path: str | Path | None = None, progress: bool = True,
+    def run(self, losses_fn: LossesFn, *, checkpoint_dir: str | Path | None = None, progress: bool = True,
             stop_after: int | None = None, on_step: Callable[[dict[str, Any]], None] | None = None,
             validate_fn: Callable[[dict[str, torch.Tensor]], float] | None = None,
-            validate_every: int = 0) -> SearchResult:
-        """Run (or resume from ``checkpoint_path``) the search; ``loss_fn(masks, step, sample) -> float``.
+            validate_every: int = 0, keep_checkpoint: bool = False) -> SearchResult:
+        """Run (or resume from this search's checkpoint in ``checkpoint_dir``) the search.
 
-        ``masks`` maps each group to a 1-D CPU bool tensor (True = keep); the caller moves it to its device and
-        picks the calibration batch from ``step``. A step whose samples are all non-finite is skipped (no update,
-        but it still counts as a step). ``stop_after``: stop (and checkpoint) once this many steps are done.
-        A KeyboardInterrupt saves a checkpoint of the last completed step before propagating. ``on_step`` gets
-        each step's history entry.
+        ``losses_fn(masks, step) -> K losses``: ``masks`` is a list of K samples, each mapping a group to a 1-D
+        CPU bool tensor (True = keep); the caller evaluates them on calibration batch ``step`` (cycled) and
+        returns their losses (a sequence or a tensor; non-finite ones are dropped with a warning, a step whose
+        samples are all non-finite is skipped but still counts). ``stop_after``: stop (and checkpoint) once this
+        many steps are done. A KeyboardInterrupt saves a checkpoint of the last completed step before
+        propagating. The checkpoint is deleted once the search completes (``keep_checkpoint`` keeps it).
+        ``on_step`` gets each step's history entry.
 
         ``validate_fn(probs) -> float`` (optional) scores the current probabilities, e.g. the loss of their hard
         top-k mask on held-back calibration data; it runs before the first step, every ``validate_every`` steps
         and after the last one, and the result remembers the best probabilities (``best_probs``, ``best_step``).
         """
         cfg = self.settings
-        path = Path(checkpoint_path) if checkpoint_path is not None else None
-        state = self._load(path) if path is not None and path.exists() else self._fresh_state()
+        path = self.checkpoint_file(checkpoint_dir) if checkpoint_dir is not None else None
+        state = self._resume_or_start(path)
+        resumed_from = int(state["step"])
         t_start, elapsed_before = time.perf_counter(), float(state.get("elapsed_s", 0.0))
 
         def elapsed() -> float:  # the whole search's time, summed over interrupted and resumed runs
@@ -212,14 +292,12 @@ class PolicyGradientSearch:
         gen.set_state(state["generator"])
         end = cfg.steps if stop_after is None else min(cfg.steps, max(int(stop_after), state["step"]))
         bar = tqdm(total=cfg.steps, initial=state["step"], disable=not progress, desc="pg-search", dynamic_ncols=True)
-        state.setdefault("best", None)
-        state.setdefault("validation", [])
         try:
             with torch.no_grad():
                 if validate_fn is not None and state["best"] is None:
                     self._validate(state, validate_fn)
                 while state["step"] < end:
-                    state, entry = self._step(state, gen, loss_fn)  # state is replaced only once a step is done
+                    state, entry = self._step(state, gen, losses_fn)  # state is replaced only once a step is done
                     if validate_fn is not None and ((validate_every and state["step"] % validate_every == 0)
                                                     or state["step"] == cfg.steps):
                         entry["val_loss"] = self._validate(state, validate_fn)
@@ -229,7 +307,8 @@ class PolicyGradientSearch:
                                         refresh=False)
                     if on_step is not None:
                         on_step(entry)
-                    if path is not None and cfg.checkpoint_every and state["step"] % cfg.checkpoint_every == 0:
+                    if path is not None and cfg.checkpoint_every and state["step"] % cfg.checkpoint_every == 0 \
+                            and state["step"] < cfg.steps:
                         save(state)
         except KeyboardInterrupt:
             if path is not None:
@@ -237,15 +316,20 @@ class PolicyGradientSearch:
             raise
         finally:
             bar.close()
+        completed = state["step"] >= cfg.steps
         if path is not None:
-            save(state)
+            if completed and not keep_checkpoint:
+                path.unlink(missing_ok=True)
+            else:
+                save(state)
         best = state.get("best")
         return SearchResult(probs={n: p.clone() for n, p in state["probs"].items()}, history=list(state["history"]),
-                            steps_done=state["step"], groups=self.groups, completed=state["step"] >= cfg.steps,
+                            steps_done=state["step"], groups=self.groups, completed=completed,
                             best_probs=None if best is None else {n: p.clone() for n, p in best["probs"].items()},
                             best_step=None if best is None else best["step"],
                             validation=list(state.get("validation", [])),
-                            elapsed_s=elapsed())
+                            elapsed_s=elapsed(), resumed_from=resumed_from,
+                            forward_passes=int(state.get("forward_passes", 0)))
 
     @staticmethod
     def _validate(state: dict[str, Any], validate_fn) -> float:
@@ -257,12 +341,16 @@ class PolicyGradientSearch:
                              "probs": {n: p.clone() for n, p in state["probs"].items()}}
         return value
 
-    def _step(self, state: dict[str, Any], gen: torch.Generator, loss_fn: LossFn) -> tuple[dict[str, Any], dict]:
+    def _step(self, state: dict[str, Any], gen: torch.Generator, losses_fn: LossesFn
+              ) -> tuple[dict[str, Any], dict]:
         """One step; returns (new state, history entry); ``state`` only gains the history entry, at the very end."""
         cfg, t, probs = self.settings, state["step"], state["probs"]
         masks = [{n: torch.rand(p.numel(), generator=gen, dtype=p.dtype) < p for n, p in probs.items()}
                  for _ in range(cfg.samples)]
-        losses = [float(loss_fn(m, t, j)) for j, m in enumerate(masks)]
+        raw = losses_fn(masks, t)
+        losses = [float(v) for v in (raw.tolist() if isinstance(raw, torch.Tensor) else raw)]
+        if len(losses) != cfg.samples:
+            raise PgpruneError(f"losses_fn returned {len(losses)} losses for {cfg.samples} sampled masks")
         valid = [j for j, v in enumerate(losses) if math.isfinite(v)]
         if len(valid) < cfg.samples:
             bad = [losses[j] for j in range(cfg.samples) if j not in valid]
@@ -272,7 +360,8 @@ class PolicyGradientSearch:
                            milestones=cfg.lr_milestones)
         entry: dict[str, Any] = {"step": t, "loss_mean": None, "loss_min": None, "baseline": None, "lr": factor,
                                  "n_valid": len(valid)}
-        new = dict(state, step=t + 1, generator=gen.get_state())
+        new = dict(state, step=t + 1, generator=gen.get_state(),
+                   forward_passes=int(state.get("forward_passes", 0)) + cfg.samples)
         if not valid:
             new["nan_streak"] = state["nan_streak"] + 1
             if new["nan_streak"] >= cfg.max_consecutive_nan_steps:
@@ -292,7 +381,7 @@ class PolicyGradientSearch:
                 g = w @ score(p, m, estimator=cfg.estimator, eps=cfg.eps)
                 g = g + penalty_gradient(p, pen, estimator=cfg.estimator, eps=cfg.eps)
                 stepped = p.to(torch.float64) - self.groups[n].lr * factor * g
-                new_probs[n] = project_budget(stepped, self.groups[n].budget).to(p.dtype)
+                new_probs[n] = self.groups[n].project(stepped).to(p.dtype)
             new["nan_streak"] = 0
             entry.update(loss_mean=float(vl.mean()), loss_min=float(vl.min()), baseline=float(b))
         for n, p in new_probs.items():

@@ -52,6 +52,21 @@ def project_budget(s: torch.Tensor, budget: float, *, tol: float = 1e-7, max_ite
     return (x - hi).clamp(0.0, 1.0).reshape(s.shape).to(s.dtype)
 
 
+def project_segments(s: torch.Tensor, segments: torch.Tensor, budgets, **kw) -> torch.Tensor:
+    """Project each segment's entries of ``s`` onto its own budget (``budgets[j]`` for segment id j): the
+    Euclidean projection onto the product of the per-segment sets {x_seg in [0,1]^n_seg : sum(x_seg) <= b_j}."""
+    flat = s.detach().reshape(-1)
+    seg = segments.reshape(-1).to(torch.long).cpu()
+    if seg.numel() != flat.numel():
+        raise BudgetError(f"segments has {seg.numel()} entries but there are {flat.numel()} scores.")
+    out = torch.empty_like(flat)
+    for j, b in enumerate(budgets):
+        idx = (seg == j).nonzero().reshape(-1)
+        if idx.numel():
+            out[idx] = project_budget(flat[idx], float(b), **kw)
+    return out.reshape(s.shape)
+
+
 def project_groups(probs: Mapping[str, torch.Tensor], budgets: Mapping[str, float], **kw) -> dict[str, torch.Tensor]:
     """Project every group's probabilities onto its own budget (see :func:`project_budget`)."""
     missing = sorted(set(probs) - set(budgets))

@@ -1,0 +1,420 @@
+"""Prefect work pool for sweeps: set-up, local workers, submitting a sweep, and a benchmark. See pipeline/README.md.
+
+    prefect server start --host 0.0.0.0                     # once, on the machine every worker can reach
+    export PREFECT_API_URL=http://<server>:4200/api
+    python -m pipeline.workpool setup --repo-url <shared git remote> [--dvc-remote <url>]
+    python -m pipeline.workpool worker --gpus 0 1 2 3      # on each GPU box: one worker per GPU
+    python -m pipeline.workpool worker --queue sweeps -n 1 # somewhere: runs sweeps submitted from the UI
+    python -m pipeline.workpool sweep --grid 'search.sparsity=[0.2, 0.4]' --grid 'search.method=[pg, flap]'
+    python -m pipeline.workpool bench --units 3 --workers 1 2   # the mini DVC project, 1 vs 2 local workers
+
+``setup`` creates the process work pool (queues ``units`` and ``sweeps``), registers the deployments
+``pgprune-unit/unit`` and ``pgprune-sweep/sweep`` from this checkout (or ``--source <git url>``: each flow run then
+clones the code) with the shared remotes as default parameters, and an automation that marks a flow run of these
+deployments Crashed when its heartbeats stop (a lost worker); the sweep reschedules crashed units.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from datetime import timedelta
+from pathlib import Path
+from typing import Iterator, Sequence
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+
+ROOT = Path(__file__).resolve().parent.parent
+POOL = "pgprune"
+UNITS_QUEUE, SWEEPS_QUEUE = "units", "sweeps"
+UNIT_ENTRY, SWEEP_ENTRY = "pipeline/unit.py:unit", "pipeline/sweep.py:sweep"
+UNIT_DEPLOYMENT, SWEEP_DEPLOYMENT = "pgprune-unit/unit", "pgprune-sweep/sweep"
+
+
+def prefect_executable() -> str:
+    here = Path(sys.executable).with_name("prefect")
+    return str(here) if here.exists() else (shutil.which("prefect") or "prefect")
+
+
+# --- server (for tests, the benchmark and trying things on one machine) ------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def server_env(home: Path) -> dict[str, str]:
+    """A self-contained Prefect server: its own PREFECT_HOME and sqlite database, no analytics, no UI build."""
+    env = dict(os.environ, PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false",
+               PREFECT_API_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{home}/prefect.db",
+               PREFECT_SERVER_UI_ENABLED="false")
+    env.pop("PREFECT_API_URL", None)
+    return env
+
+
+@contextlib.contextmanager
+def local_server(home: Path, port: int | None = None, timeout_s: float = 90) -> Iterator[str]:
+    """``prefect server start`` on a free loopback port (in its own process group, stopped on exit); yields the
+    API URL once /api/health answers."""
+    home = Path(home)
+    home.mkdir(parents=True, exist_ok=True)
+    port = port or free_port()
+    url = f"http://127.0.0.1:{port}/api"
+    with open(home / "server.log", "ab") as log:
+        proc = subprocess.Popen([prefect_executable(), "server", "start", "--host", "127.0.0.1", "--port",
+                                 str(port)], env=server_env(home), stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True, preexec_fn=_default_signals)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"prefect server did not start; see {home / 'server.log'}")
+            time.sleep(0.3)
+        yield url
+    finally:
+        stop_group(proc)
+
+
+def _default_signals() -> None:
+    """In the child before exec: default SIGINT (a parent started in the background has it ignored, and prefect's
+    CLI turns SIGTERM into SIGINT to stop cleanly)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def stop_group(proc: subprocess.Popen, grace_s: float = 10) -> None:
+    """SIGTERM the process group ``proc`` leads (started with start_new_session), SIGKILL after ``grace_s``."""
+    if proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+# --- pool, deployments, automation --------------------------------------------------------------------------------
+def ensure_pool(pool: str = POOL) -> None:
+    """The process work pool ``pool`` with the queues ``units`` and ``sweeps`` (created if missing)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            wp = client.read_work_pool(pool)
+            if wp.type != "process":
+                raise ValueError(f"work pool {pool!r} exists with type {wp.type!r}; this needs a 'process' pool")
+        except ObjectNotFound:
+            client.create_work_pool(WorkPoolCreate(name=pool, type="process",
+                                                   description="pgprune: one DVC experiment per flow run"))
+        for queue in (UNITS_QUEUE, SWEEPS_QUEUE):
+            with contextlib.suppress(ObjectAlreadyExists):
+                client.create_work_queue(name=queue, work_pool_name=pool)
+
+
+def _source(source: str, branch: str | None):
+    """A local folder as is; a git URL as a GitRepository (each flow run clones it)."""
+    if "://" in source or source.startswith("git@") or source.endswith(".git"):
+        from prefect.runner.storage import GitRepository
+
+        return GitRepository(url=source, branch=branch)
+    return str(Path(source).resolve())
+
+
+def register_deployments(pool: str = POOL, source: str = str(ROOT), branch: str | None = None,
+                         repo_url: str | None = None, dvc_remote: str | None = None) -> dict[str, str]:
+    """``pgprune-unit/unit`` (queue units) and ``pgprune-sweep/sweep`` (queue sweeps) from ``source``; the shared
+    remotes become the deployments' default parameters. Returns {deployment name: id}."""
+    from prefect import flow
+
+    defaults = {k: v for k, v in (("repo_url", repo_url), ("dvc_remote", dvc_remote)) if v}
+    ids = {}
+    for entry, name, queue, desc in (
+            (UNIT_ENTRY, UNIT_DEPLOYMENT, UNITS_QUEUE, "one DVC experiment (dvc exp run -S ...) in a worker's clone; "
+                                                       "pushed to the shared git and DVC remotes"),
+            (SWEEP_ENTRY, SWEEP_DEPLOYMENT, SWEEPS_QUEUE, "fans units out to the pool, then one comparison table "
+                                                          "and plot")):
+        fl = flow.from_source(source=_source(source, branch), entrypoint=entry)
+        dep = fl.to_deployment(name=name.split("/")[1], work_pool_name=pool, work_queue_name=queue,
+                               parameters=dict(defaults), description=desc, tags=["pgprune"])
+        # RunnerDeployment.apply, not flow.deploy: deploy() asks the server for online workers with a request
+        # that prefect 3.8 + fastapi 0.154 reject (422 on offset/limit None)
+        ids[name] = str(dep.apply(work_pool_name=pool))
+    return ids
+
+
+def ensure_zombie_automation(pool: str, deployment_ids: Sequence[str], window_s: float) -> str:
+    """Prefect's documented zombie detection, limited to these deployments: after a flow run's heartbeat, if no
+    event of that run follows within ``window_s``, mark it Crashed. Replaces an earlier one of the same name."""
+    from prefect.automations import Automation
+    from prefect.client.schemas.objects import StateType
+    from prefect.events.actions import ChangeFlowRunState
+    from prefect.events.schemas.automations import EventTrigger, Posture
+    from prefect.events.schemas.events import ResourceSpecification
+
+    name = f"{pool}: crash flow runs whose heartbeats stopped"
+    with contextlib.suppress(ValueError):
+        Automation.read(name=name).delete()
+    auto = Automation(
+        name=name, description="a lost worker's unit becomes Crashed; the sweep then reschedules it",
+        trigger=EventTrigger(
+            after={"prefect.flow-run.heartbeat"}, expect={"prefect.flow-run.*"},
+            match=ResourceSpecification({"prefect.resource.id": ["prefect.flow-run.*"]}),
+            match_related=ResourceSpecification({"prefect.resource.id": [f"prefect.deployment.{d}"
+                                                                          for d in deployment_ids]}),
+            for_each={"prefect.resource.id"}, posture=Posture.Proactive, threshold=1,
+            within=timedelta(seconds=window_s)),
+        actions=[ChangeFlowRunState(state=StateType.CRASHED,
+                                    message=f"no heartbeat for {window_s:g} s: the worker was lost")])
+    return str(auto.create().id)
+
+
+def setup(pool: str = POOL, source: str = str(ROOT), branch: str | None = None, repo_url: str | None = None,
+          dvc_remote: str | None = None, heartbeat_window_s: float = 180) -> dict[str, str]:
+    ensure_pool(pool)
+    ids = register_deployments(pool, source, branch, repo_url, dvc_remote)
+    ids["automation"] = ensure_zombie_automation(pool, [ids[UNIT_DEPLOYMENT], ids[SWEEP_DEPLOYMENT]],
+                                                 heartbeat_window_s)
+    return ids
+
+
+# --- workers ---------------------------------------------------------------------------------------------------------
+def worker_env(work_dir: Path, gpu: str | None = None, threads: int | None = None, heartbeat_s: int = 60,
+               extra: dict[str, str] | None = None) -> dict[str, str]:
+    """A worker's environment (its flow runs inherit it): its GPU, CPU threads, the machine's work folder
+    (clones, shared DVC cache, search checkpoints) and the heartbeat the zombie automation watches."""
+    env = dict(os.environ, PREFECT_SERVER_ANALYTICS_ENABLED="false", DVC_NO_ANALYTICS="1",
+               PGPRUNE_WORK_DIR=str(work_dir), PGPRUNE_CHECKPOINT_DIR=str(Path(work_dir) / "checkpoints"),
+               PREFECT_FLOWS_HEARTBEAT_FREQUENCY=str(max(30, int(heartbeat_s))))
+    if gpu is not None:
+        env["CUDA_VISIBLE_DEVICES"] = str(gpu)
+    if threads:
+        for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS"):
+            env[k] = str(threads)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env.update(extra or {})
+    return env
+
+
+def start_worker(name: str, env: dict[str, str], log_path: Path, pool: str = POOL,
+                 queue: str = UNITS_QUEUE, limit: int = 1) -> subprocess.Popen:
+    """``prefect worker start`` (process type, at most ``limit`` flow runs at a time) in its own process group."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log:
+        return subprocess.Popen([prefect_executable(), "worker", "start", "--pool", pool, "--work-queue", queue,
+                                 "--name", name, "--type", "process", "--limit", str(limit),
+                                 "--install-policy", "never"],
+                                env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                preexec_fn=_default_signals)
+
+
+def wait_for_workers(pool: str, names: Sequence[str], timeout_s: float = 60) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import WorkerFilter, WorkerFilterStatus
+
+    deadline = time.monotonic() + timeout_s
+    with get_client(sync_client=True) as client:
+        while True:
+            online = {w.name for w in client.read_workers_for_work_pool(
+                pool, worker_filter=WorkerFilter(status=WorkerFilterStatus(any_=["ONLINE"])), offset=0, limit=200)}
+            if set(names) <= online:
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"workers {sorted(set(names) - online)} did not come online in {timeout_s:g} s")
+            time.sleep(0.5)
+
+
+def worker_specs(n: int | None, gpus: Sequence[str] | None, prefix: str) -> list[tuple[str, str | None]]:
+    """(worker name, CUDA_VISIBLE_DEVICES) for ``--gpus 0 1`` (one worker per GPU) or ``-n N`` (no GPU pinning)."""
+    if gpus:
+        return [(f"{prefix}-gpu{g}", str(g)) for g in gpus]
+    return [(f"{prefix}-{i}", None) for i in range(n or 1)]
+
+
+# --- sweep submission ------------------------------------------------------------------------------------------------
+def parse_grid(items: Sequence[str] | None) -> dict[str, list]:
+    """``key=[v1, v2]`` (YAML flow list) → {key: [v1, v2]}; a scalar value is a one-element list."""
+    from pipeline.experiments import check_override, parse_value
+
+    grid: dict[str, list] = {}
+    for item in items or []:
+        key, value = check_override(item)
+        v = parse_value(value)
+        grid[key] = v if isinstance(v, list) else [v]
+    return grid
+
+
+def sweep_parameters(args: argparse.Namespace) -> dict:
+    p = {"units": [u for u in (args.unit or [])] or None, "grid": parse_grid(args.grid) or None,
+         "targets": args.targets or None, "sweep_id": args.sweep_id, "rev": args.rev, "repo_url": args.repo_url,
+         "dvc_remote": args.dvc_remote, "metric": args.metric, "x": args.x,
+         "fail_on_unit_failure": not args.no_fail}
+    return {k: v for k, v in p.items() if v is not None}
+
+
+# --- benchmark ------------------------------------------------------------------------------------------------------
+def bench(units: int, worker_counts: Sequence[int], steps: int, work: int, threads: int, keep: Path | None) -> dict:
+    """Wall time of one sweep of ``units`` units of the mini DVC project (pipeline/demo.py) with each number of
+    local workers, on one local server. Each round uses its own ``search.seed`` so no round reuses another's run
+    cache; the clock runs from the sweep's start to its comparison table (submission, clones, pulls, runs, pushes,
+    gathering)."""
+    from pipeline.demo import make_demo_project
+    from pipeline.sweep import sweep as sweep_flow
+
+    tmp = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="pgprune-bench-"))
+    tmp.mkdir(parents=True, exist_ok=True)
+    make_demo_project(tmp / "seed", tmp / "origin.git", tmp / "dvcstore",
+                      params={"search": {"steps": steps, "work": work, "step_seconds": 0.0}})
+    results: dict[str, float] = {}
+    with local_server(tmp / "prefect") as api:
+        os.environ.update(PREFECT_API_URL=api, PREFECT_HOME=str(tmp / "prefect"),
+                          PREFECT_WORKER_QUERY_SECONDS="1", PGPRUNE_WORK_DIR=str(tmp / "controller"))
+        setup(POOL, str(ROOT), None, str(tmp / "origin.git"), str(tmp / "dvcstore"), heartbeat_window_s=180)
+        for n in worker_counts:
+            names = [f"bench{n}-{i}" for i in range(n)]
+            procs = [start_worker(nm, worker_env(tmp / "machine", threads=threads,
+                                                 extra={"PREFECT_WORKER_QUERY_SECONDS": "1"}),
+                                  tmp / "logs" / f"{nm}.log") for nm in names]
+            try:
+                wait_for_workers(POOL, names)
+                grid = {"search.sparsity": [round(0.1 + 0.2 * i, 2) for i in range(units)], "search.seed": [n]}
+                t0 = time.perf_counter()
+                rows = sweep_flow(grid=grid, sweep_id=f"bench-w{n}", poll_seconds=0.5)
+                results[f"sweep_wall_s_workers{n}"] = time.perf_counter() - t0
+                assert all(r["state"] == "completed" for r in rows), rows
+            finally:
+                for p in procs:
+                    stop_group(p)
+    if not keep:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return results
+
+
+def _interrupt(signum, frame):  # noqa: ARG001
+    raise KeyboardInterrupt
+
+
+# --- CLI ------------------------------------------------------------------------------------------------------------
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m pipeline.workpool", description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    s = sub.add_parser("setup", help="create the work pool, register the deployments and the zombie automation")
+    s.add_argument("--pool", default=POOL)
+    s.add_argument("--repo-url", help="the shared git remote the workers clone and push experiments to")
+    s.add_argument("--dvc-remote", help="the shared DVC remote URL (default: the repository's default remote)")
+    s.add_argument("--source", default=str(ROOT), help="where workers get the flow code: this checkout (default; "
+                   "the same path must exist on every worker machine) or a git URL (cloned per flow run)")
+    s.add_argument("--branch", help="with a git --source: its branch")
+    s.add_argument("--heartbeat-window", type=float, default=180, help="seconds without a heartbeat after which "
+                   "a flow run is marked Crashed (>= 3 x the workers' --heartbeat; default 180)")
+
+    w = sub.add_parser("worker", help="start process workers on this machine (foreground; Ctrl-C stops them)")
+    w.add_argument("--pool", default=POOL)
+    w.add_argument("--queue", default=UNITS_QUEUE, help="units (default) or sweeps")
+    w.add_argument("-n", type=int, help="number of workers (without --gpus)")
+    w.add_argument("--gpus", nargs="+", help="one worker per GPU index (CUDA_VISIBLE_DEVICES)")
+    w.add_argument("--threads", type=int, help="CPU threads per worker (OMP/MKL/OpenBLAS; torch follows OMP)")
+    w.add_argument("--work-dir", default=os.environ.get("PGPRUNE_WORK_DIR") or
+                   str(Path.home() / ".cache" / "pgprune-work"),
+                   help="this machine's folder: clones, the shared DVC cache, search checkpoints")
+    w.add_argument("--heartbeat", type=int, default=60, help="flow-run heartbeat seconds (>= 30; default 60)")
+    w.add_argument("--name", default=socket.gethostname(), help="worker name prefix (default: the host name)")
+
+    sw = sub.add_parser("sweep", help="run a sweep (in this process, or --submit it to the sweeps queue)")
+    sw.add_argument("--unit", action="append", help='one unit: "key=value key=value" (repeatable)')
+    sw.add_argument("--grid", action="append", help="key=[v1, v2] (repeatable; the product of all is swept)")
+    sw.add_argument("--targets", nargs="+", help="stages to run in every unit (default: all)")
+    sw.add_argument("--sweep-id", help="names the experiments; rerunning an id skips units already pushed")
+    sw.add_argument("--rev", help="baseline branch/tag/commit of the shared git remote (default HEAD)")
+    sw.add_argument("--repo-url")
+    sw.add_argument("--dvc-remote")
+    sw.add_argument("--metric", help="the plot's y: a metrics key (file:key) or its suffix")
+    sw.add_argument("--x", help="the plot's x: an override key")
+    sw.add_argument("--no-fail", action="store_true", help="end Completed even if units failed")
+    sw.add_argument("--submit", action="store_true", help="run it as a flow run of pgprune-sweep/sweep (a worker "
+                    "of the sweeps queue executes it); print its id and return")
+
+    b = sub.add_parser("bench", help="wall time of a sweep of the mini DVC project with 1, 2, ... local workers")
+    b.add_argument("--units", type=int, default=3)
+    b.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    b.add_argument("--steps", type=int, default=8, help="search steps per unit")
+    b.add_argument("--work", type=int, default=60, help="256x256 matmuls per search step (CPU work)")
+    b.add_argument("--threads", type=int, default=1, help="CPU threads per worker")
+    b.add_argument("--keep", type=Path, help="work in this folder and keep it (default: a temporary one)")
+    args = ap.parse_args(argv)
+
+    try:
+        if args.cmd == "setup":
+            ids = setup(args.pool, args.source, args.branch, args.repo_url, args.dvc_remote, args.heartbeat_window)
+            print(json.dumps(ids, indent=2))
+        elif args.cmd == "worker":
+            specs = worker_specs(args.n, args.gpus, args.name)
+            logs = Path(args.work_dir) / "logs"
+            procs = [start_worker(nm, worker_env(Path(args.work_dir), gpu, args.threads, args.heartbeat),
+                                  logs / f"{nm}.log", args.pool, args.queue) for nm, gpu in specs]
+            signal.signal(signal.SIGTERM, _interrupt)
+            signal.signal(signal.SIGINT, _interrupt)
+            print(f"started {len(procs)} worker(s) on {args.pool}/{args.queue}: "
+                  + ", ".join(f"{nm} (CUDA_VISIBLE_DEVICES={gpu}, log {logs / (nm + '.log')})" for nm, gpu in specs))
+            try:
+                while all(p.poll() is None for p in procs):
+                    time.sleep(1)
+                print("a worker exited; stopping the others", file=sys.stderr)
+                return 1
+            except KeyboardInterrupt:
+                return 0
+            finally:
+                for p in procs:
+                    stop_group(p)
+        elif args.cmd == "sweep":
+            params = sweep_parameters(args)
+            if args.submit:
+                from prefect.deployments import run_deployment
+
+                fr = run_deployment(SWEEP_DEPLOYMENT, parameters=params, timeout=0)
+                print(f"submitted sweep flow run {fr.name} ({fr.id})")
+                return 0
+            from pipeline.sweep import UnitsFailed, markdown_table, sweep as sweep_flow
+
+            try:
+                rows = sweep_flow(**params)
+            except UnitsFailed as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 1
+            print(markdown_table(rows))
+        elif args.cmd == "bench":
+            res = bench(args.units, args.workers, args.steps, args.work, args.threads, args.keep)
+            for k, v in res.items():
+                print(f"RESULT {k}={v:.1f}")
+            if len(args.workers) > 1:
+                a, z = args.workers[0], args.workers[-1]
+                print(f"RESULT speedup_workers{z}_vs_{a}="
+                      f"{res[f'sweep_wall_s_workers{a}'] / res[f'sweep_wall_s_workers{z}']:.2f}")
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

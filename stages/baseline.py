@@ -1,0 +1,27 @@
+"""Stage `baseline@<method>-<sparsity>`: the masks of one metric baseline (pgprune/methods.py) at one sparsity,
+from the init stage's scores; writes the masks hand-off (masks.json, compensation)."""
+from pgprune.adapters import get_adapter
+from pgprune.io import load_tensors
+from pgprune.models import load_model
+from pgprune.workflow import method_masks, save_masks
+from stages._common import parse, run
+
+
+def main(argv=None):
+    def args(ap):
+        ap.add_argument("--method", required=True)
+        ap.add_argument("--sparsity", type=float, required=True)
+        ap.add_argument("--model", required=True)
+        ap.add_argument("--scores", required=True)
+        ap.add_argument("--out", required=True, help="masks folder")
+
+    params, a = parse(__doc__, args, argv)
+    model, _ = load_model(a.model, params.model.dtype, "cpu", offload=params.model.offload)
+    scores = load_tensors(a.scores, "init scores (init stage)")
+    result = method_masks(a.method, model, None, scores, params, a.sparsity)
+    summary = save_masks(a.out, result, get_adapter(model).layout())
+    print({k: v for k, v in summary.items() if k != "params"})
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,39 @@
+"""Stage `export`: models/pruned, the model users load: export.method's masks at export.sparsity sliced out of the
+base model, saved with its tokenizer, masks.json and a model card (a stock architecture when the masks are uniform,
+per-layer widths with trust_remote_code otherwise)."""
+from pathlib import Path
+
+from pgprune.adapters import get_adapter
+from pgprune.card import CardInfo
+from pgprune.export import save_model
+from pgprune.io import read_json
+from pgprune.models import load_model, resolve
+from pgprune.workflow import load_masks
+from stages._common import parse, run
+
+
+def main(argv=None):
+    def args(ap):
+        ap.add_argument("--model", required=True)
+        ap.add_argument("--masks", required=True)
+        ap.add_argument("--metrics", required=True, help="evaluation of these masks (json)")
+        ap.add_argument("--out", required=True)
+
+    params, a = parse(__doc__, args, argv)
+    e = params.export
+    model, tok = load_model(a.model, e.save_dtype, "cpu")
+    masks, extra = load_masks(a.masks, get_adapter(model).layout())
+    metrics = read_json(a.metrics) if Path(a.metrics).exists() else None
+    card = CardInfo(base_model=resolve(a.model) if not Path(resolve(a.model)).exists() else params.model.source,
+                    method=e.method, sparsity=e.sparsity,
+                    calibration=f"{params.data.calibration} ({params.data.calib_blocks} blocks of "
+                                f"{params.data.seq_len} tokens)",
+                    evaluation=metrics,
+                    command=f"dvc repro export  # params.yaml: export.method={e.method}, "
+                            f"export.sparsity={e.sparsity}")
+    save_model(model, masks, a.out, tok, extra_bias=extra, layout="auto", card=card, save_dtype=e.save_dtype)
+    print(f"saved {a.out}")
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,126 @@
+"""CUDA checks (marked ``gpu``: run when a CUDA device is present, skipped otherwise; CI never needs them).
+
+Batched == separate on the GPU and == the CPU result; streamed (offload cpu: pinned copies on a side stream,
+offload disk, device_map auto over GPU/CPU/disk) == in-memory; bf16; the step makes no host synchronisation
+besides copying the K losses; the memory plan bounds the measured CUDA peak."""
+import warnings
+
+import pytest
+import torch
+
+from conftest import make_tiny_model
+from pgprune.masked_forward import MaskedModel
+from pgprune.memory import peak_memory, plan, reset_peak_memory
+from pgprune.models import load_model
+from pgprune.weights import layer_homes
+from test_batched import random_means, sample_masks
+
+pytestmark = pytest.mark.gpu
+VOCAB = 300
+
+
+def ids_batch(b=3, t=17, seed=1):
+    return torch.randint(0, VOCAB, (b, t), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("arch,kw", [("llama", dict(n_heads=4, n_kv=2)), ("qwen2", dict(n_heads=6, n_kv=3, hidden=48))])
+def test_batched_equals_separate_on_cuda(arch, kw):
+    model = make_tiny_model(arch, **kw)
+    cpu = MaskedModel(model)
+    means = random_means(cpu.layout, 1)
+    cpu.set_compensation(means)
+    ids = ids_batch()
+    masks = sample_masks(cpu.layout, 4, seed=3)
+    want = cpu.sample_losses(ids, masks, "separate")
+    gpu = MaskedModel(model.to("cuda"))
+    gpu.set_compensation(means)
+    sep = gpu.sample_losses(ids, masks, "separate")
+    bat = gpu.sample_losses(ids, masks, "batched")
+    auto = gpu.sample_losses(ids, masks)  # batched on CUDA
+    assert sep.device.type == "cpu" and sep.dtype == torch.float64
+    torch.testing.assert_close(bat, sep, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(auto, bat, atol=0, rtol=0)
+    torch.testing.assert_close(sep, want, atol=1e-4, rtol=1e-4)
+
+
+def test_bf16_batched_close_to_float32():
+    model = make_tiny_model("llama", n_heads=4, n_kv=2)
+    ids = ids_batch()
+    masks = sample_masks(MaskedModel(model).layout, 4, seed=5)
+    f32 = MaskedModel(model.to("cuda")).sample_losses(ids, masks, "batched")
+    mm = MaskedModel(model.to(torch.bfloat16))
+    bat, sep = mm.sample_losses(ids, masks, "batched"), mm.sample_losses(ids, masks, "separate")
+    torch.testing.assert_close(bat, sep, atol=5e-2, rtol=2e-2)
+    torch.testing.assert_close(bat, f32, atol=1e-1, rtol=3e-2)
+
+
+def test_step_has_one_host_sync():
+    model = make_tiny_model("llama", n_heads=4, n_kv=2).to("cuda")
+    mm = MaskedModel(model)
+    mm.set_compensation(random_means(mm.layout, 2))
+    ids = ids_batch().cuda()
+    masks = sample_masks(mm.layout, 4, seed=6)
+    for mode in ("batched", "separate"):
+        mm.sample_losses(ids, masks, mode)  # warm-up (lazy CUDA/library initialisation)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                mm.sample_losses(ids, masks, mode)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        syncs = [w for w in caught if "synchroniz" in str(w.message).lower()]
+        assert len(syncs) == 1, (mode, [str(w.message)[:120] for w in syncs])
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, tiny_tokenizer):
+    model = make_tiny_model("qwen2", n_heads=4, n_kv=2, layers=4)
+    folder = tmp_path_factory.mktemp("gpu-ckpt")
+    model.save_pretrained(folder, max_shard_size="40KB")
+    tiny_tokenizer.save_pretrained(folder)
+    return model, folder
+
+
+def test_streamed_equals_in_memory_on_cuda(checkpoint):
+    dense, folder = checkpoint
+    ref = MaskedModel(load_model(folder, "float32", "cuda")[0])
+    means = random_means(ref.layout, 3)
+    ref.set_compensation(means)
+    ids = ids_batch()
+    masks = sample_masks(ref.layout, 3, seed=8)
+    want = ref.sample_losses(ids, masks, "batched")
+    layer_bytes = sum(p.numel() * 4 for p in dense.model.layers[0].parameters())
+    outside = sum(p.numel() * 4 for n, p in dense.named_parameters() if ".layers." not in n)
+    # accelerate keeps room for one offloaded layer on the GPU and on the CPU: ~2 layers on the GPU, ~1 in CPU
+    # memory, the rest on disk
+    split = dict(device_map="auto", max_memory={"0": outside + int(3.2 * layer_bytes), "cpu": int(2.5 * layer_bytes)})
+    for kw in (dict(offload="cpu"), dict(offload="disk"), split):
+        model, _ = load_model(folder, "float32", "cuda", **kw)
+        mm = MaskedModel(model)
+        homes = layer_homes(model)[0]
+        if "device_map" in kw:
+            assert homes[0] == "resident" and "disk" in homes, homes
+        else:
+            assert set(homes) == {kw["offload"]}
+        mm.set_compensation(means)
+        for mode in ("batched", "separate"):
+            torch.testing.assert_close(mm.sample_losses(ids, masks, mode), want, atol=1e-5, rtol=1e-5)
+        assert mm.loss(ids) == pytest.approx(ref.loss(ids), abs=1e-5)
+
+
+def test_plan_bounds_the_measured_cuda_peak(checkpoint, tmp_path):
+    dense, folder = checkpoint
+    ids = ids_batch(4, 64)
+    masks = sample_masks(MaskedModel(dense).layout, 4, seed=2)
+    for offload in ("none", "disk"):
+        torch.cuda.empty_cache()
+        reset_peak_memory("cuda")
+        model, _ = load_model(folder, "float32", "cuda", offload=offload)
+        mm = MaskedModel(model)
+        mm.sample_losses(ids, masks, "batched")
+        measured = peak_memory("cuda")
+        est = plan(folder, "float32", offload=offload, batch=4, seq_len=64, samples=4, device="cuda")
+        assert measured <= est["rows"][f"offload {offload}"]["device_peak"], (offload, measured, est)
+        del mm, model

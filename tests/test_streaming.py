@@ -1,0 +1,188 @@
+"""Layer streaming and placement: a model whose decoder layers are read from disk one at a time (offload disk),
+copied per use (offload cpu), or split over CPU memory and disk by accelerate (device_map auto) gives the same
+losses, scorer statistics, perplexity and sliced weights as the in-memory model; data parallel over samples too."""
+import pytest
+import torch
+
+from conftest import make_tiny_model
+from pgprune.errors import MissingFileError, PgpruneError
+from pgprune.eval.perplexity import perplexity
+from pgprune.masked_forward import MaskedModel
+from pgprune.masks import Masks
+from pgprune.models import load_model
+from pgprune.placement import ParallelSampleLosses
+from pgprune.scorers import collect_activation_stats, flap_scores, shortgpt_scores, wanda_sp_scores
+from pgprune.slicing import slice_model
+from pgprune.weights import Placement, attach, is_streamed, layer_homes, require_in_memory
+from test_batched import random_means, sample_masks
+
+VOCAB = 300
+
+
+def save(model, folder, tok, shard: str | None = None):
+    model.save_pretrained(folder, max_shard_size=shard) if shard else model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory, tiny_tokenizer):
+    """A GQA qwen2 (biases) and a llama MHA tiny model, saved as one safetensors file and sharded."""
+    root = tmp_path_factory.mktemp("ckpt")
+    out = {}
+    for name, (arch, kw) in {"qwen2": ("qwen2", dict(n_heads=4, n_kv=2, layers=4)),
+                             "llama": ("llama", dict(n_heads=4, n_kv=4, layers=3))}.items():
+        model = make_tiny_model(arch, **kw)
+        out[name] = (model, save(model, root / name, tiny_tokenizer),
+                     save(model, root / f"{name}-sharded", tiny_tokenizer, shard="30KB"))
+    return out
+
+
+def ids_batch(b=3, t=13, seed=1):
+    return torch.randint(0, VOCAB, (b, t), generator=torch.Generator().manual_seed(seed))
+
+
+def variants(dense, folder, sharded):
+    """name -> model, every streamed form of the same checkpoint."""
+    disk, _ = load_model(folder, "float32", "cpu", offload="disk")
+    disk_sharded, _ = load_model(sharded, "float32", "cpu", offload="disk")
+    cpu, _ = load_model(folder, "float32", "cpu")
+    attach(cpu, Placement(torch.device("cpu"), stream_resident=True))  # the offload-cpu path, run on a CPU
+    # layer 0 (+ embeddings) fits the CPU budget, the rest goes to disk
+    layer_bytes = sum(p.numel() * 4 for p in dense.model.layers[0].parameters())
+    outside = sum(p.numel() * 4 for n, p in dense.named_parameters() if ".layers." not in n)
+    split, _ = load_model(sharded, "float32", "cpu", device_map="auto",
+                          max_memory={"cpu": outside + int(1.5 * layer_bytes)})
+    return {"disk": disk, "disk_sharded": disk_sharded, "cpu_stream": cpu, "split": split}
+
+
+def test_disk_offload_holds_no_layer_weights_and_split_uses_cpu_and_disk(checkpoints):
+    dense, folder, sharded = checkpoints["qwen2"]
+    models = variants(dense, folder, sharded)
+    disk = models["disk"]
+    assert is_streamed(disk) and not is_streamed(dense)
+    held = {n for n, p in disk.named_parameters() if p.device.type != "meta"}
+    assert held and all(".layers." not in n for n in held)
+    assert all(p.device.type == "meta" for p in disk.model.layers.parameters())
+    homes, _ = layer_homes(models["split"])
+    assert homes[0] == "resident" and "disk" in homes, homes
+    assert layer_homes(models["cpu_stream"])[0] == ["cpu"] * 4
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_streamed_losses_equal_in_memory(checkpoints, arch):
+    dense, folder, sharded = checkpoints[arch]
+    ref = MaskedModel(dense)
+    means = random_means(ref.layout, 2)
+    ids = ids_batch()
+    masks = sample_masks(ref.layout, 3, seed=5)
+    want = {"loss": ref.loss(ids), "masked": ref.loss(ids, masks[1]), "logits": ref.logits(ids, masks[0]),
+            "sep": ref.sample_losses(ids, masks, "separate"), "bat": ref.sample_losses(ids, masks, "batched")}
+    ref.set_compensation(means)
+    want["comp"] = ref.sample_losses(ids, masks, "batched")
+    assert (want["comp"] - want["bat"]).abs().max() > 1e-3
+    for name, model in variants(dense, folder, sharded).items():
+        mm = MaskedModel(model)
+        assert mm.streamed
+        assert mm.loss(ids) == pytest.approx(want["loss"], abs=1e-6), name
+        assert mm.loss(ids, masks[1]) == pytest.approx(want["masked"], abs=1e-6), name
+        torch.testing.assert_close(mm.logits(ids, masks[0]), want["logits"], atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(mm.sample_losses(ids, masks, "separate"), want["sep"], atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(mm.sample_losses(ids, masks, "batched"), want["bat"], atol=1e-6, rtol=1e-6)
+        mm.set_compensation(means)
+        torch.testing.assert_close(mm.sample_losses(ids, masks, "batched"), want["comp"], atol=1e-6, rtol=1e-6)
+
+
+def test_streamed_scorer_statistics_and_scores(checkpoints):
+    dense, folder, sharded = checkpoints["qwen2"]
+    calib = torch.randint(3, VOCAB, (5, 12), generator=torch.Generator().manual_seed(0))
+    ref = collect_activation_stats(dense, calib, batch_size=2, progress=False)
+    want = {"wanda_sp": wanda_sp_scores(dense, calib, batch_size=2, progress=False),
+            "flap": flap_scores(dense, calib, batch_size=2, bias_compensation=True, progress=False),
+            "shortgpt": shortgpt_scores(dense, calib, batch_size=2, progress=False)}
+    for name, model in variants(dense, folder, sharded).items():
+        st = collect_activation_stats(model, calib, batch_size=2, progress=False)
+        assert st.n_tokens == ref.n_tokens
+        for a, b in zip(st.o_proj + st.down_proj, ref.o_proj + ref.down_proj):
+            assert a.n == b.n
+            torch.testing.assert_close(a.mean, b.mean, atol=1e-6, rtol=1e-5)
+            torch.testing.assert_close(a.var, b.var, atol=1e-6, rtol=1e-5)
+            torch.testing.assert_close(a.sqmean, b.sqmean, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(st.cos_sum, ref.cos_sum, atol=1e-5, rtol=1e-6)
+        # shortgpt needs only the statistics; wanda_sp / flap read o_proj/down_proj weights (here of the dense
+        # model: the streamed statistics must give the same scores)
+        torch.testing.assert_close(shortgpt_scores(model, calib, batch_size=2, progress=False)["layers"],
+                                   want["shortgpt"]["layers"], atol=1e-5, rtol=1e-5)
+        for key in ("heads", "channels", "layers"):
+            torch.testing.assert_close(wanda_sp_scores(dense, None, stats=st)[key], want["wanda_sp"][key],
+                                       atol=1e-5, rtol=1e-4)
+        fl = flap_scores(dense, None, stats=st, bias_compensation=True)
+        for key in ("heads", "channels"):
+            torch.testing.assert_close(fl[key], want["flap"][key], atol=1e-4, rtol=1e-4)
+
+
+def test_streamed_perplexity_and_masked_perplexity(checkpoints):
+    dense, folder, sharded = checkpoints["llama"]
+    blocks = torch.randint(0, VOCAB, (7, 12), generator=torch.Generator().manual_seed(3))
+    want = perplexity(dense, blocks, batch_size=3)
+    masks = sample_masks(MaskedModel(dense).layout, 1, seed=8)[0]
+    sliced = perplexity(slice_model(dense, masks), blocks, batch_size=3)
+    for name, model in variants(dense, folder, sharded).items():
+        got = perplexity(model, blocks, batch_size=3)
+        assert got["tokens"] == want["tokens"] == 7 * 11 and got["blocks"] == 7
+        assert got["nll"] == pytest.approx(want["nll"], rel=1e-6), name
+        # masked perplexity through the executor == the sliced model's, also in sweeps of 3 blocks
+        for sweep in (None, 3):
+            m = perplexity(model, blocks, batch_size=2, masks=masks, sweep_blocks=sweep)
+            assert m["nll"] == pytest.approx(sliced["nll"], rel=1e-5), (name, sweep)
+    assert perplexity(MaskedModel(dense), blocks, batch_size=3)["nll"] == pytest.approx(want["nll"], rel=1e-6)
+
+
+def test_slicing_a_streamed_model(checkpoints):
+    dense, folder, sharded = checkpoints["qwen2"]
+    masks = sample_masks(MaskedModel(dense).layout, 1, seed=2)[0]
+    want = slice_model(dense, masks).state_dict()
+    for name, model in variants(dense, folder, sharded).items():
+        got = slice_model(model, masks).state_dict()
+        assert sorted(got) == sorted(want)
+        for k in want:
+            assert torch.equal(got[k], want[k]), (name, k)
+
+
+def test_data_parallel_over_samples(checkpoints):
+    dense, folder, sharded = checkpoints["qwen2"]
+    ref = MaskedModel(dense)
+    ref.set_compensation(random_means(ref.layout, 4))
+    ids = ids_batch()
+    masks = sample_masks(ref.layout, 5, seed=9)
+    for model in (dense, variants(dense, folder, sharded)["disk"]):
+        par = ParallelSampleLosses.from_model(model, ["cpu", "cpu"])
+        par.set_compensation(random_means(ref.layout, 4))
+        for mode in ("separate", "batched"):
+            torch.testing.assert_close(par.sample_losses(ids, masks, mode), ref.sample_losses(ids, masks, "separate"),
+                                       atol=2e-5, rtol=2e-5)
+        torch.testing.assert_close(par(ids, masks[:1], "separate"), ref.sample_losses(ids, masks[:1], "separate"),
+                                   atol=0, rtol=0)
+        par.close()
+    with pytest.raises(PgpruneError, match="search.devices is empty"):
+        ParallelSampleLosses.from_model(dense, [])
+
+
+def test_loading_errors(checkpoints, tmp_path, tiny_tokenizer):
+    dense, folder, _ = checkpoints["llama"]
+    with pytest.raises(PgpruneError, match="offload='disk' and device_map='auto' both place the layers"):
+        load_model(folder, offload="disk", device_map="auto")
+    with pytest.raises(PgpruneError, match="offload='ram' is not allowed"):
+        load_model(folder, offload="ram")
+    (tmp_path / "nost").mkdir()
+    dense.config.save_pretrained(tmp_path / "nost")
+    tiny_tokenizer.save_pretrained(tmp_path / "nost")
+    with pytest.raises(MissingFileError, match=r"no \*.safetensors files"):
+        load_model(tmp_path / "nost", offload="disk")
+    disk, _ = load_model(folder, offload="disk")
+    with pytest.raises(PgpruneError, match="taylor needs the whole model in memory"):
+        require_in_memory(disk, "taylor")
+    require_in_memory(dense, "taylor")  # in memory: fine
+    masks = Masks.full(MaskedModel(dense).layout)
+    with pytest.raises(PgpruneError, match="masks need a Hugging Face model or a MaskedModel"):
+        perplexity(lambda ids: None, ids_batch(), masks=masks)
