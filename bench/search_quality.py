@@ -54,6 +54,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None, help="search steps (default: search.steps)")
     ap.add_argument("--seeds", type=int, nargs="+", default=None, help="search seeds (default: search.seeds)")
     ap.add_argument("--layout", default="heterogeneous", choices=["heterogeneous", "uniform"])
+    ap.add_argument("--json", default=None, help="also write every result to this JSON file")
     args = ap.parse_args()
     params = load_params(args.params)
     setup_torch(params)
@@ -75,25 +76,34 @@ def main() -> None:
     first = next(iter(evals))
     print(f"sparsity {args.sparsity} ({args.layout}): {init} mask (the init) ppl "
           + ", ".join(f"{c} {v:.2f}" for c, v in base.items()))
+    record = {"sparsity": args.sparsity, "layout": args.layout, "device": str(args.device), "init": base,
+              "variants": []}
     for spec in args.variants or [""]:
         upd = overrides([s for s in spec.split(",") if s], params.search)
         if args.steps:
             upd["steps"] = args.steps
         sp = params.search.model_copy(update=upd)
-        values = []
+        values, runs = [], []
         for seed in args.seeds or sp.seeds:
             t0 = time.perf_counter()
             out = run_pg_search(model, calib, scores[sp.init], sp, sparsity=args.sparsity, layout=args.layout,
                                 seed=seed, device=args.device, compensation=comp, progress=False)
             p = ppl(out.masks)
             values.append(p[first])
+            runs.append({"seed": seed, "ppl": p, "best_step": out.result.best_step,
+                         "seconds": time.perf_counter() - t0, "forward_passes": out.result.forward_passes})
             print(f"  {spec or 'params.yaml':40s} seed {seed}: pg ppl " + ", ".join(f"{c} {v:.2f}" for c, v in
                                                                                      p.items())
                   + f"  best step {out.result.best_step}  search {time.perf_counter() - t0:.0f}s")
         mean = statistics.mean(values)
         sd = statistics.stdev(values) if len(values) > 1 else 0.0
         print(f"RESULT pg_vs_{init}_ppl[{spec or 'params.yaml'}]={mean / base[first]:.3f} "
-              f"(mean {mean:.2f} ± {sd:.2f} over {len(values)} seeds, {first})")
+              f"(mean {mean:.2f} ± {sd:.2f} over {len(values)} seeds, {first})", flush=True)
+        record["variants"].append({"set": spec, "runs": runs, "mean": mean, "sd": sd, "ratio": mean / base[first]})
+        if args.json:
+            from pgprune.io import write_json
+
+            write_json(args.json, record)
 
 
 if __name__ == "__main__":

@@ -129,6 +129,9 @@ class SearchParams(SearchSettings):
             raise ValueError("search.granularity includes 'layers' with heads/channels: set search.layer_sparsity > 0")
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"search.seeds repeat: {self.seeds}")
+        bad = [d for d in self.devices if not (d in ("cpu", "cuda") or (d.startswith("cuda:") and d[5:].isdigit()))]
+        if bad:
+            raise ValueError(f"search.devices {bad} are not devices; allowed: cpu, cuda, cuda:N")
         return self
 
 
@@ -144,6 +147,8 @@ class EvalParams(_Strict):
     ppl_seq_len: int = Field(128, ge=8)
     ppl_batch_size: int = Field(8, ge=1)
     ppl_blocks: int = Field(256, ge=1, description="evaluation blocks per corpus (the first ones)")
+    curve_blocks: int = Field(64, ge=0, description="a search's quality-vs-cost curve: perplexity of its validated "
+                              "masks over the search, on this many blocks of the first corpus (0: off)")
     zero_shot: bool = True
     zero_shot_tasks: list[str] = ["local"]
     zero_shot_limit: int | None = Field(None, ge=1)
@@ -245,3 +250,94 @@ def load_params(path: str | Path = "params.yaml") -> Params:
 
 def default_params_yaml() -> str:
     return yaml.safe_dump(Params().model_dump(mode="json"), sort_keys=False)
+
+
+def _leaf_fields(model: type[BaseModel], prefix: str = ""):
+    for name, f in model.model_fields.items():
+        ann = f.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            yield from _leaf_fields(ann, f"{prefix}{name}.")
+        else:
+            yield f"{prefix}{name}", f
+
+
+def params_reference(dvc_yaml: dict | None = None) -> str:
+    """Markdown table of every params.yaml key: default, meaning (the schema's descriptions) and, with the parsed
+    dvc.yaml, the stages whose cached results it invalidates directly (DVC then reruns everything downstream of
+    them). ``python -m pgprune.config`` prints it for the repository's dvc.yaml; the README's copy is tested."""
+    import re
+
+    stages = (dvc_yaml or {}).get("stages") or {}
+    templated = set(re.findall(r"\$\{([a-z_]+\.[a-z_]+)\}", yaml.safe_dump(dvc_yaml or {})))
+
+    def hit(key: str) -> str:
+        names = [n for n, st in stages.items()
+                 if any(key == p or key.startswith(p + ".") for p in st.get("params") or [])]
+        if key in templated:
+            names.append("which cells exist" if key.startswith("compare.") else "export's inputs")
+        return ", ".join(f"`{n}`" if " " not in n else n for n in names) or "–"
+
+    lines = ["| key | default | what it does | invalidates |", "|---|---|---|---|"]
+    for key, f in _leaf_fields(Params):
+        default = f.default_factory() if f.default_factory is not None else f.default
+        desc = (f.description or "").replace("|", "\\|")
+        if not desc:
+            desc = _DESCRIPTIONS.get(key, "")
+        lines.append(f"| `{key}` | `{json_default(default)}` | {desc} | {hit(key) if stages else ''} |")
+    return "\n".join(lines) + "\n"
+
+
+def json_default(value) -> str:
+    import json
+
+    return json.dumps(value)
+
+
+# keys whose schema field carries no description (their names say most of it)
+_DESCRIPTIONS = {
+    "data.calibration": "calibration text: local (the Debian corpus's calibration split), wikitext2, c4, ptb",
+    "data.evaluation": "evaluation texts: local (held-out split), licenses (another genre), wikitext2, c4, ptb",
+    "data.local_sources": "Debian sources of the local corpus",
+    "data.heldout_fraction": "fraction of the local documents held out for evaluation",
+    "data.seq_len": "tokens per calibration block",
+    "data.calib_blocks": "calibration blocks (random windows of the calibration text)",
+    "data.zero_shot_items": "items of each offline zero-shot task built from the held-out text",
+    "data.seed": "seed of the corpus split, calibration windows and tasks",
+    "init.batch_size": "calibration blocks per scorer forward",
+    "init.scorers": "importance metrics computed (the search's init and the baselines' scores)",
+    "init.flap_bias_compensation": "FLAP's mean (bias) compensation means, used by flap and the search",
+    "init.seed": "seed of the random scorer",
+    "eval.ppl_seq_len": "tokens per perplexity block",
+    "eval.ppl_batch_size": "blocks per perplexity forward",
+    "eval.zero_shot": "run the lm-eval zero-shot tasks",
+    "eval.zero_shot_tasks": "lm-eval task names; local = the offline tasks of the data stage",
+    "eval.zero_shot_limit": "items per task (null: all)",
+    "eval.zero_shot_batch_size": "lm-eval batch size",
+    "eval.zero_shot_metric": "metric averaged over the tasks",
+    "eval.speed.enabled": "measure generation tokens/s",
+    "eval.speed.batch_size": "generation batch size",
+    "eval.speed.prompt_len": "prompt tokens",
+    "eval.speed.new_tokens": "generated tokens",
+    "eval.speed.repeats": "timed repetitions (median)",
+    "export.save_dtype": "dtype of the saved weights",
+    "report.title": "title of report/report.md",
+    "search.baseline": "exact/reference estimators: EMA baseline of past losses, or none",
+    "search.lr_heads": "learning rate of the KV-group keep-probabilities",
+    "search.lr_channels": "learning rate of the channel(-block) keep-probabilities",
+    "search.lr_layers": "learning rate of the layer keep-probabilities",
+    "search.init_map": "metric -> initial keep-probabilities: const (the metric's mask, see init_free_*), sigmap, "
+                       "norm (the reference code's), uniform",
+    "search.init_allocation": "allocation of the init metric's mask: uniform (same fraction per layer) or global",
+    "search.granularity": "unit groups searched: heads, channels, layers",
+    "search.lr_schedule": "learning-rate schedule over the steps: cosine, const, linear, poly, exp, step",
+    "search.penalty_final": "entropy-penalty weight at the last step (linear from penalty_init)",
+    "search.max_consecutive_nan_steps": "stop with an error after this many steps whose samples all gave NaN/inf",
+    "search.init": "the metric (an init.scorers entry) the search starts from",
+}
+
+if __name__ == "__main__":  # pragma: no cover
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    spec = yaml.safe_load((root / "dvc.yaml").read_text()) if (root / "dvc.yaml").exists() else None
+    sys.stdout.write(params_reference(spec))

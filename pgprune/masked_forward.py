@@ -42,6 +42,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -76,8 +77,8 @@ _F32_CHUNK = 1 << 20  # elements of a weight converted to float32 at a time
 def _f32_matmul_t(v: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """float32 ``v @ w.T`` (v [k, cols] float32, w [rows, cols] any dtype) converting ``w`` a block of rows at a
     time: no float32 copy of the whole weight (small transients keep the CPU allocator from growing)."""
-    if w.dtype == torch.float32:
-        return v @ w.t()
+    if w.dtype == torch.float32 or w.device.type != "cpu":  # GPUs: the caching allocator reuses the copy
+        return v @ w.float().t()
     rows = max(1, _F32_CHUNK // max(1, w.shape[1]))
     if rows >= w.shape[0]:
         return v @ w.float().t()
@@ -122,34 +123,40 @@ class _Group:
     b: int
 
 
+def _np_bool(t) -> np.ndarray:
+    return t.numpy() if t.dtype == torch.bool else t.bool().numpy()
+
+
 class _Packer:
-    """Collects the CPU tensors of a call's plans and sends them to each device in one copy (two dtypes)."""
+    """Collects the (numpy) index/keep arrays of a call's plans and sends them to each device in one copy per
+    dtype (int64 indices, float32 keep factors): the only host-to-device traffic of a step besides the ids."""
 
     def __init__(self):
-        self.parts: dict[str, dict[torch.dtype, list[torch.Tensor]]] = {}
-        self.refs: list[tuple[object, str, str, torch.dtype, int, tuple]] = []
+        self.parts: dict[str, dict[str, list[np.ndarray]]] = {}
+        self.refs: list[tuple[object, str, str, str, int, tuple]] = []
 
-    def put(self, obj, attr: str, t: torch.Tensor | None, device: torch.device) -> None:
-        if t is None:
+    def put(self, obj, attr: str, a: np.ndarray | None, device: torch.device) -> None:
+        if a is None:
             return
         if device.type == "cpu":
-            setattr(obj, attr, t)
+            setattr(obj, attr, torch.from_numpy(np.ascontiguousarray(a)))
             return
-        lst = self.parts.setdefault(str(device), {}).setdefault(t.dtype, [])
-        lst.append(t.reshape(-1))
-        self.refs.append((obj, attr, str(device), t.dtype, len(lst) - 1, tuple(t.shape)))
+        key = a.dtype.str
+        lst = self.parts.setdefault(str(device), {}).setdefault(key, [])
+        lst.append(a.reshape(-1))
+        self.refs.append((obj, attr, str(device), key, len(lst) - 1, tuple(a.shape)))
 
     def send(self) -> None:
-        sent: dict[tuple[str, torch.dtype], list[torch.Tensor]] = {}
+        sent: dict[tuple[str, str], list[torch.Tensor]] = {}
         for dev, by_dtype in self.parts.items():
-            for dt, lst in by_dtype.items():
-                buf = torch.cat(lst)
+            for key, lst in by_dtype.items():
+                buf = torch.from_numpy(np.concatenate(lst))
                 if dev.startswith("cuda"):
                     buf = buf.pin_memory()
                 buf = buf.to(dev, non_blocking=True)
-                sent[(dev, dt)] = list(torch.split(buf, [x.numel() for x in lst]))
-        for obj, attr, dev, dt, k, shape in self.refs:
-            setattr(obj, attr, sent[(dev, dt)][k].view(shape))
+                sent[(dev, key)] = list(torch.split(buf, [x.size for x in lst]))
+        for obj, attr, dev, key, k, shape in self.refs:
+            setattr(obj, attr, sent[(dev, key)][k].view(shape))
 
 
 class MaskedModel:
@@ -166,8 +173,12 @@ class MaskedModel:
         self.source = WeightSource(model, self.adapter, device, prefetch=prefetch)
         self.device = self.source.main
         self._hd, self._g = self.layout.head_dim, self.layout.group_size
+        self._head_off = np.concatenate([[0], np.cumsum(self.layout.kv_heads)]).astype(np.int64)
+        self._ch_off = np.concatenate([[0], np.cumsum(self.layout.intermediate)]).astype(np.int64)
+        n = self.layout.num_layers
+        self._window = [self.adapter.sliding_window(i) for i in range(n)]
+        self._scale = [self.adapter.attention_scaling(i) for i in range(n)]
         self._comp: list[dict[str, torch.Tensor]] | None = None
-        self._comp_means = None
         self._head_device = self.adapter.lm_head().weight.device
         if self._head_device.type == "meta":
             raise PgpruneError("lm_head is on the meta device; load the model with pgprune.models.load_model")
@@ -185,7 +196,6 @@ class MaskedModel:
         (A streamed model reads every layer once here to precompute W @ mean.)"""
         if means is None:
             self._comp = None
-            self._comp_means = None
             return
         n = self.layout.num_layers
         if len(means["o_proj"]) != n or len(means["down_proj"]) != n:
@@ -206,7 +216,6 @@ class MaskedModel:
         finally:
             self.source.release()
         self._comp = comp
-        self._comp_means = means
 
     def _comp_term(self, i: int, which: str, w_u: torch.Tensor, cols: torch.Tensor | None,
                    keep_cols: torch.Tensor | None, flag: torch.Tensor | None) -> torch.Tensor:
@@ -228,69 +237,77 @@ class MaskedModel:
         kp = v.shape[0]
         return (y.view(kp, -1, *y.shape[1:]) + v.to(y.dtype)[:, None, None, :]).view(y.shape)
 
-    # --- index helpers ------------------------------------------------------------------------------------
-    def _rows(self, kv_idx: torch.Tensor, per_group: int) -> torch.Tensor:
-        """Row indices of the kept groups when each group owns ``per_group`` heads of head_dim rows."""
-        hd = self._hd
-        heads = (kv_idx[:, None] * per_group + torch.arange(per_group, device=kv_idx.device)[None, :]).flatten()
-        return (heads[:, None] * hd + torch.arange(hd, device=kv_idx.device)[None, :]).flatten()
-
     # --- plans ----------------------------------------------------------------------------------------------
     def _plans(self, masks: list[Masks] | None, multiply: bool = False, packer: _Packer | None = None) -> list:
-        """Per-layer plans of one group of samples (built on the CPU; tensors queued on ``packer``)."""
+        """Per-layer plans of one group of samples, built with numpy on the CPU (unions and per-layer kept counts
+        for all layers at once; a few cheap calls per layer); the index/keep arrays are queued on ``packer``."""
         n = self.layout.num_layers
         if masks is None:
             return [_FULL] * n
         own = packer is None
         packer = packer or _Packer()
         k = len(masks)
-        layers = torch.stack([m.layers.bool().cpu() for m in masks])  # [K, L]
-        kept_lists = [torch.nonzero(layers[:, i]).flatten() for i in range(n)]
+        layers = np.stack([_np_bool(m.layers) for m in masks])  # [K, L]
+        units = {}
+        for kind, lists, off in (("head", [m.heads for m in masks], self._head_off),
+                                 ("ch", [m.channels for m in masks], self._ch_off)):
+            keep = np.stack([np.concatenate([_np_bool(x) for x in lst]) for lst in lists])  # [K, all units]
+            union = keep.any(0)  # [all units], over all samples
+            counts = np.add.reduceat(keep.view(np.uint8), off[:-1], axis=1, dtype=np.int64)  # [K, L] kept per layer
+            units[kind] = (keep, union, counts, off)
         plans = []
         for i in range(n):
             dev = self.source.devices[i]
-            kept = kept_lists[i]
-            if kept.numel() == 0:
+            kept = np.flatnonzero(layers[:, i])
+            if kept.size == 0:
                 plans.append(_LayerPlan(skip=True))
                 continue
-            lp = _LayerPlan(n_keep=kept.numel(), comp=True)
-            if kept.numel() < k:
-                packer.put(lp, "samples", kept, dev)
-            heads = torch.stack([masks[j].heads[i].bool().cpu() for j in kept.tolist()])  # [K', kv]
-            chans = torch.stack([masks[j].channels[i].bool().cpu() for j in kept.tolist()])  # [K', inter]
-            self._unit_plan(lp, "head", heads, multiply, dev, packer)
-            self._unit_plan(lp, "ch", chans, multiply, dev, packer)
+            lp = _LayerPlan(n_keep=int(kept.size), comp=True)
+            if kept.size < k:
+                packer.put(lp, "samples", kept.astype(np.int64), dev)
+            for kind, (keep, union, counts, off) in units.items():
+                a, b = int(off[i]), int(off[i + 1])
+                if kept.size < k:  # the union over the samples keeping this layer
+                    self._unit_plan(lp, kind, keep[kept, a:b].any(0), counts[kept, i], keep[kept], a, b,
+                                    multiply, dev, packer)
+                else:
+                    self._unit_plan(lp, kind, union[a:b], counts[:, i], keep, a, b, multiply, dev, packer)
             plans.append(lp)
         if own:
             packer.send()
         return plans
 
-    def _unit_plan(self, lp: _LayerPlan, kind: str, keep: torch.Tensor, multiply: bool, dev, packer) -> None:
-        """Fill the computed units (gather indices) and per-sample keep factors of one module of a layer plan."""
-        total = keep.shape[1]
-        union = torch.ones(total, dtype=torch.bool) if multiply else keep.any(0)
-        idx = torch.nonzero(union).flatten()
-        n_u = idx.numel()
-        sub = keep[:, idx]  # [K', n_u]
-        removed_any = (~keep).any(1)  # [K']
+    def _unit_plan(self, lp: _LayerPlan, kind: str, union: np.ndarray, counts: np.ndarray, keep: np.ndarray,
+                   a: int, b: int, multiply: bool, dev, packer) -> None:
+        """Fill the computed units (gather indices) and per-sample keep factors of one module of a layer plan.
+        ``union``: bool [units] kept by some sample; ``counts``: int [K'] units each sample keeps; ``keep``: bool
+        [K', all units] of the samples keeping the layer, this layer's units at columns a:b."""
+        total = b - a
+        idx = np.arange(total) if multiply else np.flatnonzero(union)
+        n_u = int(idx.size)
         if kind == "head":
             lp.n_groups = n_u
             if n_u < total:
-                packer.put(lp, "q_rows", self._rows(idx, self._g), dev)
-                packer.put(lp, "kv_rows", self._rows(idx, 1), dev)
+                hd, g = self._hd, self._g
+                q_rows = ((idx[:, None] * g + np.arange(g)[None, :]).reshape(-1, 1) * hd + np.arange(hd)).reshape(-1)
+                kv_rows = (idx[:, None] * hd + np.arange(hd)[None, :]).reshape(-1)
+                packer.put(lp, "q_rows", q_rows.astype(np.int64), dev)
+                packer.put(lp, "kv_rows", kv_rows.astype(np.int64), dev)
         else:
             lp.n_ch = n_u
             if n_u < total:
-                packer.put(lp, "ch_idx", idx, dev)
-        if n_u and not bool(sub.all()):
-            packer.put(lp, f"{kind}_keep", sub.float(), dev)
-        if not bool(removed_any.any()):
+                packer.put(lp, "ch_idx", idx.astype(np.int64), dev)
+        if n_u and bool((counts < n_u).any()):  # some sample keeps less than the union: per-sample factors
+            packer.put(lp, f"{kind}_keep", keep[:, a + idx].astype(np.float32), dev)
+        removed_any = counts < total  # [K']
+        if not removed_any.any():
             setattr(lp, f"{kind}_comp", False)  # nothing removed by any sample: the compensation is exactly zero
-        elif not bool(removed_any.all()):
-            packer.put(lp, f"{kind}_flag", removed_any.float(), dev)
-        none = ~sub.any(1) if n_u else torch.ones(keep.shape[0], dtype=torch.bool)
-        if n_u and bool(none.any()):
-            packer.put(lp, f"{kind}_none", none.float(), dev)
+        elif not removed_any.all():
+            packer.put(lp, f"{kind}_flag", removed_any.astype(np.float32), dev)
+        if n_u:
+            none = counts == 0
+            if none.any():
+                packer.put(lp, f"{kind}_none", none.astype(np.float32), dev)
 
     # --- attention ------------------------------------------------------------------------------------------
     def _attention(self, i: int, p: LayerParts, x, cos, sin, lp: _LayerPlan, taps: Taps | None):
@@ -314,8 +331,7 @@ class MaskedModel:
         k = _linear(x, wk, bk).view(rows, t, -1, hd).transpose(1, 2)  # [r, kv, t, hd]
         v = _linear(x, wv, bv).view(rows, t, -1, hd).transpose(1, 2)
         q, k = _rope(q, cos, sin), _rope(k, cos, sin)
-        window = self.adapter.sliding_window(i)
-        scale = self.adapter.attention_scaling(i)
+        window, scale = self._window[i], self._scale[i]
         if window is not None and window < t:
             pos = torch.arange(t, device=x.device)
             allowed = (pos[None, :] <= pos[:, None]) & (pos[:, None] - pos[None, :] < window)

@@ -16,7 +16,7 @@ Activations (search step, layer-major): the hidden states of all K samples (K*B*
 them), the largest per-layer transient of the rows computed together (B rows per sample in ``separate`` mode,
 K*B rows in ``batched``: q/k/v/attention output, the MLP's gate/up/product at full width as an upper bound, the
 attention matrix T*T per head when the math attention kernel is used (CPU); GPUs use flash/memory-efficient SDPA),
-and the float32 logits of one chunk of 256 tokens. The estimate is an upper bound of the allocator's peak, not of
+and the float32 logits of one chunk of 256 tokens, plus 64 MiB of cuBLAS workspaces on a GPU. The estimate is an upper bound of the allocator's peak, not of
 fragmentation; :func:`format_plan` prints it as a markdown table.
 """
 from __future__ import annotations
@@ -29,6 +29,7 @@ import torch
 from pgprune.errors import PgpruneError
 
 _GIB = 2 ** 30
+CUDA_WORKSPACE = 64 * 2 ** 20  # cuBLAS/cuBLASLt workspaces, allocated through torch's allocator (~36 MiB on an H100)
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
@@ -159,6 +160,8 @@ def plan(source_or_config, dtype: str = "bfloat16", offload: str = "none", devic
     on_gpu = str(device).startswith("cuda")
     batched = sample_mode == "batched" or (sample_mode == "auto" and on_gpu)
     act = _activations(cfg, layout, s, batch, seq_len, samples, batched, math_attention=not on_gpu)
+    if on_gpu:
+        act += CUDA_WORKSPACE
     layer = max(sizes["layers"]) if sizes["layers"] else 0
     weights, outside = sizes["weights"], sizes["outside"]
     gathered = layer  # gathered copies of the kept rows/columns: at most one layer

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -38,6 +38,9 @@ class PGOutcome:
     blocks: ChannelBlocks
     seed: int
     key: str
+    # with record_trajectory: the hard mask of every validation, {"step", "forward_passes", "elapsed_s",
+    # "val_loss", "masks"} (quality vs cost)
+    trajectory: list[dict] = field(default_factory=list)
 
 
 # --- identity of a search --------------------------------------------------------------------------------------
@@ -186,14 +189,14 @@ def make_losses_fn(masked: MaskedModel, calib: torch.Tensor, batch_size: int, de
 
 def make_validate_fn(masked: MaskedModel, val: torch.Tensor, p: SearchParams, sparsity: float, device: str,
                      layout_kind: str, blocks: ChannelBlocks):
-    """validate_fn(probs): mean LM loss of the probabilities' hard top-k mask on held-back calibration blocks."""
+    """validate_fn(probs): token-mean LM loss of the probabilities' hard top-k mask on held-back calibration
+    blocks, in one layer-major pass (a streamed model reads its weights once per validation)."""
+    n_tokens = val.shape[0] * (val.shape[1] - 1)
 
     def validate_fn(probs: dict[str, torch.Tensor]) -> float:
         masks = hard_masks(masked.layout, probs, p, sparsity, layout_kind=layout_kind, blocks=blocks,
                            validate=False)
-        losses = [masked.loss(val[i:i + p.batch_size].to(device), masks, validate=False)
-                  for i in range(0, val.shape[0], p.batch_size)]
-        return float(sum(losses) / len(losses))
+        return float(masked.block_nll(val, masks, batch_size=p.batch_size).sum() / n_tokens)
 
     return validate_fn
 
@@ -202,7 +205,7 @@ def run_pg_search(model, calib: torch.Tensor, init_scores: dict[str, torch.Tenso
                   sparsity: float, layout: str = "heterogeneous", seed: int | None = None,
                   checkpoint_dir: str | Path | None = None, device: str = "cpu", progress: bool = True,
                   on_step=None, compensation: dict[str, list[torch.Tensor]] | None = None,
-                  stop_after: int | None = None) -> PGOutcome:
+                  stop_after: int | None = None, record_trajectory: bool = False) -> PGOutcome:
     """Search masks at ``sparsity`` in ``layout`` with ``seed`` (default: the first of ``p.seeds``).
 
     ``compensation`` (calibration means of o_proj/down_proj inputs, e.g. the flap scorer's "bias" entry) makes
@@ -210,6 +213,12 @@ def run_pg_search(model, calib: torch.Tensor, init_scores: dict[str, torch.Tenso
     checkpoints there every ``p.checkpoint_every`` steps and resumes a checkpoint of exactly this search."""
     masked = MaskedModel(model)
     masked.set_compensation(compensation)
+    samples = masked
+    if len(p.devices) > 1:  # data parallel over the K samples of a step: one replica per device, losses exchanged
+        from pgprune.placement import ParallelSampleLosses
+
+        samples = ParallelSampleLosses.from_model(model, p.devices)
+        samples.set_compensation(compensation)
     key = search_key(model, calib, init_scores, compensation, sparsity, layout, device)
     search, probs0, blocks = build_search(masked, init_scores, p, sparsity, layout=layout, seed=seed, key=key)
     validate_fn = None
@@ -220,9 +229,13 @@ def run_pg_search(model, calib: torch.Tensor, init_scores: dict[str, torch.Tenso
                                f"(data.calib_blocks gives {calib.shape[0]}); lower it or use more blocks")
         train, val = calib[:-p.val_blocks], calib[-p.val_blocks:]
         validate_fn = make_validate_fn(masked, val, p, sparsity, device, layout, blocks)
-    result = search.run(make_losses_fn(masked, train, p.batch_size, device, p.sample_mode, blocks),
+    result = search.run(make_losses_fn(samples, train, p.batch_size, device, p.sample_mode, blocks),
                         checkpoint_dir=checkpoint_dir, progress=progress, on_step=on_step,
-                        validate_fn=validate_fn, validate_every=p.validate_every, stop_after=stop_after)
+                        validate_fn=validate_fn, validate_every=p.validate_every, stop_after=stop_after,
+                        record_trajectory=record_trajectory)
     masks = hard_masks(masked.layout, result.selected_probs(p.select), p, sparsity, layout_kind=layout,
                        blocks=blocks)
-    return PGOutcome(masks, result, probs0, blocks, search.seed, key)
+    trajectory = [{k: v for k, v in t.items() if k != "probs"}
+                  | {"masks": hard_masks(masked.layout, t["probs"], p, sparsity, layout_kind=layout, blocks=blocks)}
+                  for t in result.trajectory]
+    return PGOutcome(masks, result, probs0, blocks, search.seed, key, trajectory)

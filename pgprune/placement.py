@@ -121,9 +121,17 @@ class ParallelSampleLosses:
             raise PgpruneError("search.devices is empty; give at least one device (e.g. ['cuda:0', 'cuda:1'])")
         return cls([MaskedModel(replicate(model, d), device=d, **kwargs) for d in devices])
 
+    @property
+    def device(self) -> torch.device:
+        return self.executors[0].device
+
     def set_compensation(self, means) -> None:
         for e in self.executors:
             e.set_compensation(means)
+
+    def loss(self, *args, **kwargs) -> float:
+        """One mask's loss (validation) on the first device."""
+        return self.executors[0].loss(*args, **kwargs)
 
     def sample_losses(self, input_ids: torch.Tensor, masks: list[Masks], mode: str = "auto") -> torch.Tensor:
         k, n = len(masks), len(self.executors)

@@ -134,7 +134,8 @@ def load_eval_data(data_dir: str | Path, tokenizer, params: Params) -> tuple[dic
     from pgprune.data import tokenize_blocks
 
     data = Path(data_dir)
-    texts = sorted((data / "eval").glob("*.txt"))
+    order = {name: i for i, name in enumerate(params.data.evaluation)}  # data.evaluation's order, then the rest
+    texts = sorted((data / "eval").glob("*.txt"), key=lambda p: (order.get(p.stem, len(order)), p.stem))
     if not texts:
         raise MissingFileError(f"no held-out evaluation text in {data / 'eval'}; run the data stage")
     evals = {p.stem: tokenize_blocks(p.read_text(encoding="utf-8"), tokenizer, params.eval.ppl_seq_len,
@@ -184,6 +185,10 @@ class MethodResult:
     history: list[dict] | None = None
     # search: every seed's (masks, compensation), the first seed's being ``masks``/``extra_bias``
     seeds: dict[int, tuple[Masks, dict | None]] = field(default_factory=dict)
+    # search: the first seed's hard mask at every validation (quality vs cost), and the calibration means the
+    # masks are compensated with (so that an evaluation can compensate any of them)
+    trajectory: list[dict] = field(default_factory=list)
+    compensation_means: dict | None = None
 
 
 def compensation_biases(model, masks: Masks, flap_scores: dict) -> dict[int, dict[str, torch.Tensor]]:
@@ -235,20 +240,22 @@ def method_masks(method: str, model, calib: torch.Tensor, scores: dict, params: 
     t0 = time.perf_counter()
     if m.kind == "metric":
         masks = metric_masks(method, layout, scores, sparsity, params, kind, round_to)
-        extra = None
+        extra, means = None, None
         if m.compensated and params.init.flap_bias_compensation:
             extra = compensation_biases(model, masks, scores["flap"])
-        return MethodResult(method, sparsity, masks, extra, {"time_s": time.perf_counter() - t0, "layout": kind})
+            means = scores["flap"]["bias"]
+        return MethodResult(method, sparsity, masks, extra, {"time_s": time.perf_counter() - t0, "layout": kind},
+                            compensation_means=means)
     p = params.search
     comp = search_compensation(params, scores)
     if p.init not in scores:
         raise PgpruneError(f"search.init={p.init!r} scores are missing; computed scorers: {sorted(scores)}")
     seeds = list(seeds or p.seeds)
     outcomes, info = [], {"seeds": {}, "layout": kind, "device": params.model.device}
-    for seed in seeds:
+    for i, seed in enumerate(seeds):
         out = run_pg_search(model, calib, scores[p.init], p, sparsity=sparsity, layout=kind, seed=seed,
                             checkpoint_dir=checkpoint_root, device=params.model.device, progress=progress,
-                            compensation=comp)
+                            compensation=comp, record_trajectory=i == 0)
         r = out.result
         info["seeds"][str(seed)] = {
             "time_s": r.elapsed_s, "resumed_from_step": r.resumed_from, "steps": r.steps_done,
@@ -260,8 +267,9 @@ def method_masks(method: str, model, calib: torch.Tensor, scores: dict, params: 
                 for o in outcomes}
     main = outcomes[0]
     info["time_s"] = sum(v["time_s"] for v in info["seeds"].values())
+    info["trajectory_s"] = [t["elapsed_s"] for t in main.trajectory]
     return MethodResult(method, sparsity, main.masks, per_seed[main.seed][1], info, history=main.result.history,
-                        seeds=per_seed)
+                        seeds=per_seed, trajectory=main.trajectory, compensation_means=comp)
 
 
 # --- the hand-off: masks.json + compensation.safetensors ------------------------------------------------------
@@ -278,13 +286,20 @@ def _write_masks(out: Path, masks: Masks, extra) -> None:
 
 def save_masks(out_dir: str | Path, result: MethodResult, layout) -> dict:
     """Write masks.json, compensation.safetensors (when compensated), seeds/<seed>/ the same for extra seeds,
-    history.csv (searches) and summary.json (parameter counts; no timings: the bytes must not vary between runs)."""
-    from pgprune.io import write_json, write_text
+    history.csv, trajectory.json and compensation_means.safetensors (searches) and summary.json (parameter counts;
+    no timings: the bytes must not vary between runs)."""
+    from pgprune.io import save_tensors, write_json, write_text
 
     out = Path(out_dir)
     _write_masks(out, result.masks, result.extra_bias)
     for seed, (masks, extra) in list(result.seeds.items())[1:]:
         _write_masks(out / "seeds" / str(seed), masks, extra)
+    if result.trajectory:
+        write_json(out / "trajectory.json", [{"step": t["step"], "forward_passes": t["forward_passes"],
+                                              "val_loss": t["val_loss"], "masks": t["masks"].to_json()}
+                                             for t in result.trajectory])
+    if result.compensation_means is not None:
+        save_tensors(out / "compensation_means.safetensors", result.compensation_means)
     if result.history is not None:
         write_text(out / "history.csv", history_csv(result.history))
     summary = {"method": result.method, "sparsity": result.sparsity, "layout": result.info.get("layout"),
@@ -313,6 +328,20 @@ def load_masks(masks_dir: str | Path, layout=None) -> tuple[Masks, dict[int, dic
         _, i, name = key.split(".")
         extra.setdefault(int(i), {})[name] = v
     return masks, extra
+
+
+def load_trajectory(masks_dir: str | Path, layout=None) -> tuple[list[dict], dict | None]:
+    """(the search's validated masks over time, {"step", "forward_passes", "val_loss", "masks"}, and the
+    calibration means to compensate them with) from a search cell; ([], None) when the cell has none."""
+    from pgprune.io import load_tensors, read_json
+
+    d = Path(masks_dir)
+    if not (d / "trajectory.json").exists():
+        return [], None
+    points = [dict(t, masks=Masks.from_json(t["masks"], layout, source=str(d / "trajectory.json")))
+              for t in read_json(d / "trajectory.json")]
+    means = d / "compensation_means.safetensors"
+    return points, (load_tensors(means, "compensation means") if means.exists() else None)
 
 
 def seed_results(masks_dir: str | Path, layout=None) -> dict[str, tuple[Masks, dict | None]]:
@@ -380,7 +409,204 @@ def evaluate(model, tokenizer, evals: dict[str, torch.Tensor], tasks_dir: Path |
     return out
 
 
+def evaluate_masks(model, tokenizer, masks_dir: str | Path | None, evals: dict[str, torch.Tensor],
+                   tasks_dir: Path | None, params: Params) -> dict:
+    """The evaluation of one masks cell (or of the dense model when ``masks_dir`` is None).
+
+    In memory: the masks are sliced out (with their compensation biases) and the physically smaller model is
+    evaluated (perplexity, zero-shot, speed), plus the perplexity of every extra seed's masks. Streamed
+    (model.offload / device_map): perplexity through the layer-major executor with the masks and compensation
+    means applied (equal to the sliced model's), and no zero-shot or speed (they need the model in memory)."""
+    from pgprune.adapters import get_adapter
+    from pgprune.eval import perplexity
+    from pgprune.slicing import slice_model
+    from pgprune.weights import is_streamed
+
+    layout = get_adapter(model).layout()
+    masks, extra = load_masks(masks_dir, layout) if masks_dir is not None else (Masks.full(layout), None)
+    out: dict = {}
+    if is_streamed(model):
+        from pgprune.io import load_tensors
+        from pgprune.masked_forward import MaskedModel
+
+        means = None
+        if extra is not None:
+            means = load_tensors(Path(masks_dir) / "compensation_means.safetensors", "compensation means")
+        masked = MaskedModel(model)
+        masked.set_compensation(means)
+        out = {"ppl": {n: masked.perplexity(b, masks=masks, batch_size=params.eval.ppl_batch_size)["ppl"]
+                       for n, b in evals.items()}, "zero_shot": None, "tokens_per_s": None,
+               "note": "streamed model (model.offload/device_map): perplexity only"}
+    else:
+        pruned = slice_model(model, masks, extra_bias=extra) if masks_dir is not None else model
+        out = evaluate(pruned, tokenizer, evals, tasks_dir, params)
+        del pruned
+        seeds = {}
+        for seed, (m, x) in (seed_results(masks_dir, layout).items() if masks_dir is not None else []):
+            other = slice_model(model, m, extra_bias=x)
+            seeds[seed] = {n: perplexity(other, b, batch_size=params.eval.ppl_batch_size)["ppl"]
+                           for n, b in evals.items()}
+            del other
+        if seeds:
+            out["seed_ppl"] = seeds
+    out["params"] = sparsity_report(layout, masks, out_bias=extra is not None)
+    if masks_dir is not None and params.eval.curve_blocks:  # a search's quality vs cost
+        corpus, blocks = next(iter(evals.items()))
+        curve = trajectory_curve(model, masks_dir, blocks[:params.eval.curve_blocks], params.eval.ppl_batch_size,
+                                 params.model.device)
+        if curve:
+            out["curve"] = {"corpus": corpus, "blocks": min(len(blocks), params.eval.curve_blocks), "points": curve}
+    return out
+
+
+def trajectory_curve(model, masks_dir: str | Path, blocks: torch.Tensor, batch_size: int, device: str = "cpu"
+                     ) -> list[dict]:
+    """Quality vs cost of a search: the perplexity on ``blocks`` of each validated mask it recorded, with the
+    search's step, sampled-mask forwards and validated loss (mean-compensated like the sliced model)."""
+    import math
+
+    from pgprune.masked_forward import MaskedModel
+
+    masked = MaskedModel(model)
+    points, means = load_trajectory(masks_dir, masked.layout)
+    masked.set_compensation(means)
+    curve = []
+    for t in points:
+        total = 0.0
+        for i in range(0, blocks.shape[0], batch_size):
+            ids = blocks[i:i + batch_size].to(device)
+            total += masked.loss(ids, t["masks"], validate=False) * ids.shape[0]
+        curve.append({"step": t["step"], "forward_passes": t["forward_passes"], "val_loss": t["val_loss"],
+                      "ppl": math.exp(total / blocks.shape[0])})
+    return curve
+
+
 __all__ = ["METHODS", "MethodResult", "checkpoint_dir", "compensation_biases", "compute_all_scores",
-           "corpus_texts", "evaluate", "history_csv", "load_calibration", "load_eval_data", "load_masks",
+           "corpus_texts", "evaluate", "evaluate_masks", "history_csv", "load_calibration", "load_eval_data", "load_masks",
            "method_masks", "metric_masks", "prepare_data", "save_masks", "scorers_needed", "search_compensation",
-           "seed_results", "setup_torch"]
+           "load_trajectory", "seed_results", "setup_torch",
+           "trajectory_curve"]
+
+
+# =====================================================================================================================
+# The `pgprune` command and the Python API (pgprune/cli.py, pgprune/api.py): text sources by name or file.
+# (Added for issue 10; the functions above are unchanged. corpus_texts could read its texts through named_text.)
+# =====================================================================================================================
+from pgprune.errors import ConfigError  # noqa: E402
+
+HUB_TEXTS = ("wikitext2", "c4", "ptb")
+CALIBRATION_SOURCES = (*HUB_TEXTS, "local")
+EVAL_SOURCES = (*HUB_TEXTS, "local", "licenses")
+TEXT_FILE_SUFFIXES = (".txt", ".text", ".md", ".jsonl", ".json")
+
+
+def read_text_file(path: str | Path, field_name: str = "text") -> str:
+    """The text of a local file: ``.txt``/``.text``/``.md`` as is; ``.jsonl`` (one JSON record per line) or ``.json``
+    (a list of records, or one record) joined from each record's ``field_name`` with blank lines between records.
+    Errors name the file and what is wrong."""
+    p = Path(path)
+    if not p.is_file():
+        raise MissingFileError(f"text file '{p}' not found")
+    suffix = p.suffix.lower()
+    if suffix not in TEXT_FILE_SUFFIXES:
+        raise PgpruneError(f"text file '{p}' has the extension '{suffix or '(none)'}'; allowed: "
+                           f"{', '.join(TEXT_FILE_SUFFIXES)} (.jsonl/.json: records with a '{field_name}' field)")
+    raw = p.read_text(encoding="utf-8")
+    if suffix not in (".jsonl", ".json"):
+        text = raw
+    else:
+        try:
+            if suffix == ".jsonl":
+                records = [json.loads(line) for line in raw.splitlines() if line.strip()]
+            else:
+                doc = json.loads(raw)
+                records = doc if isinstance(doc, list) else [doc]
+        except json.JSONDecodeError as e:
+            raise PgpruneError(f"'{p}' is not valid {suffix[1:].upper()}: {e}") from None
+        bad = [i for i, r in enumerate(records) if not (isinstance(r, dict) and isinstance(r.get(field_name), str))]
+        if bad:
+            raise PgpruneError(f"'{p}': record {bad[0] + 1} has no string field '{field_name}' (each record must be "
+                               f'an object like {{"{field_name}": "..."}})')
+        text = "\n\n".join(r[field_name] for r in records)
+    if not text.strip():
+        raise PgpruneError(f"text file '{p}' holds no text")
+    return text
+
+
+def is_text_file_name(source: str) -> bool:
+    return Path(str(source)).suffix.lower() in TEXT_FILE_SUFFIXES
+
+
+def named_text(source: str, params: Params, purpose: str = "calibration") -> tuple[str, str]:
+    """(text, description) of a text source for ``purpose`` "calibration" (the train split / calibration part) or
+    "evaluation" (the test split, C4's validation shard / the held-out part): ``wikitext2`` | ``c4`` | ``ptb`` (the
+    hub, or params.data.data_files[name] offline), ``local`` (the embedded Debian corpus), ``licenses``
+    (evaluation only) or the path of a text/jsonl file (:func:`read_text_file`)."""
+    from pgprune.data import load_hub_text
+
+    d = params.data
+    allowed = CALIBRATION_SOURCES if purpose == "calibration" else EVAL_SOURCES
+    name = str(source)
+    if name in allowed:
+        if name == "local":
+            from pgprune.data.corpus import interleave, load_local_corpus
+
+            local = load_local_corpus(d.local_sources, d.heldout_fraction, d.seed)
+            part = "calibration" if purpose == "calibration" else "heldout"
+            return (interleave({s: v[part] for s, v in local.items()}, d.seed),
+                    f"local ({'+'.join(d.local_sources)}, {'calibration' if part == 'calibration' else 'held-out'} "
+                    "documents)")
+        if name == "licenses":
+            from pgprune.data.corpus import license_text
+
+            return license_text(), "licenses (/usr/share/common-licenses)"
+        if purpose == "calibration":
+            split, max_chars = "train", d.calib_blocks * d.seq_len * 8
+        else:
+            split = "validation" if name == "c4" else "test"
+            max_chars = params.eval.ppl_blocks * params.eval.ppl_seq_len * 8 if name == "c4" else None
+        text = load_hub_text(name, split, data_files=d.data_files.get(name), max_chars=max_chars)
+        return text, f"{name} ({split} split{', local files' if name in d.data_files else ''})"
+    p = Path(name)
+    if p.is_file() or is_text_file_name(name):
+        return read_text_file(p), f"text file {p.name}"
+    raise ConfigError(f"{purpose} source {name!r} is neither a corpus nor a file; allowed: {', '.join(allowed)} or "
+                      f"the path of a {'/'.join(TEXT_FILE_SUFFIXES)} file")
+
+
+def text_calibration_blocks(text: str, tokenizer, params: Params) -> torch.Tensor:
+    """data.calib_blocks random windows of data.seq_len tokens of ``text`` (seed data.seed) [n, seq_len]."""
+    from pgprune.data import calibration_blocks
+
+    d = params.data
+    return calibration_blocks(text, tokenizer, d.seq_len, d.calib_blocks, d.seed)
+
+
+def source_calibration(source: str, tokenizer, params: Params) -> tuple[torch.Tensor, str]:
+    """(calibration blocks [data.calib_blocks, data.seq_len], description) of a named corpus or text file."""
+    text, desc = named_text(source, params, "calibration")
+    blocks = text_calibration_blocks(text, tokenizer, params)
+    return blocks, f"{desc}: {blocks.shape[0]} blocks of {blocks.shape[1]} tokens"
+
+
+def eval_blocks(source: str, tokenizer, params: Params) -> tuple[torch.Tensor, str]:
+    """(the first eval.ppl_blocks non-overlapping blocks of eval.ppl_seq_len tokens, description) of a named corpus
+    or a text file (the evaluation split / held-out part)."""
+    from pgprune.data import tokenize_blocks
+
+    text, desc = named_text(source, params, "evaluation")
+    return tokenize_blocks(text, tokenizer, params.eval.ppl_seq_len, max_blocks=params.eval.ppl_blocks), desc
+
+
+def find_checkout(start: str | Path | None = None) -> Path | None:
+    """The pgprune checkout (a folder with dvc.yaml, params.yaml and stages/) holding ``start`` (default: the
+    current folder), or None."""
+    here = Path(start or Path.cwd()).resolve()
+    for d in (here, *here.parents):
+        if (d / "dvc.yaml").is_file() and (d / "params.yaml").is_file() and (d / "stages").is_dir():
+            return d
+    return None
+
+
+__all__ += ["CALIBRATION_SOURCES", "EVAL_SOURCES", "eval_blocks", "find_checkout", "named_text", "read_text_file",
+            "source_calibration", "text_calibration_blocks"]

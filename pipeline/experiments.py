@@ -93,7 +93,9 @@ def experiment_name(sweep_id: str, unit: Mapping) -> str:
     words = []
     for o in sorted(u["overrides"]):
         key, value = check_override(o)
-        words.append(f"{key.rsplit('.', 1)[-1]}{_UNSAFE.sub('-', value)}")
+        value = value.strip("[]{}() ")
+        if value:  # empty lists say little
+            words.append(f"{key.rsplit('.', 1)[-1]}{_UNSAFE.sub('-', value)}")
     readable = _UNSAFE.sub("-", "-".join(words)).strip("-.")
     readable = re.sub(r"\.{2,}", ".", readable)[:36].strip("-.") or "base"
     return f"{sweep_id}-{readable}-{digest}"
@@ -136,6 +138,69 @@ def grid_units(grid: Mapping[str, Sequence[Any]], targets: Sequence[str] = ()) -
                 t = t.replace("{" + k + "}", format_value(v))
             filled.append(t)
         units.append(normalise_unit({"overrides": overrides, "targets": filled}))
+    return units
+
+
+def apply_overrides(params: dict, overrides: Sequence[str]) -> dict:
+    """A copy of ``params`` (params.yaml's content) with ``key=value`` overrides set as DVC sets them."""
+    out = yaml.safe_load(yaml.safe_dump(params or {}))
+    for o in overrides:
+        key, value = check_override(o)
+        if ":" in key:
+            continue  # another params file
+        node = out
+        *head, last = key.split(".")
+        for k in head:
+            node = node.setdefault(k, {})
+        node[last] = parse_value(value)
+    return out
+
+
+# stage groups of pgprune's dvc.yaml that evaluate one (method, sparsity) cell, by the method's kind
+EVALUATE_STAGE = {"search": "evaluate_search", "metric": "evaluate_baseline"}
+
+
+def pgprune_units(methods: Sequence[str], sparsities: Sequence[float], evaluate_only: bool = True,
+                  root: "Path | None" = None) -> list[dict]:
+    """One unit per (method, sparsity) of pgprune's pipeline: ``compare.*`` narrowed to that cell and ``export``
+    at it, so the experiment holds that method at that sparsity only; targets: the cell's evaluation stage
+    (``evaluate_search@pg-0.4``: its search/baseline and their inputs run, nothing else) or, with
+    ``evaluate_only=False``, the whole pipeline (export and report too; the pruned model is pushed).
+
+    With ``root`` (a checkout), each unit's params are validated (pgprune.config) and its targets checked against
+    the stages root's dvc.yaml generates for them, so a typo fails here, not on a GPU box."""
+    from pgprune.methods import METHODS
+
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise ValueError(f"methods {unknown or list(methods)} unknown or empty; allowed: {', '.join(METHODS)}")
+    bad = [s for s in sparsities if not 0 < float(s) < 1]
+    if bad or not sparsities:
+        raise ValueError(f"sparsities {bad or list(sparsities)} must be a non-empty list of values in (0, 1)")
+    units = []
+    for m in methods:
+        kind = METHODS[m].kind
+        for s in sparsities:
+            s = float(s)
+            overrides = [f"compare.sparsities=[{s!r}]",
+                         f"compare.searches=[{m}]" if kind == "search" else "compare.searches=[]",
+                         f"compare.baselines=[{m}]" if kind == "metric" else "compare.baselines=[]",
+                         f"export.method={m}", f"export.sparsity={s!r}"]
+            targets = [f"{EVALUATE_STAGE[kind]}@{m}-{s!r}"] if evaluate_only else []
+            units.append(normalise_unit({"overrides": overrides, "targets": targets}))
+    if root is not None:
+        from pathlib import Path
+
+        from pgprune.config import parse_params
+        from pipeline.dvcgraph import expand_stages, load_dvc_yaml, load_params_yaml
+
+        base, spec = load_params_yaml(Path(root)), load_dvc_yaml(Path(root))
+        for u in units:
+            params = apply_overrides(base, u["overrides"])
+            parse_params(params, f"params.yaml with {' '.join(u['overrides'])}")  # ConfigError naming the key
+            missing = [t for t in u["targets"] if t not in expand_stages(spec, params)]
+            if missing:
+                raise ValueError(f"stage(s) {missing} do not exist in {root}/dvc.yaml for {' '.join(u['overrides'])}")
     return units
 
 

@@ -39,8 +39,9 @@ os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 from prefect import flow, get_run_logger  # noqa: E402
 
 from pipeline.commands import capture_command, dvc_executable  # noqa: E402
-from pipeline.experiments import (check_override, check_sweep_id, experiment_name, grid_units,  # noqa: E402
-                                  normalise_unit, parse_value, summarise_experiments)
+from pipeline.dvcgraph import expand_stages, load_dvc_yaml, load_params_yaml  # noqa: E402
+from pipeline.experiments import (apply_overrides, check_override, check_sweep_id, experiment_name,  # noqa: E402
+                                  grid_units, normalise_unit, parse_value, pgprune_units, summarise_experiments)
 from pipeline.unit import (GIT_REMOTE, UNIT_RETRIES, artifact_key, prepare_clone, remote_experiments,  # noqa: E402
                            resolve_baseline, resolve_repo_url, work_dir)
 
@@ -51,10 +52,14 @@ class UnitsFailed(RuntimeError):
     """Some units of a sweep failed permanently (the table and plot were published)."""
 
 
-def build_units(units: list[Any] | None, grid: dict[str, list] | None, targets: list[str] | None) -> list[dict]:
-    """The ``grid`` product, then ``units`` (each: a list of key=value, a string, or {overrides, targets});
-    ``targets`` apply to units that name none (``{key}`` placeholders are filled for grid units)."""
-    out = grid_units(grid, targets or []) if grid else []
+def build_units(units: list[Any] | None, grid: dict[str, list] | None, targets: list[str] | None,
+                methods: list[str] | None = None, sparsities: list[float] | None = None,
+                evaluate_only: bool = True) -> list[dict]:
+    """pgprune's ``methods`` x ``sparsities`` cells (pipeline.experiments.pgprune_units), the ``grid`` product, then
+    ``units`` (each: a list of key=value, a string, or {overrides, targets}); ``targets`` apply to grid units and
+    units that name none (``{key}`` placeholders are filled for grid units)."""
+    out = pgprune_units(methods, sparsities or [], evaluate_only) if methods or sparsities else []
+    out += grid_units(grid, targets or []) if grid else []
     for u in (normalise_unit(u) for u in units or []):
         u["targets"] = u["targets"] or list(targets or [])
         out.append(u)
@@ -72,6 +77,7 @@ def wait_for_units(flow_run_ids: dict[str, Any], poll_seconds: float, timeout_s:
 
     pending = dict(flow_run_ids)
     done: dict[str, Any] = {}
+    rescheduled = {name: 0 for name in pending}  # also bounds runs that crash before they start (run count 0)
     deadline = time.monotonic() + timeout_s
     with get_client(sync_client=True) as client:
         while pending:
@@ -82,7 +88,8 @@ def wait_for_units(flow_run_ids: dict[str, Any], poll_seconds: float, timeout_s:
                 if fr.state.is_crashed():
                     retries = fr.empirical_policy.retries
                     retries = UNIT_RETRIES if retries is None else retries
-                    if fr.run_count <= retries:
+                    if fr.run_count <= retries and rescheduled[name] <= retries:
+                        rescheduled[name] += 1
                         log(f"unit {name} crashed ({fr.state.message}); rescheduling it (run {fr.run_count} of "
                             f"at most {retries + 1})")
                         client.set_flow_run_state(fid, AwaitingRetry(
@@ -102,17 +109,31 @@ def wait_for_units(flow_run_ids: dict[str, Any], poll_seconds: float, timeout_s:
 
 
 # --- gathering ---------------------------------------------------------------------------------------------------------
-def gather(repo_url: str, baseline: str, names: list[str], sweep_id: str, dvc_remote: str | None) -> dict[str, dict]:
+def gather(repo_url: str, baseline: str, units: dict[str, dict], sweep_id: str, dvc_remote: str | None
+           ) -> dict[str, dict]:
     """``{name: record}`` (params, metrics) of the experiments in the shared git remote, via a clone on this
-    machine: ``dvc exp pull --no-cache`` then ``dvc exp show --json``."""
-    present = {n for (b, n) in remote_experiments(repo_url) if b == baseline} & set(names)
+    machine: ``dvc exp pull --no-cache`` then ``dvc exp show --json``. A unit with stage targets also gets
+    ``target_metrics``: the metrics of the files its targets write (found from the baseline's dvc.yaml with the
+    unit's params), keyed without the file name, so that units whose cells write different files share columns."""
+    present = {n for (b, n) in remote_experiments(repo_url) if b == baseline} & set(units)
     if not present:
         return {}
     clone = work_dir() / "sweeps" / sweep_id / "repo"
     prepare_clone(clone, repo_url, baseline, dvc_remote, lambda _m: None)
     capture_command([dvc_executable(), "exp", "pull", "--no-cache", GIT_REMOTE, *sorted(present)], clone)
     show = json.loads(capture_command([dvc_executable(), "exp", "show", "--json", "--no-pager"], clone) or "[]")
-    return {r["name"]: r for r in summarise_experiments(show) if r["name"] in present}
+    records = {r["name"]: r for r in summarise_experiments(show) if r["name"] in present}
+    spec, base = load_dvc_yaml(clone), load_params_yaml(clone)
+    for name, rec in records.items():
+        targets = units[name]["targets"]
+        if not targets:
+            continue
+        stages = expand_stages(spec, apply_overrides(base, units[name]["overrides"]))
+        files = {p for st, node in stages.items() for t in targets if st == t or st.split("@")[0] == t
+                 for p in node["outs"]}
+        rec["target_metrics"] = {k.split(":", 1)[1]: v for k, v in rec["metrics"].items()
+                                 if k.split(":", 1)[0] in files}
+    return records
 
 
 def _error_text(message: str | None, limit: int = 600) -> str:
@@ -124,8 +145,9 @@ def _error_text(message: str | None, limit: int = 600) -> str:
 
 def comparison_rows(units: list[dict], names: list[str], runs: dict[str, Any], records: dict[str, dict],
                     reused: set[str], ui_url: str | None, metrics: list[str] | None = None) -> list[dict]:
-    """One row per unit: experiment, state, each override key, the metrics (``metrics``: keys or key suffixes to
-    keep; default all numeric ones), the error of a failed unit, and the link to its flow run."""
+    """One row per unit: experiment, state, each override key, the metrics (``file:key``; ``targets:key`` for the
+    files a unit's targets write, see gather; ``metrics``: keys or key suffixes to keep, default all numeric ones),
+    the error of a failed unit, and the link to its flow run."""
     rows = []
     for u, name in zip(units, names):
         fr = runs.get(name)
@@ -141,7 +163,10 @@ def comparison_rows(units: list[dict], names: list[str], runs: dict[str, Any], r
         for o in u["overrides"]:
             k, v = check_override(o)
             row[k] = parse_value(v)
-        for k, v in sorted((rec or {}).get("metrics", {}).items()):
+        found = (rec or {}).get("metrics", {})
+        if (rec or {}).get("target_metrics"):  # the target stages' metrics, one column per key for every unit
+            found = {f"targets:{k}": v for k, v in rec["target_metrics"].items()}
+        for k, v in sorted(found.items()):
             if not metrics or any(k == m or k.endswith(m) for m in metrics):
                 row[k] = v
         row["error"] = "" if rec is not None else _error_text(fr.state.message if fr and fr.state else
@@ -174,22 +199,44 @@ def markdown_table(rows: list[dict]) -> str:
     return head + body
 
 
+def _determined(rows: list[dict], col: str, by: list[str]) -> bool:
+    """Whether ``col``'s value is a function of the ``by`` columns' values over ``rows``."""
+    seen: dict[str, str] = {}
+    for r in rows:
+        key = json.dumps([r.get(b) for b in by], sort_keys=True, default=str)
+        val = json.dumps(r.get(col), sort_keys=True, default=str)
+        if seen.setdefault(key, val) != val:
+            return False
+    return True
+
+
 def pick_axes(rows: list[dict], metric: str | None, x: str | None) -> tuple[str | None, str | None, list[str]]:
-    """(metric column, x column, series columns): the metric given (or the first numeric metric column), x given
-    (or the first override whose values vary and are numbers), series = the other varying overrides."""
+    """(metric column, x column, series columns) for the plot.
+
+    metric: the one given (a column or a column's suffix), else the first perplexity column (``...ppl...``, not
+    per seed), else the first numeric metric. x: the one given, else the first varying override whose values are
+    numbers. series: the other varying overrides, scalars first, leaving out those that follow from x and the
+    series already kept (``compare.sparsities=[0.4]`` follows from ``export.sparsity=0.4``)."""
     ok = [r for r in rows if r["state"] in ("completed", "reused")]
     cols = _columns(rows)
-    metric_cols = [c for c in cols if ":" in c and all(isinstance(r.get(c), (int, float)) for r in ok)]
+    metric_cols = [c for c in cols if ":" in c and ok and all(isinstance(r.get(c), (int, float)) for r in ok)]
     if metric:
         metric = next((c for c in metric_cols if c == metric or c.endswith(metric)), None)
     else:
-        metric = metric_cols[0] if metric_cols else None
+        ppl = [c for c in metric_cols if "ppl" in c.split(":", 1)[1] and "seed" not in c]
+        metric = (ppl or metric_cols or [None])[0]
     fixed = {"experiment", "state", "error", "flow_run"}
     varying = [c for c in cols if c not in fixed and ":" not in c
-               and len({json.dumps(r.get(c), sort_keys=True) for r in rows}) > 1]
+               and len({json.dumps(r.get(c), sort_keys=True, default=str) for r in rows}) > 1]
     if x is None:
-        x = next((c for c in varying if all(isinstance(r.get(c), (int, float)) for r in rows)), None)
-    return metric, x, [c for c in varying if c != x]
+        x = next((c for c in varying if all(isinstance(r.get(c), (int, float)) and not isinstance(r.get(c), bool)
+                                            for r in rows)), None)
+    series: list[str] = []
+    for c in sorted((c for c in varying if c != x), key=lambda c: any(isinstance(r.get(c), (list, dict))
+                                                                     for r in rows)):
+        if not _determined(rows, c, ([x] if x else []) + series):
+            series.append(c)
+    return metric, x, series
 
 
 def plot_png(rows: list[dict], metric: str | None, x: str | None, series: list[str], title: str) -> bytes | None:
@@ -247,14 +294,17 @@ def _write(out_dir: Path, rows: list[dict], md: str, png: bytes | None) -> None:
 # --- the flow ------------------------------------------------------------------------------------------------------
 @flow(name="pgprune-sweep", persist_result=False, log_prints=True)
 def sweep(units: list[Any] | None = None, grid: dict[str, list] | None = None, targets: list[str] | None = None,
+          methods: list[str] | None = None, sparsities: list[float] | None = None, evaluate_only: bool = True,
           sweep_id: str | None = None, rev: str | None = None, repo_url: str | None = None,
           dvc_remote: str | None = None, deployment: str = UNIT_DEPLOYMENT, metric: str | None = None,
           x: str | None = None, metrics: list[str] | None = None, poll_seconds: float = 5.0,
           timeout_hours: float = 72.0, fail_on_unit_failure: bool = True) -> list[dict]:
     """Run ``units`` (and/or the ``grid`` product) as DVC experiments on the work pool, then compare them.
 
-    units: e.g. ``[["search.sparsity=0.2"], ["search.sparsity=0.4"]]``; grid: e.g.
-    ``{"search.sparsity": [0.2, 0.4], "search.method": ["pg", "flap"]}``; targets: stages to run (default all).
+    units: e.g. ``[["search.steps=100"], ["search.steps=300", "search.seeds=[1]"]]``; grid: e.g.
+    ``{"search.lr_heads": [0.05, 0.1], "search.samples": [2, 4]}``; targets: stages to run (default all).
+    methods x sparsities: pgprune's comparison cells, one unit each (its evaluation stage; ``evaluate_only=False``:
+    the whole pipeline per unit, exported model included).
     sweep_id: names the experiments (default: from this flow run's id); rerunning a sweep id skips what is done.
     rev: baseline branch/tag/commit on the shared git remote (default HEAD). repo_url / dvc_remote: default the
     unit deployment's parameters, else the workers' PGPRUNE_GIT_REMOTE / PGPRUNE_DVC_REMOTE.
@@ -265,7 +315,7 @@ def sweep(units: list[Any] | None = None, grid: dict[str, list] | None = None, t
     from prefect.settings import PREFECT_UI_URL
 
     logger = get_run_logger()
-    all_units = build_units(units, grid, targets)
+    all_units = build_units(units, grid, targets, methods, sparsities, evaluate_only)
     sweep_id = check_sweep_id(sweep_id or f"sw-{str(flow_run.id or 'local')[:8]}")
     names = [experiment_name(sweep_id, u) for u in all_units]
     if len(set(names)) != len(names):
@@ -292,7 +342,8 @@ def sweep(units: list[Any] | None = None, grid: dict[str, list] | None = None, t
         submitted[name] = fr.id
         logger.info("submitted %s: %s", name, " ".join(u["overrides"]) or "(no overrides)")
     runs = wait_for_units(submitted, poll_seconds, timeout_hours * 3600, logger.info)
-    records = gather(repo, baseline, names, sweep_id, dvc_remote or _deployment_default(deployment, "dvc_remote"))
+    records = gather(repo, baseline, dict(zip(names, all_units)), sweep_id,
+                     dvc_remote or _deployment_default(deployment, "dvc_remote"))
     ui = PREFECT_UI_URL.value()
     rows = comparison_rows(all_units, names, runs, records, reused, ui, metrics)
     m, xcol, series = pick_axes(rows, metric, x)

@@ -30,11 +30,12 @@ same retry budget.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 import socket
-import json
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -123,8 +124,6 @@ def prepare_clone(dest: Path, repo_url: str, baseline: str, dvc_remote: str | No
 
 def _has(cwd: Path, key: str) -> bool:
     """Whether git config (any level) sets ``key``."""
-    import subprocess
-
     return subprocess.run(["git", "config", "--get", key], cwd=cwd, capture_output=True).returncode == 0
 
 

@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -33,6 +34,8 @@ from typing import Iterator, Sequence
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+
+from pgprune.errors import PgpruneError  # noqa: E402  (no torch: the exceptions alone)
 
 ROOT = Path(__file__).resolve().parent.parent
 POOL = "pgprune"
@@ -188,8 +191,16 @@ def ensure_zombie_automation(pool: str, deployment_ids: Sequence[str], window_s:
     return str(auto.create().id)
 
 
+def _absolute(location: str | None) -> str | None:
+    """A local path made absolute (workers clone from other folders); URLs (scheme://, user@host:) as given."""
+    if not location or "://" in location or re.match(r"^[\w.-]+@[\w.-]+:", location):
+        return location
+    return str(Path(location).expanduser().resolve())
+
+
 def setup(pool: str = POOL, source: str = str(ROOT), branch: str | None = None, repo_url: str | None = None,
           dvc_remote: str | None = None, heartbeat_window_s: float = 180) -> dict[str, str]:
+    repo_url, dvc_remote = _absolute(repo_url), _absolute(dvc_remote)
     ensure_pool(pool)
     ids = register_deployments(pool, source, branch, repo_url, dvc_remote)
     ids["automation"] = ensure_zombie_automation(pool, [ids[UNIT_DEPLOYMENT], ids[SWEEP_DEPLOYMENT]],
@@ -264,7 +275,12 @@ def parse_grid(items: Sequence[str] | None) -> dict[str, list]:
 
 
 def sweep_parameters(args: argparse.Namespace) -> dict:
+    if args.methods or args.sparsities:  # validated here, in this checkout, before anything is submitted
+        from pipeline.experiments import pgprune_units
+
+        pgprune_units(args.methods or [], args.sparsities or [], not args.full, root=ROOT)
     p = {"units": [u for u in (args.unit or [])] or None, "grid": parse_grid(args.grid) or None,
+         "methods": args.methods, "sparsities": args.sparsities, "evaluate_only": False if args.full else None,
          "targets": args.targets or None, "sweep_id": args.sweep_id, "rev": args.rev, "repo_url": args.repo_url,
          "dvc_remote": args.dvc_remote, "metric": args.metric, "x": args.x,
          "fail_on_unit_failure": not args.no_fail}
@@ -272,38 +288,55 @@ def sweep_parameters(args: argparse.Namespace) -> dict:
 
 
 # --- benchmark ------------------------------------------------------------------------------------------------------
-def bench(units: int, worker_counts: Sequence[int], steps: int, work: int, threads: int, keep: Path | None) -> dict:
+def bench(units: int, worker_counts: Sequence[int], steps: int, work: int, threads: int, keep: Path | None,
+          step_seconds: float = 0.0, repeat: int = 1) -> dict:
     """Wall time of one sweep of ``units`` units of the mini DVC project (pipeline/demo.py) with each number of
-    local workers, on one local server. Each round uses its own ``search.seed`` so no round reuses another's run
-    cache; the clock runs from the sweep's start to its comparison table (submission, clones, pulls, runs, pushes,
-    gathering)."""
+    local workers, on one local server: rounds interleaved (1, 2, 1, 2, ... workers) ``repeat`` times, the median
+    per worker count. Each round uses its own ``search.seed`` so no round reuses another's run cache; the clock runs
+    from the sweep's start to its comparison table (submission, clones, pulls, runs, pushes, gathering). ``work``
+    makes a unit CPU-bound (matrix products); ``step_seconds`` makes it wait (like a unit whose work runs on a
+    GPU). Worker start-up is outside the clock (workers are started and online before)."""
+    import statistics
+
     from pipeline.demo import make_demo_project
     from pipeline.sweep import sweep as sweep_flow
 
     tmp = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="pgprune-bench-"))
     tmp.mkdir(parents=True, exist_ok=True)
     make_demo_project(tmp / "seed", tmp / "origin.git", tmp / "dvcstore",
-                      params={"search": {"steps": steps, "work": work, "step_seconds": 0.0}})
-    results: dict[str, float] = {}
-    with local_server(tmp / "prefect") as api:
+                      params={"search": {"steps": steps, "work": work, "step_seconds": step_seconds}})
+    times: dict[int, list[float]] = {n: [] for n in worker_counts}
+    from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
+
+    with local_server(tmp / "prefect") as api, \
+            temporary_settings(updates={PREFECT_API_URL: api, PREFECT_HOME: str(tmp / "prefect")}):
+        # the workers (subprocesses) read these; this process's prefect reads the temporary settings
         os.environ.update(PREFECT_API_URL=api, PREFECT_HOME=str(tmp / "prefect"),
                           PREFECT_WORKER_QUERY_SECONDS="1", PGPRUNE_WORK_DIR=str(tmp / "controller"))
         setup(POOL, str(ROOT), None, str(tmp / "origin.git"), str(tmp / "dvcstore"), heartbeat_window_s=180)
-        for n in worker_counts:
-            names = [f"bench{n}-{i}" for i in range(n)]
+        for r, n in ((r, n) for r in range(repeat) for n in worker_counts):
+            names = [f"bench-r{r}-w{n}-{i}" for i in range(n)]
             procs = [start_worker(nm, worker_env(tmp / "machine", threads=threads,
                                                  extra={"PREFECT_WORKER_QUERY_SECONDS": "1"}),
                                   tmp / "logs" / f"{nm}.log") for nm in names]
             try:
                 wait_for_workers(POOL, names)
-                grid = {"search.sparsity": [round(0.1 + 0.2 * i, 2) for i in range(units)], "search.seed": [n]}
+                seed = r * 1000 + n
+                grid = {"search.sparsity": [round(0.1 + 0.2 * i, 2) for i in range(units)], "search.seed": [seed]}
                 t0 = time.perf_counter()
-                rows = sweep_flow(grid=grid, sweep_id=f"bench-w{n}", poll_seconds=0.5)
-                results[f"sweep_wall_s_workers{n}"] = time.perf_counter() - t0
-                assert all(r["state"] == "completed" for r in rows), rows
+                rows = sweep_flow(grid=grid, sweep_id=f"bench-r{r}-w{n}", poll_seconds=0.5)
+                times[n].append(time.perf_counter() - t0)
+                assert all(row["state"] == "completed" for row in rows), rows
+                print(f"round {r}: {n} worker(s): {times[n][-1]:.1f} s", flush=True)
             finally:
                 for p in procs:
                     stop_group(p)
+        results = {f"sweep_wall_s_workers{n}": statistics.median(t) for n, t in times.items()}
+        from prefect.events.worker import EventsWorker
+        from prefect.logging.handlers import APILogWorker
+
+        APILogWorker.drain_all(timeout=10)  # this process's flow-run logs and events, before the server stops
+        EventsWorker.drain_all(timeout=10)
     if not keep:
         shutil.rmtree(tmp, ignore_errors=True)
     return results
@@ -343,7 +376,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     sw = sub.add_parser("sweep", help="run a sweep (in this process, or --submit it to the sweeps queue)")
     sw.add_argument("--unit", action="append", help='one unit: "key=value key=value" (repeatable)')
     sw.add_argument("--grid", action="append", help="key=[v1, v2] (repeatable; the product of all is swept)")
-    sw.add_argument("--targets", nargs="+", help="stages to run in every unit (default: all)")
+    sw.add_argument("--methods", nargs="+", help="pgprune: one unit per method x --sparsities cell")
+    sw.add_argument("--sparsities", nargs="+", type=float, help="pgprune: the sparsities of --methods")
+    sw.add_argument("--full", action="store_true", help="with --methods: the whole pipeline per unit (export and "
+                    "report too), not only the cell's evaluation")
+    sw.add_argument("--targets", nargs="+", help="stages to run in every --grid/--unit unit (default: all)")
     sw.add_argument("--sweep-id", help="names the experiments; rerunning an id skips units already pushed")
     sw.add_argument("--rev", help="baseline branch/tag/commit of the shared git remote (default HEAD)")
     sw.add_argument("--repo-url")
@@ -358,11 +395,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     b.add_argument("--units", type=int, default=3)
     b.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     b.add_argument("--steps", type=int, default=8, help="search steps per unit")
-    b.add_argument("--work", type=int, default=60, help="256x256 matmuls per search step (CPU work)")
+    b.add_argument("--work", type=int, default=2000, help="256x256 matmuls per search step (CPU work; about 0.65 ms "
+                   "each on one core here, so 8 steps x 2000 is about 10 s of search per unit)")
+    b.add_argument("--step-seconds", type=float, default=0.0, help="seconds each search step waits (a GPU-bound "
+                   "unit: the CPU is free meanwhile)")
     b.add_argument("--threads", type=int, default=1, help="CPU threads per worker")
+    b.add_argument("--repeat", type=int, default=1, help="rounds per worker count (interleaved; medians)")
     b.add_argument("--keep", type=Path, help="work in this folder and keep it (default: a temporary one)")
     args = ap.parse_args(argv)
 
+    if args.cmd in ("setup", "worker", "sweep"):
+        from prefect.settings import PREFECT_API_URL
+
+        if not PREFECT_API_URL.value():
+            print("error: PREFECT_API_URL is not set: start a server (prefect server start --host 0.0.0.0) and "
+                  "export PREFECT_API_URL=http://<server>:4200/api (workers and sweeps need a real server)",
+                  file=sys.stderr)
+            return 2
     try:
         if args.cmd == "setup":
             ids = setup(args.pool, args.source, args.branch, args.repo_url, args.dvc_remote, args.heartbeat_window)
@@ -375,7 +424,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             signal.signal(signal.SIGTERM, _interrupt)
             signal.signal(signal.SIGINT, _interrupt)
             print(f"started {len(procs)} worker(s) on {args.pool}/{args.queue}: "
-                  + ", ".join(f"{nm} (CUDA_VISIBLE_DEVICES={gpu}, log {logs / (nm + '.log')})" for nm, gpu in specs))
+                  + ", ".join(f"{nm} ({f'CUDA_VISIBLE_DEVICES={gpu}' if gpu is not None else 'no GPU pinning'}, "
+                              f"log {logs / (nm + '.log')})" for nm, gpu in specs))
             try:
                 while all(p.poll() is None for p in procs):
                     time.sleep(1)
@@ -403,14 +453,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return 1
             print(markdown_table(rows))
         elif args.cmd == "bench":
-            res = bench(args.units, args.workers, args.steps, args.work, args.threads, args.keep)
+            res = bench(args.units, args.workers, args.steps, args.work, args.threads, args.keep, args.step_seconds,
+                        args.repeat)
             for k, v in res.items():
                 print(f"RESULT {k}={v:.1f}")
             if len(args.workers) > 1:
                 a, z = args.workers[0], args.workers[-1]
                 print(f"RESULT speedup_workers{z}_vs_{a}="
                       f"{res[f'sweep_wall_s_workers{a}'] / res[f'sweep_wall_s_workers{z}']:.2f}")
-    except ValueError as e:
+    except (ValueError, PgpruneError) as e:  # bad units, names, params: the message alone
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

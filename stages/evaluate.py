@@ -1,15 +1,10 @@
 """Stage `evaluate@<method>-<sparsity>` (and `evaluate_dense`): slice the given masks out of the base model (with
 their compensation biases) and measure perplexity on every evaluation corpus, zero-shot accuracy and generation
-speed; for a search with several seeds, also the perplexity of every seed's masks. Writes one JSON (metrics)."""
-import time
-
-from pgprune.adapters import get_adapter
-from pgprune.eval import perplexity
+speed; for a search, also the perplexity of every seed's masks and of its validated masks over the search (quality
+vs cost). A streamed model (model.offload) gets perplexity only. Writes one JSON (metrics, kept in git)."""
 from pgprune.io import write_json
-from pgprune.masks import Masks, sparsity_report
 from pgprune.models import load_model
-from pgprune.slicing import slice_model
-from pgprune.workflow import evaluate, load_eval_data, load_masks, seed_results
+from pgprune.workflow import evaluate_masks, load_eval_data
 from stages._common import parse, run
 
 
@@ -23,31 +18,18 @@ def main(argv=None):
         ap.add_argument("--sparsity", type=float, default=0.0)
 
     params, a = parse(__doc__, args, argv)
-    model, tok = load_model(a.model, params.model.dtype, params.model.device)
-    layout = get_adapter(model).layout()
-    masks, extra = load_masks(a.masks, layout) if a.masks is not None else (None, None)  # checked before the work
+    m = params.model
+    model, tok = load_model(a.model, m.dtype, m.device, offload=m.offload, device_map=m.device_map,
+                            max_memory=m.max_memory)
+    if a.masks is not None:  # a missing or damaged masks file fails before any work
+        from pgprune.adapters import get_adapter
+        from pgprune.workflow import load_masks
+
+        load_masks(a.masks, get_adapter(model).layout())
     evals, tasks = load_eval_data(a.data, tok, params)
-    result = {"method": a.method, "sparsity": a.sparsity}
-    if masks is None:
-        result.update(evaluate(model, tok, evals, tasks, params))
-        result["params"] = sparsity_report(layout, Masks.full(layout))
-    else:
-        t0 = time.perf_counter()
-        pruned = slice_model(model, masks, extra_bias=extra)
-        result.update(evaluate(pruned, tok, evals, tasks, params))
-        result["slice_time_s"] = time.perf_counter() - t0 - result["ppl_time_s"]
-        result["params"] = sparsity_report(layout, masks, out_bias=extra is not None)
-        del pruned
-        seeds = {}
-        for seed, (m, x) in seed_results(a.masks, layout).items():
-            other = slice_model(model, m, extra_bias=x)
-            seeds[seed] = {name: perplexity(other, blocks, batch_size=params.eval.ppl_batch_size)["ppl"]
-                           for name, blocks in evals.items()}
-            del other
-        if seeds:
-            result["seed_ppl"] = seeds
+    result = {"method": a.method, "sparsity": a.sparsity, **evaluate_masks(model, tok, a.masks, evals, tasks, params)}
     write_json(a.out, result)
-    print({k: v for k, v in result.items() if k != "params"})
+    print({k: v for k, v in result.items() if k not in ("params", "curve")})
 
 
 if __name__ == "__main__":

@@ -7,9 +7,10 @@ from pgprune.errors import require_file
 from pgprune.io import read_json, write_text
 from pgprune.methods import METHODS
 from pgprune.report import collect_results, search_summary, sparsity_tag
-from pgprune.report.plots import plot_kept_per_layer, plot_ppl_vs_sparsity, plot_search_curve
+from pgprune.report.plots import (plot_kept_per_layer, plot_ppl_vs_sparsity, plot_quality_vs_cost,
+                                  plot_search_curve)
 from pgprune.report.tables import (csv_text, kept_per_layer_rows, markdown_report, ppl_points, ppl_vs_sparsity_rows,
-                                   read_history_csv, search_loss_rows)
+                                   quality_vs_cost_rows, quality_vs_cost_table, read_history_csv, search_loss_rows)
 from stages._common import parse, run
 
 log = logging.getLogger("pgprune.report")
@@ -49,13 +50,30 @@ def main(argv=None):
                "Search: calibration loss, baseline, validated hard-mask loss and mean keep-probabilities":
                    "search_curve.png",
                "Kept fraction of KV-head groups and MLP channels per layer (exported masks)": "kept_per_layer.png"}
+    curves = [{"method": m, "sparsity": r["sparsity"], "corpus": cell["curve"]["corpus"],
+               "points": cell["curve"]["points"],
+               "seconds": read_json(Path(a.timing) / f"search-{m}-{sparsity_tag(r['sparsity'])}.json")
+               .get("trajectory_s")}
+              for r in results for m, cell in r["methods"].items() if cell.get("curve")]
+    write_text(out / "plots" / "quality_vs_cost.csv", csv_text(quality_vs_cost_rows(curves), [
+        "method", "sparsity", "step", "forward_passes", "seconds", "val_loss", "ppl"]))
+    plot_quality_vs_cost(curves, out / "quality_vs_cost.png")
+    figures["Search quality vs cost: held-out perplexity and validated loss of the search's masks vs forward "
+            "passes (dotted: the init metric's mask)"] = "quality_vs_cost.png"
+    extra = []
+    if curves:
+        extra = ["## Search quality vs cost", "",
+                 f"Perplexity ({curves[0]['corpus']}, first {results[0]['methods'][curves[0]['method']]['curve']['blocks']}"
+                 " blocks) of the mask each search would return after a fraction of its sampled-mask forward passes "
+                 "(its validated hard mask then); step 0 is the init metric's mask. `report/plots/quality_vs_cost.csv` "
+                 "has every point with seconds.", "", quality_vs_cost_table(curves)]
     kept = [i for i, k in enumerate(counts["layers"]) if k]
     uniform = len({counts["heads"][i] for i in kept}) <= 1 and len({counts["channels"][i] for i in kept}) <= 1
     export = {"method": e.method, "sparsity": e.sparsity,
               "architecture": "the base model's stock architecture (loads without remote code)" if uniform
               else "per-layer widths (loads with trust_remote_code=True)"}
     write_text(out / "report.md", markdown_report(params.report.title, compare_results=results, export=export,
-                                                  search_summary=summary, figures=figures))
+                                                  search_summary=summary, figures=figures, extra_sections=extra))
     log.info("wrote %s (plots data: first evaluation corpus %r)", out / "report.md", corpus)
 
 

@@ -27,7 +27,7 @@ def main(argv=None):
                           checkpoint_root=checkpoint_dir())
     summary = save_masks(a.out, result, get_adapter(model).layout())
     write_json(a.timing, {"time_s": result.info["time_s"], "seeds": result.info["seeds"],
-                          "device": result.info["device"]})
+                          "device": result.info["device"], "trajectory_s": result.info.get("trajectory_s", [])})
     print({k: v for k, v in summary.items() if k != "params"})
 
 

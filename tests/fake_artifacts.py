@@ -79,7 +79,12 @@ def make_fake_artifacts(root: Path, *, sparsities=(0.2, 0.3, 0.5), methods=METHO
                 summary["search"] = {str(x): {"steps": steps, "forward_passes": 2 * steps, "best_step": steps // 2,
                                               "best_val_loss": 3.1, "init_val_loss": 3.3} for x in seeds}
                 (timing / f"search-{m}-s{float(s)}.json").write_text(json.dumps(
-                    {"time_s": 40.0 * len(seeds), "seeds": {str(x): {"time_s": 40.0} for x in seeds}}))
+                    {"time_s": 40.0 * len(seeds), "seeds": {str(x): {"time_s": 40.0} for x in seeds},
+                     "trajectory_s": [4.0 * i for i in range(5)]}))
+                first = next(iter(ppl_base))
+                r["curve"] = {"corpus": first, "blocks": 64, "points": [
+                    {"step": 5 * i, "forward_passes": 10 * i, "val_loss": 3.3 - 0.05 * i,
+                     "ppl": r["ppl"][first] * (1.2 - 0.05 * i)} for i in range(5)]}
                 _history(cell, steps, rng, prob_style)
             (cell / "summary.json").write_text(json.dumps(summary))
             (ev / f"{m}-s{float(s)}.json").write_text(json.dumps(r))

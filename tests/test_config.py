@@ -17,7 +17,7 @@ def test_errors_name_key_value_and_allowed():
         parse_params({"export": {"sparsity": 1.5}, "search": {"estimator": "foo"}, "bogus": 1})
     msg = str(e.value)
     assert "export.sparsity" in msg and "1.5" in msg
-    assert "search.estimator" in msg and "'exact', 'loo' or 'reference'" in msg
+    assert "search.estimator" in msg and "'exact', 'loo', 'reference' or 'disarm'" in msg
     assert "bogus" in msg
 
 

@@ -156,3 +156,35 @@ def test_init_map():
         init_probs(metric, 0.7, method="wanda")
     with pytest.raises(ConfigError, match="keep_ratio"):
         init_probs(metric, 1.5)
+
+
+def test_disarm_is_unbiased_and_uses_antithetic_pairs():
+    from pgprune.search.estimators import antithetic_masks, disarm_gradient
+
+    gen = torch.Generator().manual_seed(0)
+    reps, pairs = 20000, 1
+    est = torch.empty(reps, S.numel(), dtype=torch.float64)
+    for r in range(reps):
+        m = torch.stack(antithetic_masks(S, pairs, gen))
+        est[r] = disarm_gradient(S, m, toy_loss(m))
+    assert_mean_close(est, true_grad())
+    # the pair's second mask is the antithetic of the first: at s = 1/2 it is exactly the complement
+    half = torch.full((50,), 0.5, dtype=torch.float64)
+    a, b = antithetic_masks(half, 1, torch.Generator().manual_seed(1))
+    assert torch.equal(a, ~b)
+    # a pair with a non-finite loss is left out; odd counts are refused
+    m = torch.stack(antithetic_masks(S, 2, gen))
+    only_second = disarm_gradient(S, m[2:], toy_loss(m[2:]))
+    losses = toy_loss(m)
+    losses[1] = float("nan")
+    assert torch.equal(disarm_gradient(S, m, losses), only_second)
+    with pytest.raises(ConfigError, match="pairs"):
+        disarm_gradient(S, m[:3], toy_loss(m[:3]))
+
+
+def test_disarm_needs_an_even_number_of_samples():
+    from pgprune.search import SearchSettings
+
+    with pytest.raises(Exception, match="even number of samples"):
+        SearchSettings(estimator="disarm", samples=3)
+    assert SearchSettings(estimator="disarm", samples=4).samples == 4

@@ -159,3 +159,16 @@ def test_channel_groups_keep_whole_blocks(setup):
         ids = out.blocks.channel_block[i * 48:(i + 1) * 48]
         for b in ids.unique():
             assert c[ids == b].all() or not c[ids == b].any()
+
+
+def test_samples_split_over_devices_give_the_same_search(setup):
+    """search.devices: the K samples of every step run on replicas (here two CPU 'devices'), only losses come
+    back; the search is identical to the single-device one."""
+    model, calib, scores = setup
+    kw = dict(steps=4, samples=4, batch_size=4, val_blocks=4, init="magnitude", bias_compensation=False,
+              init_free_heads=0.5, lr_heads=0.3, sample_mode="separate")
+    one = run_pg_search(model, calib, scores, SearchParams(**kw), sparsity=0.5, progress=False)
+    two = run_pg_search(model, calib, scores, SearchParams(devices=["cpu", "cpu"], **kw), sparsity=0.5,
+                        progress=False)
+    assert [h["loss_mean"] for h in one.result.history] == [h["loss_mean"] for h in two.result.history]
+    assert one.masks.to_json() == two.masks.to_json()

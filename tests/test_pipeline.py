@@ -79,11 +79,13 @@ def test_run_cache_is_never_switched_off():
 
 def test_params_lists_are_short_and_true():
     p = {name: st.get("params") for name, st in STAGES.items()}
-    assert p["search"] == ["search", "model"]
+    assert p["search"] == ["search", "model.dtype", "model.device"]
     assert p["baseline"] == ["search.min_heads_per_layer", "init.flap_bias_compensation"]
-    assert p["evaluate_search"] == p["evaluate_baseline"] == p["evaluate_dense"] == ["eval", "model"]
+    assert p["evaluate_search"] == p["evaluate_baseline"] == p["evaluate_dense"] == ["eval", "model.dtype",
+                                                                                     "model.device"]
     assert p["export"] == ["export", "data.calibration"]
-    assert p["model"] == ["model.source", "model.dtype"] and p["data"] == ["data"] and p["init"] == ["init", "model"]
+    assert p["model"] == ["model.source", "model.dtype"] and p["data"] == ["data"]
+    assert p["init"] == ["init", "model.dtype", "model.device"]
     assert all(len(v or []) <= 3 for v in p.values())
 
 
@@ -263,3 +265,16 @@ def test_returning_to_earlier_params_restores_from_the_run_cache(toy):
     for cell in [c for c in ran if c != "report"]:
         assert f"Stage '{cell}' is cached - skipping run, checking out outputs" in out
     assert (path / "dvc.lock").read_text() == before
+
+
+def test_every_parameter_is_documented_with_what_it_invalidates():
+    """README's parameter table is pgprune.config.params_reference() for this dvc.yaml (one declaration each)."""
+    from pgprune.config import params_reference
+
+    table = params_reference(DVC_YAML)
+    assert "| `search.lr_heads` |" in table and "`search`" in table.split("| `search.lr_heads` |")[1].split("\n")[0]
+    rows = [ln for ln in table.splitlines()[2:]]
+    assert all(ln.split("|")[3].strip() for ln in rows), "a key without a description"
+    assert "| `eval.zero_shot_limit` |" in table and \
+        "`evaluate_search`" in table.split("| `eval.zero_shot_limit` |")[1].split("\n")[0]
+    assert table in (ROOT / "README.md").read_text(), "README's parameter table is stale: python -m pgprune.config"

@@ -47,7 +47,7 @@ def make_search(seg=None, lr=0.005, init=0.4, seed=42, **kw) -> PolicyGradientSe
                                 seed=seed)
 
 
-@pytest.mark.parametrize("estimator", ["exact", "loo", "reference"])
+@pytest.mark.parametrize("estimator", ["exact", "loo", "reference", "disarm"])
 def test_finds_top_k_optimum(estimator):
     w = make_w(3)
     res = make_search(estimator=estimator, seed=3).run(make_loss(w), progress=False)

@@ -42,7 +42,7 @@ def test_report_stage_writes_report_figures_and_plots_data(workdir):
     _set(workdir / "params.yaml", "compare.sparsities", [0.2, 0.3, 0.5])
     make_fake_artifacts(workdir, sparsities=(0.2, 0.3, 0.5), corpora=("local", "wikitext2"))
     report.main(REPORT_ARGS)
-    for png in ("ppl_vs_sparsity.png", "search_curve.png", "kept_per_layer.png"):
+    for png in ("ppl_vs_sparsity.png", "search_curve.png", "kept_per_layer.png", "quality_vs_cost.png"):
         data = (workdir / "report" / png).read_bytes()
         assert data.startswith(PNG) and len(data) > 5000, png
     md = (workdir / "report" / "report.md").read_text()
@@ -55,6 +55,9 @@ def test_report_stage_writes_report_figures_and_plots_data(workdir):
     assert "![" in md and "(ppl_vs_sparsity.png)" in md
     assert "ppl local: mean ± sd over seeds" in md and "(n=3)" in md  # the search rows' spread over seeds
     assert "`models/pruned` (the `export` stage): PG search (`pg`) at sparsity 0.3" in md
+    assert "## Search quality vs cost" in md and "(0.958×)" in md  # ppl after 1/4 of the forwards vs step 0
+    curve = list(csv.DictReader(open(workdir / "report/plots/quality_vs_cost.csv")))
+    assert len(curve) == 5 * 2 * 3 and curve[1]["seconds"] == "4"
 
     # the DVC plots CSVs have the columns dvc.yaml's `plots:` draws
     spec = yaml.safe_load((ROOT / "dvc.yaml").read_text())
@@ -189,4 +192,4 @@ def test_dvc_plots_show_renders_offline(tmp_path):
     assert "https://cdn" not in page and "<script src" not in page
     for plot in ("ppl_vs_sparsity", "search_loss", "kept_per_layer"):
         assert f'id = "{plot}"' in page or f'id="{plot}"' in page, plot
-    assert len(list((tmp_path / "dvc_plots" / "static").glob("*.png"))) == 3
+    assert len(list((tmp_path / "dvc_plots" / "static").glob("*.png"))) == 4

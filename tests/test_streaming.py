@@ -42,8 +42,17 @@ def ids_batch(b=3, t=13, seed=1):
     return torch.randint(0, VOCAB, (b, t), generator=torch.Generator().manual_seed(seed))
 
 
+_VARIANTS: dict = {}
+
+
 def variants(dense, folder, sharded):
-    """name -> model, every streamed form of the same checkpoint."""
+    """name -> model, every streamed form of the same checkpoint (loaded once per checkpoint; read-only)."""
+    if str(folder) not in _VARIANTS:
+        _VARIANTS[str(folder)] = _load_variants(dense, folder, sharded)
+    return _VARIANTS[str(folder)]
+
+
+def _load_variants(dense, folder, sharded):
     disk, _ = load_model(folder, "float32", "cpu", offload="disk")
     disk_sharded, _ = load_model(sharded, "float32", "cpu", offload="disk")
     cpu, _ = load_model(folder, "float32", "cpu")
@@ -186,3 +195,45 @@ def test_loading_errors(checkpoints, tmp_path, tiny_tokenizer):
     masks = Masks.full(MaskedModel(dense).layout)
     with pytest.raises(PgpruneError, match="masks need a Hugging Face model or a MaskedModel"):
         perplexity(lambda ids: None, ids_batch(), masks=masks)
+
+
+def test_tied_embeddings_stream_from_disk(tmp_path, tiny_tokenizer):
+    """SmolLM2-style checkpoints tie lm_head to the embeddings (no lm_head tensor in the file)."""
+    from transformers import AutoModelForCausalLM
+
+    from conftest import make_tiny_config
+
+    cfg = make_tiny_config("llama", n_heads=4, n_kv=2)
+    cfg.tie_word_embeddings = True
+    torch.manual_seed(0)
+    dense = AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():
+        for p in dense.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.2)
+    save(dense, tmp_path / "tied", tiny_tokenizer)
+    disk, _ = load_model(tmp_path / "tied", offload="disk")
+    assert disk.lm_head.weight is disk.model.embed_tokens.weight
+    ids = ids_batch()
+    assert MaskedModel(disk).loss(ids) == pytest.approx(MaskedModel(dense).loss(ids), abs=1e-6)
+    final, inputs = MaskedModel(disk).hidden_states(ids, collect=True)
+    ref_final, ref_inputs = MaskedModel(dense).hidden_states(ids, collect=True)
+    torch.testing.assert_close(final, ref_final, atol=1e-6, rtol=1e-6)
+    assert len(inputs) == len(ref_inputs) == 3
+
+
+def test_streamed_scorers_end_to_end_and_taylor_refuses(checkpoints):
+    """compute_scores on a streamed model (the scorers read each layer's weights through weights.layer_parts)
+    equals the in-memory model; taylor, which back-propagates, names why it cannot run streamed."""
+    from pgprune.scorers import compute_scores
+
+    dense, folder, sharded = checkpoints["qwen2"]
+    calib = torch.randint(3, VOCAB, (5, 12), generator=torch.Generator().manual_seed(0))
+    for name in ("wanda_sp", "flap", "magnitude"):
+        want = compute_scores(name, dense, calib, batch_size=2)
+        for variant, model in variants(dense, folder, sharded).items():
+            got = compute_scores(name, model, calib, batch_size=2)
+            for key in ("heads", "channels"):
+                torch.testing.assert_close(got[key], want[key], atol=1e-4, rtol=1e-4, msg=f"{name} {variant}")
+    with pytest.raises(PgpruneError, match="taylor scorer needs the whole model in memory"):
+        compute_scores("taylor", variants(dense, folder, sharded)["disk"], calib, batch_size=2)

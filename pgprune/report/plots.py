@@ -116,3 +116,35 @@ def plot_ppl_vs_sparsity(rows: Sequence[dict[str, Any]], path: str | os.PathLike
         if ax.lines:
             ax.legend(fontsize=8)
     _save(fig, path)
+
+
+def plot_quality_vs_cost(curves: Sequence[dict], path: str | os.PathLike,
+                         title: str = "Search quality vs cost") -> None:
+    """Held-out perplexity (top) and validated calibration loss (bottom) of a search's hard masks against the
+    sampled-mask forward passes spent, one line per (method, sparsity); the dotted line of each is its step-0
+    mask, the metric baseline it starts from (FLAP by default), on the same blocks.
+
+    ``curves``: ``{"method", "sparsity", "corpus", "points": [{"forward_passes", "ppl", "val_loss"}, ...]}``.
+    """
+    fig = Figure(figsize=(7.5, 6.2), layout="constrained")
+    ax, ax2 = fig.subplots(2, 1, sharex=True)
+    for c in curves:
+        pts = [p for p in c["points"] if _num(p.get("ppl")) is not None]
+        if not pts:
+            continue
+        label = f"{method_label(c['method'])} @ {c['sparsity']:g}"
+        line, = ax.plot([p["forward_passes"] for p in pts], [p["ppl"] for p in pts], marker="o", ms=3, label=label)
+        ax.axhline(pts[0]["ppl"], color=line.get_color(), ls=":", lw=1)
+        ax2.plot([p["forward_passes"] for p in pts], [p["val_loss"] for p in pts], marker="o", ms=3,
+                 color=line.get_color(), label=label)
+        ax2.axhline(pts[0]["val_loss"], color=line.get_color(), ls=":", lw=1)
+    corpus = next((c.get("corpus") for c in curves if c.get("corpus")), None)
+    ax.set_ylabel("perplexity" + (f" ({corpus}, held out)" if corpus else ""))
+    ax.set_title(title + " (dotted: the step-0 mask = the init metric's)")
+    ax2.set_ylabel("validated loss (held-back calibration)")
+    ax2.set_xlabel("sampled-mask forward passes")
+    for a in (ax, ax2):
+        a.grid(alpha=0.3)
+        if a.lines:
+            a.legend(fontsize=7)
+    _save(fig, path)

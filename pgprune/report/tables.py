@@ -310,3 +310,36 @@ def csv_text(rows: Sequence[dict], fieldnames: Sequence[str] | None = None) -> s
         w.writerow({k: ("" if r.get(k) is None else (f"{r[k]:.6g}" if isinstance(r[k], float) else r[k]))
                     for k in fields})
     return buf.getvalue()
+
+
+def quality_vs_cost_rows(curves: Sequence[dict]) -> list[dict]:
+    """Long rows ``{method, sparsity, step, forward_passes, seconds, val_loss, ppl}`` of every search curve."""
+    out = []
+    for c in curves:
+        secs = c.get("seconds") or []
+        for i, p in enumerate(c["points"]):
+            out.append({"method": c["method"], "sparsity": c["sparsity"], "step": p["step"],
+                        "forward_passes": p["forward_passes"], "seconds": _num(secs[i]) if i < len(secs) else None,
+                        "val_loss": _num(p.get("val_loss")), "ppl": _num(p.get("ppl"))})
+    return out
+
+
+def quality_vs_cost_table(curves: Sequence[dict]) -> str:
+    """Markdown: per search cell, perplexity of the validated mask after 0, 1/4, 1/2 and all of the forward
+    passes, relative to step 0 (the init metric's mask), and the seconds spent."""
+    lines = ["| search | sparsity | " + " | ".join(f"ppl after {f} of the forwards" for f in ("0", "1/4", "1/2", "all"))
+             + " | seconds |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for c in curves:
+        pts = c["points"]
+        if not pts:
+            continue
+        total = pts[-1]["forward_passes"] or 1
+        cells = []
+        for frac in (0.0, 0.25, 0.5, 1.0):
+            p = min(pts, key=lambda q: abs(q["forward_passes"] - frac * total))
+            rel = p["ppl"] / pts[0]["ppl"] if pts[0]["ppl"] else None
+            cells.append(f"{p['ppl']:.2f}" + (f" ({rel:.3f}×)" if rel is not None and frac > 0 else ""))
+        secs = c.get("seconds") or []
+        lines.append(f"| {method_label(c['method'])} | {c['sparsity']:g} | " + " | ".join(cells)
+                     + f" | {_fmt(secs[-1] if secs else None, '.0f')} |")
+    return "\n".join(lines) + "\n"

@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 
 from pgprune.adapters import get_adapter
+from pgprune.weights import layer_parts
 from pgprune.errors import PgpruneError
 from pgprune.masks import Masks
 from pgprune.scorers.activations import ActivationStats, collect_activation_stats, head_columns_to_groups
@@ -43,7 +44,7 @@ def flap_fluctuation(model, stats: ActivationStats) -> dict:
     layout = stats.layout
     o_cols, d_cols = [], []
     for i in range(layout.num_layers):
-        p = adapter.parts(i)
+        p = layer_parts(model, i)
         wo = p.o_proj.weight.detach().double()
         wd = p.down_proj.weight.detach().double()
         o_cols.append(stats.o_proj[i].var * (wo * wo).sum(0).cpu())
@@ -110,7 +111,7 @@ def flap_compensation_biases(model, masks: Masks, stats) -> dict[tuple[int, str]
     g, hd = layout.group_size, layout.head_dim
     out = {}
     for i in masks.kept_layer_indices():
-        p = adapter.parts(i)
+        p = layer_parts(model, i)
         removed_q = (~masks.heads[i].bool()).repeat_interleave(g * hd)
         removed_c = ~masks.channels[i].bool()
         for name, lin, mu, removed in (("o_proj", p.o_proj, o_mean[i], removed_q),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from pgprune.adapters import get_adapter
+from pgprune.weights import layer_parts
 from pgprune.scorers.activations import check_o_columns
 
 
@@ -27,7 +28,7 @@ def magnitude_scores(model, calib=None, *, batch_size: int = 8, progress: bool =
     hd, g = layout.head_dim, layout.group_size
     heads, chans = [], []
     for i in range(layout.num_layers):
-        p = adapter.parts(i)
+        p = layer_parts(model, i)
         n_kv = layout.kv_heads[i]
         check_o_columns(layout, i, p.o_proj.in_features)
         q = _sq(p.q_proj.weight).sum(1).reshape(n_kv, g * hd).sum(1)

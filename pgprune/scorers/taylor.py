@@ -18,10 +18,12 @@ import torch
 from tqdm.auto import tqdm
 
 from pgprune.adapters import get_adapter
+from pgprune.weights import require_in_memory
 from pgprune.scorers.activations import check_batch_size, check_calib, check_o_columns, input_device
 
 
 def taylor_scores(model, calib, *, batch_size: int = 8, progress: bool = True) -> dict[str, torch.Tensor]:
+    require_in_memory(model, "the taylor scorer")
     calib = check_calib(calib)
     batch_size = check_batch_size(batch_size)
     adapter = get_adapter(model)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from pgprune.adapters import get_adapter
+from pgprune.weights import layer_parts
 from pgprune.scorers.activations import ActivationStats, collect_activation_stats, head_columns_to_groups
 
 
@@ -28,7 +29,7 @@ def wanda_sp_columns(model, stats: ActivationStats) -> tuple[list[torch.Tensor],
     adapter = get_adapter(model)
     o_cols, d_cols = [], []
     for i in range(stats.layout.num_layers):
-        p = adapter.parts(i)
+        p = layer_parts(model, i)
         o_cols.append(p.o_proj.weight.detach().abs().double().mean(0).cpu() * stats.o_proj[i].sqmean.sqrt())
         d_cols.append(p.down_proj.weight.detach().abs().double().mean(0).cpu() * stats.down_proj[i].sqmean.sqrt())
     return o_cols, d_cols

@@ -8,6 +8,12 @@ per-sample weights w_j depend only on the losses and the baseline, so they are s
 * ``loo``: w_j = (L_j - mean of the other losses)/K_valid with the exact score (unbiased, needs K >= 2).
 * ``reference``: the reference code: b is the EMA updated with the current mean first, w_j = (L_j - b)/(K-1)
   with K the number of samples drawn (also when some were dropped), score = (m - s)/sqrt((s+1e-7)(1-s+1e-7)).
+* ``disarm`` (not in the paper): antithetic pairs, b = 1[u < s] and b' = 1[1 - u < s] with the same uniform u, and
+  DisARM (Dong, Mnih & Tucker, NeurIPS 2020) per pair: with logits a = logit(s),
+  dE/da_i = 1/2 (L(b) - L(b')) (-1)^{b'_i} 1[b_i != b'_i] sigmoid(|a_i|), i.e. in s (da/ds = 1/(s(1-s))):
+  g_i = 1/2 (L(b) - L(b')) (-1)^{b'_i} 1[b_i != b'_i] / min(s_i, 1 - s_i), averaged over the K/2 pairs. Unbiased;
+  a unit contributes only where the pair disagrees on it, so the surest units (s near 0 or 1) are rarely moved by
+  noise while undecided units (s near 1/2, where b' is nearly the complement of b) get a paired comparison.
 """
 from __future__ import annotations
 
@@ -15,7 +21,8 @@ import torch
 
 from pgprune.errors import ConfigError
 
-ESTIMATORS = ("exact", "loo", "reference")
+ESTIMATORS = ("exact", "loo", "reference", "disarm")
+PAIRED = ("disarm",)  # estimators that sample antithetic pairs
 BASELINES = ("ema", "none")
 _REF_EPS = 1e-7
 
@@ -28,6 +35,9 @@ def check_estimator(estimator: str, baseline: str = "ema", n_samples: int | None
         raise ConfigError(f"unknown baseline '{baseline}'; allowed: {', '.join(BASELINES)}.")
     if n_samples is not None and estimator in ("loo", "reference") and n_samples < 2:
         raise ConfigError(f"estimator '{estimator}' needs samples K >= 2, got K={n_samples}.")
+    if n_samples is not None and estimator in PAIRED and (n_samples < 2 or n_samples % 2):
+        raise ConfigError(f"estimator '{estimator}' samples antithetic pairs: K must be even and >= 2, got "
+                          f"K={n_samples}.")
 
 
 def advance_baseline(estimator: str, baseline: str, ema_window: float, state: float | None,
@@ -64,6 +74,8 @@ def sample_weights(losses: torch.Tensor, baseline: float, *, estimator: str = "e
         return losses
     if estimator == "exact":
         return (losses - baseline) / k
+    if estimator in PAIRED:  # pairs are weighted inside disarm_gradient
+        return torch.zeros_like(losses)
     if estimator == "loo":
         if k < 2:
             return torch.zeros_like(losses)
@@ -109,4 +121,35 @@ def estimate_gradient(s: torch.Tensor, masks: torch.Tensor, losses: torch.Tensor
         raise ConfigError(f"got {masks.shape[0]} masks but {w.numel()} losses.")
     g = w @ score(s, masks, estimator=estimator, eps=eps) if w.numel() else torch.zeros(s.numel(), dtype=torch.float64)
     g = g + penalty_gradient(s, penalty, estimator=estimator, eps=eps)
+    return g.reshape(s.shape)
+
+
+def antithetic_masks(s: torch.Tensor, n_pairs: int, generator: torch.Generator) -> list[torch.Tensor]:
+    """2 * n_pairs masks in pair order: u < s and then (1 - u) < s for each uniform draw u."""
+    out = []
+    for _ in range(n_pairs):
+        u = torch.rand(s.numel(), generator=generator, dtype=s.dtype)
+        out += [u < s, (1.0 - u) < s]
+    return out
+
+
+def disarm_gradient(s: torch.Tensor, masks: torch.Tensor, losses: torch.Tensor, *, eps: float = 1e-4,
+                    valid: torch.Tensor | None = None) -> torch.Tensor:
+    """DisARM estimate (float64, shape of ``s``) from masks [2P, N] in pair order and their losses [2P];
+    pairs with a non-finite loss (or ``valid`` False) are left out."""
+    s64 = s.detach().to(torch.float64).reshape(-1)
+    m = masks.reshape(masks.shape[0], -1)
+    if m.shape[0] % 2:
+        raise ConfigError(f"disarm needs masks in antithetic pairs; got {m.shape[0]} masks")
+    losses = losses.detach().to(torch.float64).reshape(-1)
+    ok = torch.isfinite(losses) if valid is None else valid.reshape(-1).bool() & torch.isfinite(losses)
+    pair_ok = ok[0::2] & ok[1::2]
+    if not bool(pair_ok.any()):
+        return torch.zeros_like(s64).reshape(s.shape)
+    a, b = m[0::2][pair_ok].to(torch.float64), m[1::2][pair_ok].to(torch.float64)  # [P, N]
+    diff = (losses[0::2] - losses[1::2])[pair_ok]  # [P]
+    sign = 1.0 - 2.0 * b  # (-1)^{b'}
+    disagree = (a != b).to(torch.float64)
+    inv = 1.0 / torch.minimum(s64, 1.0 - s64).clamp_min(eps)
+    g = 0.5 * (diff[:, None] * sign * disagree).mean(dim=0) * inv
     return g.reshape(s.shape)

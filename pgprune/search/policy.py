@@ -17,7 +17,8 @@ from tqdm.auto import tqdm
 
 from pgprune.errors import BudgetError, ConfigError, NaNLossError, PgpruneError
 from pgprune.io import write_bytes
-from pgprune.search.estimators import advance_baseline, penalty_gradient, sample_weights, score
+from pgprune.search.estimators import (PAIRED, advance_baseline, antithetic_masks, disarm_gradient, penalty_gradient,
+                                       sample_weights, score)
 from pgprune.search.projection import project_budget, project_segments
 from pgprune.search.schedules import lr_factor, penalty_weight
 
@@ -86,9 +87,10 @@ class SearchSettings(BaseModel):
 
     steps: int = Field(200, ge=1, description="total number of search steps T")
     samples: int = Field(2, ge=1, description="mask samples K per step")
-    estimator: Literal["exact", "loo", "reference"] = Field(
+    estimator: Literal["exact", "loo", "reference", "disarm"] = Field(
         "loo", description="loo: exact score, leave-one-out baseline (needs K >= 2); exact: the paper's estimator "
-        "with an EMA baseline; reference: the reference code (sqrt denominator, needs K >= 2)")
+        "with an EMA baseline; reference: the reference code (sqrt denominator, needs K >= 2); disarm: antithetic "
+        "pairs with the DisARM estimator (needs an even K)")
     baseline: Literal["ema", "none"] = "ema"
     ema_window: float = Field(5.0, ge=1.0, description="EMA window W (coefficient 1/W)")
     lr_schedule: Literal["cosine", "const", "linear", "poly", "exp", "step"] = "cosine"
@@ -107,6 +109,9 @@ class SearchSettings(BaseModel):
         if self.estimator in ("loo", "reference") and self.samples < 2:
             raise ValueError(f"samples={self.samples}: estimator {self.estimator!r} needs samples >= 2 "
                              "(set samples: 2 or more, or estimator: exact)")
+        if self.estimator == "disarm" and (self.samples < 2 or self.samples % 2):
+            raise ValueError(f"samples={self.samples}: estimator 'disarm' samples antithetic pairs and needs an even "
+                             "number of samples >= 2")
         if self.lr_schedule == "step":
             bad = [m for m in self.lr_milestones if not 0 < m < self.steps]
             if not self.lr_milestones or bad:
@@ -142,6 +147,8 @@ class SearchResult:
     elapsed_s: float = 0.0  # wall-clock time of the search, summed over interrupted and resumed runs
     resumed_from: int = 0  # the step a checkpoint resumed from (0: a fresh start)
     forward_passes: int = 0  # sampled-mask loss evaluations (K per step), over all runs
+    # with record_trajectory: at every validation {"step", "forward_passes", "elapsed_s", "val_loss", "probs"}
+    trajectory: list[dict[str, Any]] = field(default_factory=list)
 
     def selected_probs(self, select: str = "best") -> dict[str, torch.Tensor]:
         """The probabilities of the best validated step (``select="best"``, when validation ran) or the last."""
@@ -211,7 +218,7 @@ class PolicyGradientSearch:
         gen = torch.Generator().manual_seed(self.seed)
         return {"step": 0, "probs": {n: p.clone() for n, p in self.init_probs.items()}, "baseline": None,
                 "generator": gen.get_state(), "history": [], "nan_streak": 0, "best": None, "validation": [],
-                "elapsed_s": 0.0, "forward_passes": 0}
+                "elapsed_s": 0.0, "forward_passes": 0, "trajectory": []}
 
     def _load(self, path: Path) -> dict[str, Any]:
         """Read and verify a checkpoint; CheckpointDamaged says why it cannot be used."""
@@ -260,7 +267,8 @@ class PolicyGradientSearch:
     def run(self, losses_fn: LossesFn, *, checkpoint_dir: str | Path | None = None, progress: bool = True,
             stop_after: int | None = None, on_step: Callable[[dict[str, Any]], None] | None = None,
             validate_fn: Callable[[dict[str, torch.Tensor]], float] | None = None,
-            validate_every: int = 0, keep_checkpoint: bool = False) -> SearchResult:
+            validate_every: int = 0, keep_checkpoint: bool = False,
+            record_trajectory: bool = False) -> SearchResult:
         """Run (or resume from this search's checkpoint in ``checkpoint_dir``) the search.
 
         ``losses_fn(masks, step) -> K losses``: ``masks`` is a list of K samples, each mapping a group to a 1-D
@@ -274,6 +282,7 @@ class PolicyGradientSearch:
         ``validate_fn(probs) -> float`` (optional) scores the current probabilities, e.g. the loss of their hard
         top-k mask on held-back calibration data; it runs before the first step, every ``validate_every`` steps
         and after the last one, and the result remembers the best probabilities (``best_probs``, ``best_step``).
+        ``record_trajectory`` also keeps the probabilities of every validation (``trajectory``: quality vs cost).
         """
         cfg = self.settings
         path = self.checkpoint_file(checkpoint_dir) if checkpoint_dir is not None else None
@@ -295,12 +304,12 @@ class PolicyGradientSearch:
         try:
             with torch.no_grad():
                 if validate_fn is not None and state["best"] is None:
-                    self._validate(state, validate_fn)
+                    self._validate(state, validate_fn, record_trajectory, elapsed())
                 while state["step"] < end:
                     state, entry = self._step(state, gen, losses_fn)  # state is replaced only once a step is done
                     if validate_fn is not None and ((validate_every and state["step"] % validate_every == 0)
                                                     or state["step"] == cfg.steps):
-                        entry["val_loss"] = self._validate(state, validate_fn)
+                        entry["val_loss"] = self._validate(state, validate_fn, record_trajectory, elapsed())
                     bar.update(1)
                     if entry["n_valid"]:
                         bar.set_postfix(loss=f"{entry['loss_mean']:.4f}", baseline=f"{entry['baseline']:.4f}",
@@ -329,12 +338,17 @@ class PolicyGradientSearch:
                             best_step=None if best is None else best["step"],
                             validation=list(state.get("validation", [])),
                             elapsed_s=elapsed(), resumed_from=resumed_from,
-                            forward_passes=int(state.get("forward_passes", 0)))
+                            forward_passes=int(state.get("forward_passes", 0)),
+                            trajectory=list(state.get("trajectory", [])))
 
     @staticmethod
-    def _validate(state: dict[str, Any], validate_fn) -> float:
+    def _validate(state: dict[str, Any], validate_fn, record: bool = False, elapsed_s: float = 0.0) -> float:
         value = float(validate_fn({n: p.clone() for n, p in state["probs"].items()}))
         state["validation"] = list(state.get("validation", [])) + [{"step": state["step"], "val_loss": value}]
+        if record:
+            state["trajectory"] = list(state.get("trajectory", [])) + [{
+                "step": state["step"], "forward_passes": int(state.get("forward_passes", 0)), "elapsed_s": elapsed_s,
+                "val_loss": value, "probs": {n: p.clone() for n, p in state["probs"].items()}}]
         best = state.get("best")
         if math.isfinite(value) and (best is None or value < best["loss"]):
             state["best"] = {"loss": value, "step": state["step"],
@@ -345,8 +359,12 @@ class PolicyGradientSearch:
               ) -> tuple[dict[str, Any], dict]:
         """One step; returns (new state, history entry); ``state`` only gains the history entry, at the very end."""
         cfg, t, probs = self.settings, state["step"], state["probs"]
-        masks = [{n: torch.rand(p.numel(), generator=gen, dtype=p.dtype) < p for n, p in probs.items()}
-                 for _ in range(cfg.samples)]
+        if cfg.estimator in PAIRED:  # antithetic pairs: (u < s, 1 - u < s)
+            per_group = {n: antithetic_masks(p, cfg.samples // 2, gen) for n, p in probs.items()}
+            masks = [{n: per_group[n][j] for n in probs} for j in range(cfg.samples)]
+        else:
+            masks = [{n: torch.rand(p.numel(), generator=gen, dtype=p.dtype) < p for n, p in probs.items()}
+                     for _ in range(cfg.samples)]
         raw = losses_fn(masks, t)
         losses = [float(v) for v in (raw.tolist() if isinstance(raw, torch.Tensor) else raw)]
         if len(losses) != cfg.samples:
@@ -377,8 +395,12 @@ class PolicyGradientSearch:
             pen = penalty_weight(t, cfg.steps, cfg.penalty_init, cfg.penalty_final)
             new_probs = {}
             for n, p in probs.items():
-                m = torch.stack([masks[j][n] for j in valid])
-                g = w @ score(p, m, estimator=cfg.estimator, eps=cfg.eps)
+                if cfg.estimator in PAIRED:
+                    g = disarm_gradient(p, torch.stack([m[n] for m in masks]),
+                                        torch.tensor(losses, dtype=torch.float64), eps=cfg.eps)
+                else:
+                    m = torch.stack([masks[j][n] for j in valid])
+                    g = w @ score(p, m, estimator=cfg.estimator, eps=cfg.eps)
                 g = g + penalty_gradient(p, pen, estimator=cfg.estimator, eps=cfg.eps)
                 stepped = p.to(torch.float64) - self.groups[n].lr * factor * g
                 new_probs[n] = self.groups[n].project(stepped).to(p.dtype)
