@@ -258,7 +258,7 @@ def run_prune(model, tokenizer, params: Params, *, method: str, sparsity: float,
     needed = scorers_needed(name, params)
     log.info("pruning with %s at sparsity %s (%s layout): scorers %s", name, sparsity, kind, ", ".join(needed))
     t0 = time.perf_counter()
-    scores, score_times = compute_all_scores(params, model, calib, scorers=needed)
+    scores, score_times = compute_all_scores(params, model, calib, scorers=needed, progress=progress)
     t_scores = time.perf_counter() - t0
     t0 = time.perf_counter()
     res = method_masks(name, model, calib, scores, params, sparsity, layout_kind=kind, round_to=round_to or 1,

@@ -9,9 +9,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from pgprune.errors import ConfigError
 from pgprune.methods import METHOD_ORDER, METHODS, METRIC_METHODS, SEARCH_METHODS
+from pgprune.scorers import SCORERS
 from pgprune.search.policy import SearchSettings
 
-Scorer = Literal["wanda_sp", "flap", "magnitude", "taylor", "shortgpt", "random"]
+Scorer = Literal[tuple(SCORERS)]  # type: ignore[valid-type]  # the scorer registry, pgprune/scorers
 MethodName = Literal[METHOD_ORDER]  # type: ignore[valid-type]  # the registry, pgprune/methods.py
 SearchMethodName = Literal[SEARCH_METHODS]  # type: ignore[valid-type]
 MetricMethodName = Literal[METRIC_METHODS]  # type: ignore[valid-type]
@@ -80,7 +81,7 @@ class DataParams(_Strict):
 class InitParams(_Strict):
     nsamples: int = Field(64, ge=1, description="calibration blocks used by the metrics")
     batch_size: int = Field(8, ge=1)
-    scorers: list[Scorer] = ["wanda_sp", "flap", "magnitude", "taylor", "shortgpt", "random"]
+    scorers: list[Scorer] = list(SCORERS)
     flap_bias_compensation: bool = True
     seed: int = 0
 

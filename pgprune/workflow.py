@@ -144,7 +144,8 @@ def load_eval_data(data_dir: str | Path, tokenizer, params: Params) -> tuple[dic
 
 
 # --- scores ----------------------------------------------------------------------------------------------------
-def compute_all_scores(params: Params, model, calib: torch.Tensor, scorers=None) -> tuple[dict, dict]:
+def compute_all_scores(params: Params, model, calib: torch.Tensor, scorers=None, progress: bool = True
+                       ) -> tuple[dict, dict]:
     """{scorer: its importance scores} for ``scorers`` (default init.scorers), and the seconds each took."""
     from pgprune.scorers import compute_scores
 
@@ -155,6 +156,7 @@ def compute_all_scores(params: Params, model, calib: torch.Tensor, scorers=None)
         opts = {"seed": params.init.seed} if name == "random" else {}
         if name == "flap":
             opts["bias_compensation"] = params.init.flap_bias_compensation
+        opts["progress"] = progress
         scores[name] = compute_scores(name, model, calib[:n], batch_size=params.init.batch_size, **opts)
         timing[name] = time.perf_counter() - t0
         log.info("scorer %s: %.1fs", name, timing[name])

@@ -68,7 +68,7 @@ def build_units(units: list[Any] | None, grid: dict[str, list] | None, targets: 
     return out
 
 
-# --- waiting, with crashed runs rescheduled ----------------------------------------------------------------------------
+# --- waiting, with crashed runs rescheduled -----------------------------------------------------------------------
 def wait_for_units(flow_run_ids: dict[str, Any], poll_seconds: float, timeout_s: float, log) -> dict[str, Any]:
     """Poll the unit flow runs until every one is final; reschedule a Crashed one (AwaitingRetry) while its run
     count is within its retries. Returns ``{name: FlowRun}`` (runs still not final at the timeout included)."""
@@ -108,7 +108,7 @@ def wait_for_units(flow_run_ids: dict[str, Any], poll_seconds: float, timeout_s:
     return done
 
 
-# --- gathering ---------------------------------------------------------------------------------------------------------
+# --- gathering ----------------------------------------------------------------------------------------------------
 def gather(repo_url: str, baseline: str, units: dict[str, dict], sweep_id: str, dvc_remote: str | None
            ) -> dict[str, dict]:
     """``{name: record}`` (params, metrics) of the experiments in the shared git remote, via a clone on this

@@ -143,7 +143,8 @@ def test_foreach_and_matrix_names_follow_dvc(tmp_path):
         "c": {"foreach": [{"n": 1}, {"n": 2}], "do": {"cmd": "echo ${item.n}", "deps": ["out/a-0.5"],
                                                           "outs": ["out/c${item.n}"]}},
         "d": {"matrix": {"m": ["p", "q"], "s": "${xs}", "f": [True, False], "l": [[1, 2]]},
-              "cmd": "echo ${item.m} ${item.s}", "deps": ["out/a-${item.s}"], "outs": ["out/d-${item.m}-${item.s}-${item.f}"]},
+              "cmd": "echo ${item.m} ${item.s}", "deps": ["out/a-${item.s}"],
+              "outs": ["out/d-${item.m}-${item.s}-${item.f}"]},
         "e": {"cmd": "echo e", "deps": ["out"], "outs": ["e.txt"]}}}
     params = {"xs": [0.5, 2]}
     (tmp_path / "dvc.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
