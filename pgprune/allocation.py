@@ -14,7 +14,7 @@ Allocation of a budget over layers:
   and of channels, so the pruned model is a stock architecture; the count is rounded per layer, so the total can
   differ from the exact budget by less than one unit per layer.
 
-Channel blocks (:class:`ChannelBlocks`): with ``channel_group`` g > 1 each layer's channels are ranked by a metric
+Channel blocks (:class:`UnitBlocks`): with ``channel_group`` g > 1 each layer's channels are ranked by a metric
 and cut into blocks of g consecutive ranks; a block is kept or removed as a whole, so kept widths are multiples
 of g (GPU-friendly) and a search has g times fewer channel units to learn.
 
@@ -49,20 +49,21 @@ def _check_fraction(name: str, value: float, upper_open: bool = True) -> None:
 
 
 def keep_counts(layout: Layout, sparsity: float, layer_sparsity: float = 0.0,
-                granularity=("heads", "channels"), blocks: "ChannelBlocks | None" = None) -> dict[str, int]:
-    """Units kept per group: {"heads", "channels" (blocks when ``blocks`` is given), "layers"}."""
+                granularity=("heads", "channels"), blocks: "dict[str, UnitBlocks] | None" = None) -> dict[str, int]:
+    """Units kept per group: {"heads", "channels", "layers"}, counted in blocks for the groups in ``blocks``."""
     _check_fraction("sparsity", sparsity)
     _check_fraction("layer_sparsity", layer_sparsity)
     bad = [g for g in granularity if g not in UNIT_GROUPS]
     if bad or not granularity:
         raise PgpruneError(f"granularity {list(granularity)} is not allowed; allowed entries: {', '.join(UNIT_GROUPS)}")
-    n = layout.n_units
-    n_channels = blocks.n_blocks if blocks is not None else n["channels"]
+    n = dict(layout.n_units)
+    for g, b in (blocks or {}).items():
+        n[g] = b.n_blocks
     if set(granularity) == {"layers"}:
-        return {"heads": n["heads"], "channels": n_channels,
+        return {"heads": n["heads"], "channels": n["channels"],
                 "layers": max(1, keep_count(n["layers"], 1.0 - sparsity))}
     r = 1.0 - sparsity
-    return {"heads": keep_count(n["heads"], r), "channels": keep_count(n_channels, r),
+    return {"heads": keep_count(n["heads"], r), "channels": keep_count(n["channels"], r),
             "layers": max(1, keep_count(n["layers"], 1.0 - layer_sparsity))}
 
 
@@ -122,30 +123,33 @@ def check_channel_group(layout: Layout, group: int) -> None:
 
 
 @dataclass(frozen=True)
-class ChannelBlocks:
-    """Blocks of ``size`` channels per layer, formed by ranking each layer's channels by a metric.
+class UnitBlocks:
+    """Units of one group (KV groups or MLP channels) regrouped per layer: each layer's units ranked by a metric and
+    cut into blocks of ``size`` consecutive ranks, block ids running in rank order within a layer.
 
-    ``channel_block[c]``: block id of flat channel c; ``block_layer[b]``: layer of block b. size 1 is the identity
-    (block b = channel b)."""
+    ``unit_block[u]``: block id of flat unit u; ``block_layer[b]``: layer of block b. Size 1 without a ranking is the
+    identity (block b = unit b); size 1 with a ranking is the rank-order permutation (the ``widths`` search policy,
+    whose units must be in rank order within each layer)."""
 
     size: int
-    channel_block: torch.Tensor  # [N_channels] long
+    unit_block: torch.Tensor  # [N_units] long
     block_layer: torch.Tensor  # [N_blocks] long
 
     @classmethod
-    def build(cls, layout: Layout, ranking: torch.Tensor | None, size: int = 1) -> "ChannelBlocks":
-        check_channel_group(layout, size)
-        seg = segments(layout, "channels")
-        n = seg.numel()
-        if size == 1:
-            return cls(1, torch.arange(n), seg.clone())
+    def identity(cls, sizes: list[int] | tuple[int, ...]) -> "UnitBlocks":
+        seg = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(list(sizes), dtype=torch.long))
+        return cls(1, torch.arange(seg.numel()), seg)
+
+    @classmethod
+    def ranked(cls, sizes: list[int] | tuple[int, ...], ranking: torch.Tensor, size: int = 1) -> "UnitBlocks":
+        n = sum(sizes)
         if ranking is None or ranking.numel() != n:
-            raise PgpruneError(f"channel blocks of {size} need a ranking score per channel ({n}), got "
+            raise PgpruneError(f"ranked blocks of {size} need a ranking score per unit ({n}), got "
                                f"{None if ranking is None else ranking.numel()}")
         ranking = ranking.detach().float().cpu().reshape(-1)
         block = torch.empty(n, dtype=torch.long)
         layers, offset, start = [], 0, 0
-        for i, width in enumerate(layout.intermediate):
+        for i, width in enumerate(sizes):
             order = torch.sort(ranking[start:start + width], descending=True, stable=True).indices
             ids = torch.empty(width, dtype=torch.long)
             ids[order] = offset + torch.arange(width) // size  # rank r -> block offset + r // size
@@ -155,27 +159,39 @@ class ChannelBlocks:
             start += width
         return cls(size, block, torch.tensor(layers, dtype=torch.long))
 
+    @classmethod
+    def build(cls, layout: Layout, ranking: torch.Tensor | None, size: int = 1, group: str = "channels",
+              ranked: bool = False) -> "UnitBlocks":
+        """Blocks of ``group`` ("channels": ``size`` must divide every layer's width; "heads": size 1)."""
+        sizes = layout.intermediate if group == "channels" else layout.kv_heads
+        if group == "channels":
+            check_channel_group(layout, size)
+        elif size != 1:
+            raise BudgetError(f"KV groups are searched one by one; got a block size of {size}")
+        if size == 1 and not ranked:
+            return cls.identity(sizes)
+        return cls.ranked(sizes, ranking, size)
+
     @property
     def n_blocks(self) -> int:
         return self.block_layer.numel()
 
     def expand(self, values: torch.Tensor) -> torch.Tensor:
-        """[N_blocks] -> [N_channels]: each channel takes its block's value."""
+        """[N_blocks] -> [N_units]: each unit takes its block's value."""
         if values.numel() != self.n_blocks:
-            raise PgpruneError(f"{values.numel()} block values for {self.n_blocks} channel blocks")
-        return values.reshape(-1)[self.channel_block.to(values.device)]
+            raise PgpruneError(f"{values.numel()} block values for {self.n_blocks} blocks")
+        return values.reshape(-1)[self.unit_block.to(values.device)]
 
-    def reduce(self, channel_scores: torch.Tensor) -> torch.Tensor:
-        """[N_channels] -> [N_blocks]: the mean score of each block's channels."""
-        x = channel_scores.detach().float().cpu().reshape(-1)
-        if self.size == 1:
-            return x.clone()
-        out = torch.zeros(self.n_blocks).index_add_(0, self.channel_block, x)
+    def reduce(self, unit_scores: torch.Tensor) -> torch.Tensor:
+        """[N_units] -> [N_blocks]: the mean score of each block's units."""
+        x = unit_scores.detach().float().cpu().reshape(-1)
+        out = torch.zeros(self.n_blocks).index_add_(0, self.unit_block, x)
         return out / self.size
 
 
-def _group_segments(layout: Layout, group: str, blocks: ChannelBlocks | None) -> torch.Tensor:
-    return blocks.block_layer if (group == "channels" and blocks is not None) else segments(layout, group)
+def _group_segments(layout: Layout, group: str, blocks: dict | None) -> torch.Tensor:
+    b = (blocks or {}).get(group)
+    return b.block_layer if b is not None else segments(layout, group)
 
 
 def select_units(score: torch.Tensor, seg: torch.Tensor, *, k: int | None = None, quota: list[int] | None = None,
@@ -216,13 +232,14 @@ def select_units(score: torch.Tensor, seg: torch.Tensor, *, k: int | None = None
 def masks_from_scores(layout: Layout, scores: dict[str, torch.Tensor], sparsity: float, *,
                       allocation: str = "global", granularity=("heads", "channels"), layer_sparsity: float = 0.0,
                       min_heads_per_layer: int = 1, layout_kind: str = "heterogeneous",
-                      blocks: ChannelBlocks | None = None, round_to: int = 1) -> Masks:
+                      blocks: dict[str, UnitBlocks] | None = None, round_to: int = 1) -> Masks:
     """Keep the top units by score within the budget (:func:`keep_counts`). Groups outside ``granularity`` are all
     kept. Used by the metric baselines and by the search's final (hard) masks alike.
 
     With 'layers' in granularity the lowest-scoring layers are dropped first; the head/channel budget (counted over
     the whole model) is then filled from the kept layers, so the total stays at ``sparsity``. ``scores["channels"]``
-    has one entry per channel or, with ``blocks``, one per block. ``layout_kind="uniform"`` keeps the same number of
+    has one entry per channel or, with ``blocks["channels"]``, one per block (likewise heads; selection then runs
+    over blocks, ties broken by the blocks' rank order). ``layout_kind="uniform"`` keeps the same number of
     KV groups and channels in every kept layer (:func:`uniform_widths`, channels a multiple of ``round_to`` or of the
     block size).
     """
@@ -241,21 +258,22 @@ def masks_from_scores(layout: Layout, scores: dict[str, torch.Tensor], sparsity:
         if "layers" in granularity:
             raise BudgetError("the uniform layout prunes heads and channels; it cannot also drop layers "
                               "(use the heterogeneous layout, or layer_drop alone)")
-        widths = uniform_widths(layout, sparsity, round_to=blocks.size if blocks is not None else round_to,
+        cb = (blocks or {}).get("channels")
+        widths = uniform_widths(layout, sparsity, round_to=cb.size if cb is not None else round_to,
                                 min_heads=min_heads_per_layer)
     for group, minimum in (("heads", min_heads_per_layer), ("channels", 1)):
         if group not in granularity:
             continue
+        gb = (blocks or {}).get(group)
         seg = _group_segments(layout, group, blocks)
         score = scores[group].float().reshape(-1)
-        if score.numel() == layout.n_units["channels"] and group == "channels" and blocks is not None \
-                and blocks.size > 1:
-            score = blocks.reduce(score)
+        if gb is not None and score.numel() == layout.n_units[group] and score.numel() != gb.n_blocks:
+            score = gb.reduce(score)
         if score.numel() != seg.numel():
             raise PgpruneError(f"{group} scores have {score.numel()} entries, the model has {seg.numel()} units")
         allowed = layer_keep[seg]
         if layout_kind == "uniform":
-            per = widths[group] // (blocks.size if (group == "channels" and blocks is not None) else 1)
+            per = widths[group] // (gb.size if gb is not None else 1)
             keep = select_units(score, seg, quota=[per] * layout.num_layers, allowed=allowed)
         else:
             k = counts[group]
@@ -263,31 +281,33 @@ def masks_from_scores(layout: Layout, scores: dict[str, torch.Tensor], sparsity:
                 raise BudgetError(f"keeping {k} {group} does not fit in the {int(layer_keep.sum())} kept layers "
                                   f"({int(allowed.sum())} units); lower layer_sparsity or raise sparsity")
             keep = select_units(score, seg, k=k, allocation=allocation, minimum=minimum, allowed=allowed)
-        if group == "channels" and blocks is not None and blocks.size > 1:
-            keep = blocks.expand(keep)
+        if gb is not None:
+            keep = gb.expand(keep)
         flat[group] = keep
     masks = Masks.from_flat(layout, flat)
     masks.validate(layout)
     return masks
 
 
-FREE_INSIDE, FREE_OUTSIDE = 0.55, 0.45
-
-
 def boundary_init(score: torch.Tensor, seg: torch.Tensor, *, k: int | None = None, quota: list[int] | None = None,
                   allocation: str = "global", minimum: int = 0, const: float = 0.95,
-                  free: float = 0.0) -> torch.Tensor:
+                  free: float = 0.0, margin: float = 0.05) -> torch.Tensor:
     """Initial keep-probabilities (float32) centred on the metric's mask of exactly ``k`` units (or ``quota``
     per segment).
 
-    The metric's top ``(1 - free)`` share of the kept units start at ``const``, its other kept units at 0.55, the
-    next ``free`` share of units below the cut at 0.45 and the rest at ``1 - const`` (per segment with quotas). The
-    hard top-k of these probabilities is exactly the metric's mask (the search starts from the baseline), while the
-    units around the cut are nearly undecided and the sampled masks trade them. ``free = 0`` gives ``const`` /
-    ``1 - const``. (The reference code maps the metric to probabilities with a sigmoid instead: ``init_map``.)
+    The metric's top ``(1 - free)`` share of the kept units start at ``const``, its other kept units at
+    1/2 + ``margin``, the next ``free`` share of units below the cut at 1/2 - ``margin`` and the rest at
+    ``1 - const`` (per segment with quotas). The hard top-k of these probabilities is exactly the metric's mask (the
+    search starts from the baseline), while the units around the cut are undecided and the sampled masks trade them:
+    a small margin samples them nearly at random, a larger one keeps samples close to the metric's mask and makes
+    single swaps. ``free = 0`` gives ``const`` / ``1 - const``. (The reference code maps the metric to
+    probabilities with a sigmoid instead: ``init_map``.)
     """
     if not 0.0 <= free < 1.0:
         raise PgpruneError(f"free={free} is not allowed; allowed: 0 <= free < 1")
+    if not 0.0 < margin < 0.5 or 0.5 + margin > const:
+        raise PgpruneError(f"margin={margin} is not allowed; allowed: 0 < margin < 0.5 and 1/2 + margin <= const "
+                           f"({const})")
     if not 0.5 < const <= 1.0:
         raise PgpruneError(f"const={const} is not allowed; allowed: 0.5 < const <= 1")
     n = score.numel()
@@ -309,9 +329,41 @@ def boundary_init(score: torch.Tensor, seg: torch.Tensor, *, k: int | None = Non
     keep = pick(base)
     probs = torch.full((n,), 1.0 - const, dtype=torch.float32)
     if free > 0:
-        probs[pick(shifted(free, +1))] = FREE_OUTSIDE
-        probs[keep] = FREE_INSIDE
+        probs[pick(shifted(free, +1))] = 0.5 - margin
+        probs[keep] = 0.5 + margin
         probs[pick(shifted(free, -1)) & keep] = const
     else:
         probs[keep] = const
+    return probs
+
+
+def ramp_init(score: torch.Tensor, seg: torch.Tensor, *, k: int | None = None, quota: list[int] | None = None,
+              allocation: str = "global", minimum: int = 0, free: float = 0.0) -> torch.Tensor:
+    """Initial keep-probabilities (float32) of the ``widths`` policy: units in rank order within each segment.
+
+    The metric's mask keeps the first k_l units of segment l (exactly ``k`` in all, or ``quota``). With a = round(free
+    * k_l) (at least 1 when free > 0), the first k_l - a units start at 1, the next 2a units on a ramp
+    1 - (i + 1/2) / (2a), i = 0..2a-1, and the rest at 0: the sampled width of segment l is then uniform on
+    [k_l - a, k_l + a), its expectation is k_l, and the hard top-k at step 0 is the metric's mask. (Unlike
+    independent units, a width policy must start its sure units at exactly 1: any u above s_1 would drop the whole
+    segment.)"""
+    if not 0.0 <= free < 1.0:
+        raise PgpruneError(f"free={free} is not allowed; allowed: 0 <= free < 1")
+    seg = seg.reshape(-1).to(torch.long).cpu()
+    keep = select_units(score, seg, k=k, quota=quota, allocation=allocation, minimum=minimum)
+    probs = torch.zeros(seg.numel(), dtype=torch.float32)
+    for j in range(int(seg.max()) + 1):
+        idx = (seg == j).nonzero().reshape(-1)
+        if not idx.numel():
+            continue
+        # the metric keeps the first k_l units of the segment (rank order = index order for a widths policy)
+        order = torch.sort(score.detach().float().cpu().reshape(-1)[idx], descending=True, stable=True).indices
+        idx = idx[order]
+        k_l = int(keep[idx].sum())
+        a = max(1, int(round(free * k_l))) if free > 0 else 0
+        a = min(a, k_l, idx.numel() - k_l) if free > 0 else 0
+        probs[idx[:k_l - a]] = 1.0
+        if a:
+            ramp = 1.0 - (torch.arange(2 * a, dtype=torch.float32) + 0.5) / (2 * a)
+            probs[idx[k_l - a:k_l + a]] = ramp
     return probs

@@ -101,6 +101,13 @@ class SearchParams(SearchSettings):
                                    "undecided at the metric's boundary (keep-probability 0.55 just inside, 0.45 just "
                                    "outside), so the search can trade those units; 0 starts every unit decided")
     init_free_channels: float = Field(0.0, ge=0, lt=1, description="the same for MLP channels (channel groups)")
+    init_free_margin: float = Field(0.05, gt=0, lt=0.5, description="undecided units start at 1/2 + margin (kept by "
+                                    "the metric) and 1/2 - margin (just outside its cut): small = sampled nearly at "
+                                    "random, larger = samples stay close to the metric's mask")
+    policy: Literal["units", "widths"] = Field(
+        "units", description="units: an independent keep-probability per unit (the paper's); widths: per layer, a "
+        "distribution over how many units it keeps, in the init metric's rank order (prefix sampling, non-increasing "
+        "keep-probabilities; needs estimator loo or exact)")
     channel_group: int = Field(1, ge=1, description="MLP channels searched and kept together: each layer's channels "
                                "are ranked by the init metric and cut into blocks of this many (kept widths are "
                                "multiples of it); must divide the intermediate size")
@@ -128,8 +135,14 @@ class SearchParams(SearchSettings):
             raise ValueError("search.granularity is empty; allowed entries: heads, channels, layers")
         if "layers" in self.granularity and self.layer_sparsity == 0 and len(self.granularity) > 1:
             raise ValueError("search.granularity includes 'layers' with heads/channels: set search.layer_sparsity > 0")
+        if 0.5 + self.init_free_margin > self.init_const:
+            raise ValueError(f"search.init_free_margin={self.init_free_margin} puts undecided units above "
+                             f"init_const={self.init_const}; allowed: 1/2 + init_free_margin <= init_const")
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"search.seeds repeat: {self.seeds}")
+        if self.policy == "widths" and self.estimator not in ("loo", "exact"):
+            raise ValueError(f"search.policy 'widths' samples one prefix per layer; search.estimator="
+                             f"{self.estimator!r} is not allowed with it; allowed: loo, exact")
         bad = [d for d in self.devices if not (d in ("cpu", "cuda") or (d.startswith("cuda:") and d[5:].isdigit()))]
         if bad:
             raise ValueError(f"search.devices {bad} are not devices; allowed: cpu, cuda, cuda:N")

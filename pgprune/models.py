@@ -40,9 +40,6 @@ def gguf_path(source: str) -> Path:
 
 def convert_embedded(source: str, out_dir: str | Path, dtype: str = "bfloat16") -> Path:
     """Convert the embedded GGUF (dequantised) to a plain safetensors checkpoint + tokenizer, atomically."""
-    import shutil
-    import tempfile
-
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = gguf_path(source)
@@ -54,18 +51,12 @@ def convert_embedded(source: str, out_dir: str | Path, dtype: str = "bfloat16") 
     model = type(q)(cfg)
     model.load_state_dict(q.state_dict(), strict=True)
     model.to(torch_dtype(dtype))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    from pgprune.io import atomic_dir
+
+    with atomic_dir(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
         (tmp / "pgprune_source.json").write_text(json.dumps({"source": source, "gguf": path.name}) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

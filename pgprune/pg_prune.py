@@ -2,7 +2,11 @@
 from a metric, the masked model's LM loss on calibration batches as the reward, exact top-k final masks.
 
 Units: one per KV group, one per MLP channel block (``search.channel_group`` channels ranked together by the init
-metric; 1 = single channels) and, optionally, one per layer. Layouts (pgprune/methods.py): ``heterogeneous`` projects
+metric; 1 = single channels) and, optionally, one per layer. Policies (``search.policy``): ``units`` (the paper's:
+an independent Bernoulli keep-probability per unit) or ``widths`` (per layer, a distribution over how many of its
+units it keeps, in the init metric's order: one uniform per layer samples a prefix of the ranked units, and the
+keep-probabilities stay non-increasing in rank; far fewer effective degrees of freedom, so the policy gradient can
+move MLP width between layers). Layouts (pgprune/methods.py): ``heterogeneous`` projects
 each group onto one global budget (layers end up with different widths, as in the paper); ``uniform`` projects every
 layer onto its own budget (the same width everywhere, so the result is a stock architecture).
 
@@ -20,7 +24,8 @@ from pathlib import Path
 
 import torch
 
-from pgprune.allocation import ChannelBlocks, boundary_init, keep_counts, masks_from_scores, uniform_widths
+from pgprune.allocation import (UnitBlocks, boundary_init, keep_counts, masks_from_scores, ramp_init,
+                                uniform_widths)
 from pgprune.config import SearchParams
 from pgprune.errors import PgpruneError
 from pgprune.masked_forward import MaskedModel
@@ -35,7 +40,7 @@ class PGOutcome:
     masks: Masks
     result: SearchResult
     init_probs: dict[str, torch.Tensor]
-    blocks: ChannelBlocks
+    blocks: dict[str, UnitBlocks]
     seed: int
     key: str
     # with record_trajectory: the hard mask of every validation, {"step", "forward_passes", "elapsed_s",
@@ -107,37 +112,51 @@ def _check_layout(layout: str, p: SearchParams) -> None:
 
 def build_search(masked: MaskedModel, init_scores: dict[str, torch.Tensor], p: SearchParams, sparsity: float, *,
                  layout: str = "heterogeneous", seed: int | None = None, key: str = ""
-                 ) -> tuple[PolicyGradientSearch, dict[str, torch.Tensor], ChannelBlocks]:
+                 ) -> tuple[PolicyGradientSearch, dict[str, torch.Tensor], dict[str, UnitBlocks]]:
     """The search over ``p.granularity`` at ``sparsity``: groups with budgets, initial probabilities (from the
-    metric ``init_scores``) and the channel blocks; ``seed`` defaults to the first of ``p.seeds``."""
+    metric ``init_scores``) and the unit blocks of heads and channels (channel blocks of ``channel_group``; with
+    ``policy: widths`` both in the metric's rank order within each layer); ``seed`` defaults to the first of
+    ``p.seeds``."""
     _check_layout(layout, p)
     lay = masked.layout
     missing = [g for g in p.granularity if g not in init_scores]
     if missing:
         raise PgpruneError(f"search.init scorer provides {sorted(init_scores)}, not {missing}; pick a scorer that "
                            "scores every searched group (e.g. wanda_sp, magnitude, random)")
-    blocks = ChannelBlocks.build(lay, init_scores.get("channels"), p.channel_group)
+    ordered = p.policy == "widths"
+    blocks = {"heads": UnitBlocks.build(lay, init_scores.get("heads"), 1, "heads", ranked=ordered),
+              "channels": UnitBlocks.build(lay, init_scores.get("channels"), p.channel_group, "channels",
+                                           ranked=ordered)}
     counts = keep_counts(lay, sparsity, p.layer_sparsity, p.granularity, blocks)
     widths = uniform_widths(lay, sparsity, round_to=p.channel_group, min_heads=p.min_heads_per_layer) \
         if layout == "uniform" else None
     lrs = {"heads": p.lr_heads, "channels": p.lr_channels, "layers": p.lr_layers}
     groups, probs = {}, {}
     for g in p.granularity:
-        seg = blocks.block_layer if g == "channels" else segments(lay, g)
-        score = blocks.reduce(init_scores[g]) if g == "channels" else init_scores[g].float().reshape(-1)
+        gb = blocks.get(g)
+        seg = gb.block_layer if gb is not None else segments(lay, g)
+        score = gb.reduce(init_scores[g]) if gb is not None else init_scores[g].float().reshape(-1)
         minimum = p.min_heads_per_layer if g == "heads" else (1 if g == "channels" else 0)
         quota = None
         if widths is not None:
-            quota = [widths[g] // (blocks.size if g == "channels" else 1)] * lay.num_layers
+            quota = [widths[g] // gb.size] * lay.num_layers
         budget = float(sum(quota)) if quota is not None else float(counts[g])
         groups[g] = GroupSpec(size=seg.numel(), budget=budget, lr=lrs[g], segments=seg if g != "layers" else None,
-                              segment_budgets=None if quota is None else tuple(float(q) for q in quota))
+                              segment_budgets=None if quota is None else tuple(float(q) for q in quota),
+                              ordered=ordered and g != "layers")
+        if p.init_map == "const" and g != "layers" and ordered:
+            # widths policy: each layer's width starts uniform around the metric's (step 0 = the metric's mask)
+            free = p.init_free_heads if g == "heads" else p.init_free_channels
+            probs[g] = ramp_init(score, seg, k=None if quota else int(budget), quota=quota,
+                                 allocation=p.init_allocation, minimum=minimum, free=free)
+            continue
         if p.init_map == "const" and g != "layers":
             # exactly the metric baseline's mask (same allocation, same k): the search starts from it
             # (boundary units nearly undecided when search.init_free_<group> > 0)
             free = p.init_free_heads if g == "heads" else p.init_free_channels
             probs[g] = boundary_init(score, seg, k=None if quota else int(budget), quota=quota,
-                                     allocation=p.init_allocation, minimum=minimum, const=p.init_const, free=free)
+                                     allocation=p.init_allocation, minimum=minimum, const=p.init_const, free=free,
+                                     margin=p.init_free_margin)
             probs[g] = probs[g].clamp(CLIP_EPS, 1.0 - CLIP_EPS)
             continue
         per_layer = seg if (g != "layers" and (p.init_allocation == "uniform" or quota is not None)) else None
@@ -147,7 +166,7 @@ def build_search(masked: MaskedModel, init_scores: dict[str, torch.Tensor], p: S
 
 
 def hard_masks(layout, probs: dict[str, torch.Tensor], p: SearchParams, sparsity: float, *,
-               layout_kind: str = "heterogeneous", blocks: ChannelBlocks | None = None,
+               layout_kind: str = "heterogeneous", blocks: dict[str, UnitBlocks] | None = None,
                validate: bool = True) -> Masks:
     """Exact top-k of the probabilities (pgprune.allocation.masks_from_scores, the rule every method uses):
     layers first, then KV groups and channel blocks among the kept layers (min KV groups per layer)."""
@@ -159,16 +178,15 @@ def hard_masks(layout, probs: dict[str, torch.Tensor], p: SearchParams, sparsity
     return masks
 
 
-def sample_masks(layout, flat: dict[str, torch.Tensor], blocks: ChannelBlocks) -> Masks:
-    """A sampled flat mask (channel blocks) as model masks (channels)."""
-    if "channels" in flat and blocks.size > 1:
-        flat = dict(flat, channels=blocks.expand(flat["channels"]))
+def sample_masks(layout, flat: dict[str, torch.Tensor], blocks: dict[str, UnitBlocks] | None) -> Masks:
+    """A sampled flat mask over blocks as model masks (units in the model's order)."""
+    flat = {g: (blocks[g].expand(v) if blocks and g in blocks else v) for g, v in flat.items()}
     return Masks.from_flat(layout, flat)
 
 
 # --- losses ---------------------------------------------------------------------------------------------------
 def make_losses_fn(masked: MaskedModel, calib: torch.Tensor, batch_size: int, device: str = "cpu",
-                   mode: str = "auto", blocks: ChannelBlocks | None = None):
+                   mode: str = "auto", blocks: dict[str, UnitBlocks] | None = None):
     """losses_fn(masks of the K samples, step): the masked model's LM loss of each sample on calibration batch
     ``step`` (cycled), all K on the same batch (so the batch's difficulty cancels in the leave-one-out baseline)."""
     n = calib.shape[0]
@@ -177,7 +195,6 @@ def make_losses_fn(masked: MaskedModel, calib: torch.Tensor, batch_size: int, de
                            "for the search; lower it or add calibration blocks")
     n_batches = n // batch_size
     layout = masked.layout
-    blocks = blocks or ChannelBlocks.build(layout, None, 1)
 
     def losses_fn(flat_masks: list[dict[str, torch.Tensor]], step: int) -> torch.Tensor:
         b = step % n_batches
@@ -188,7 +205,7 @@ def make_losses_fn(masked: MaskedModel, calib: torch.Tensor, batch_size: int, de
 
 
 def make_validate_fn(masked: MaskedModel, val: torch.Tensor, p: SearchParams, sparsity: float, device: str,
-                     layout_kind: str, blocks: ChannelBlocks):
+                     layout_kind: str, blocks: dict[str, UnitBlocks]):
     """validate_fn(probs): token-mean LM loss of the probabilities' hard top-k mask on held-back calibration
     blocks, in one layer-major pass (a streamed model reads its weights once per validation)."""
     n_tokens = val.shape[0] * (val.shape[1] - 1)

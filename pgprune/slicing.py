@@ -11,9 +11,6 @@ and :func:`instantiate` (an empty model of a class, filled with them).
 from __future__ import annotations
 
 import copy
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -199,29 +196,16 @@ def write_model_folder(model, out_dir: str | Path, tokenizer=None, extra_files: 
     same inputs give the same files (a ``dvc.lock`` stays valid on a rerun). The tokenizer config names its class
     (``tokenizer_class``) so that it loads without the model's config.
     """
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    from pgprune.io import atomic_dir
+
+    with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
             _name_tokenizer_class(tmp / "tokenizer_config.json", tokenizer)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text, encoding="utf-8")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700
-        for f in tmp.iterdir():
-            if f.is_file():
-                os.chmod(f, 0o666 & ~umask)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    return Path(out_dir)
 
 
 def _name_tokenizer_class(path: Path, tokenizer) -> None:

@@ -19,7 +19,7 @@ import torch
 
 from pgprune.allocation import masks_from_scores
 from pgprune.config import Params
-from pgprune.errors import MissingFileError, PgpruneError, require_file
+from pgprune.errors import MissingFileError, PgpruneError
 from pgprune.masks import Masks, sparsity_report
 from pgprune.methods import METHODS, get_method
 
@@ -42,26 +42,15 @@ def checkpoint_dir(default: str | Path = DEFAULT_CHECKPOINT_DIR) -> Path:
 # --- model ---------------------------------------------------------------------------------------------------
 def save_tokenizer(model_dir: str | Path, out_dir: str | Path) -> Path:
     """Save the base model's tokenizer on its own (the data stage depends on it, not on the weights)."""
-    import shutil
-    import tempfile
-
     from transformers import AutoTokenizer
 
+    from pgprune.io import atomic_dir
     from pgprune.models import resolve
 
     tok = AutoTokenizer.from_pretrained(resolve(model_dir))
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:
         tok.save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    return Path(out_dir)
 
 
 # --- data ---------------------------------------------------------------------------------------------------

@@ -4,7 +4,8 @@ import torch
 
 from conftest import make_tiny_model
 from pgprune.adapters import get_adapter
-from pgprune.allocation import (ChannelBlocks, boundary_init, keep_count, keep_counts, masks_from_scores,
+from pgprune.allocation import (UnitBlocks, boundary_init, keep_count, keep_counts, masks_from_scores, ramp_init,
+                                select_units,
                                 uniform_quota, uniform_widths)
 from pgprune.errors import BudgetError, PgpruneError
 
@@ -103,20 +104,20 @@ def test_uniform_layout_widths_are_equal_and_rounded(layout):
 
 def test_channel_blocks_group_channels_by_rank(layout):
     ranking = torch.arange(160, dtype=torch.float).flip(0)  # within each layer: lower index = higher score
-    b = ChannelBlocks.build(layout, ranking, 8)
+    b = UnitBlocks.build(layout, ranking, 8)
     assert b.n_blocks == 20 and b.block_layer.tolist() == [i for i in range(4) for _ in range(5)]
-    assert b.channel_block[:8].tolist() == [0] * 8 and b.channel_block[40:48].tolist() == [5] * 8
+    assert b.unit_block[:8].tolist() == [0] * 8 and b.unit_block[40:48].tolist() == [5] * 8
     block_scores = torch.zeros(20)
     block_scores[[0, 6, 12, 18]] = 1.0
-    m = masks_from_scores(layout, {"heads": torch.rand(16), "channels": block_scores}, 0.5, blocks=b,
+    m = masks_from_scores(layout, {"heads": torch.rand(16), "channels": block_scores}, 0.5, blocks={"channels": b},
                           allocation="uniform")
     kept = m.kept_counts()["channels"]
-    assert all(k % 8 == 0 for k in kept) and sum(kept) == keep_counts(layout, 0.5, blocks=b)["channels"] * 8
+    assert all(k % 8 == 0 for k in kept) and sum(kept) == keep_counts(layout, 0.5, blocks={"channels": b})["channels"] * 8
     assert bool(m.channels[0][:8].all())  # block 0 = layer 0's top-ranked 8 channels
     assert torch.equal(b.expand(b.reduce(torch.arange(160.0))), b.expand(b.reduce(torch.arange(160.0))))
-    assert ChannelBlocks.build(layout, None, 1).n_blocks == 160
+    assert UnitBlocks.build(layout, None, 1).n_blocks == 160
     with pytest.raises(BudgetError, match="channel_group=7"):
-        ChannelBlocks.build(layout, ranking, 7)
+        UnitBlocks.build(layout, ranking, 7)
 
 
 def test_boundary_init_per_layer_quota():
@@ -127,3 +128,14 @@ def test_boundary_init_per_layer_quota():
         layer = p[seg == j]
         assert int((layer > 0.5).sum()) == 4  # the top-4 of every layer sit above 0.5
         assert int((layer == 0.55).sum()) == 2 and int((layer == 0.45).sum()) == 2
+
+
+def test_ramp_init_spreads_each_layer_width_around_the_metric_cut():
+    seg = torch.arange(3).repeat_interleave(8)
+    score = torch.arange(24, 0, -1).float()  # already in rank order within each layer
+    p = ramp_init(score, seg, quota=[4, 4, 4], free=0.5)
+    layer = p[:8].tolist()
+    assert layer == pytest.approx([1.0, 1.0, 0.875, 0.625, 0.375, 0.125, 0.0, 0.0])
+    assert float(p.sum()) == pytest.approx(12.0)  # expected widths = the metric's
+    assert select_units(p, seg, k=12).tolist() == select_units(score, seg, quota=[4, 4, 4]).tolist()
+    assert ramp_init(score, seg, quota=[4, 4, 4], free=0.0)[:8].tolist() == [1.0] * 4 + [0.0] * 4

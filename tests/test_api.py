@@ -1,4 +1,4 @@
-"""The Python API: the README's example (pgprune/api.py's docstring between `# --- example ---` markers) runs on a
+"""The Python API: the README's example (also in pgprune/api.py's docstring between `# --- example ---` lines) runs on a
 tiny model; calibration as a LongTensor, a text, a list of texts or a file gives the same masks for the same
 blocks; the uniform layout gives a stock class equal to the masked forward; the input model is left unchanged."""
 import re
@@ -17,11 +17,20 @@ MARK = "# --- example ---"
 
 
 def example_code() -> str:
+    """The README's API example (the python block after its `<!-- api-example` comment); pgprune/api.py's docstring
+    holds the same code between two `# --- example ---` lines."""
+    import re
+    from pathlib import Path
+
     import pgprune.api
 
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    m = re.search(r"<!-- api-example[^>]*-->\s*```python\n(.*?)```", readme, re.S)
+    assert m, "README.md needs the API example: a python block after an <!-- api-example --> comment"
     parts = pgprune.api.__doc__.split(MARK)
     assert len(parts) == 3, f"pgprune/api.py's docstring needs exactly one block between two {MARK!r} lines"
-    return parts[1].strip("\n")
+    assert m.group(1).strip("\n") == parts[1].strip("\n"), "README's API example and pgprune/api.py's differ"
+    return m.group(1).strip("\n")
 
 
 def test_readme_example_runs(tmp_path, monkeypatch, tiny_tokenizer):

@@ -188,3 +188,44 @@ def test_disarm_needs_an_even_number_of_samples():
     with pytest.raises(Exception, match="even number of samples"):
         SearchSettings(estimator="disarm", samples=3)
     assert SearchSettings(estimator="disarm", samples=4).samples == 4
+
+
+def test_prefix_score_is_unbiased_for_width_policies():
+    """Ordered (widths) groups: one uniform per segment keeps a prefix; the score of the width distribution gives
+    an unbiased gradient of E[L] w.r.t. the (non-increasing) keep-probabilities."""
+    from pgprune.search import GroupSpec
+    from pgprune.search.estimators import prefix_score
+
+    seg = torch.tensor([0, 0, 0, 1, 1])
+    s = torch.tensor([0.9, 0.6, 0.2, 0.7, 0.3], dtype=torch.float64)
+    c = torch.tensor([1.0, -2.0, 0.5, 3.0, -1.0], dtype=torch.float64)
+    spec = GroupSpec(5, float(s.sum()), 0.1, seg, ordered=True)
+    gen = torch.Generator().manual_seed(0)
+    reps, k = 30000, 4
+    est = torch.empty(reps, 5, dtype=torch.float64)
+    for r in range(reps):
+        m = torch.stack([spec.sample(s, gen) for _ in range(k)])
+        losses = m.to(torch.float64) @ c  # linear loss: E[L] = c . s, gradient c
+        w = sample_weights(losses, 0.0, estimator="loo")
+        est[r] = w @ prefix_score(s, m, seg)
+    assert_mean_close(est, c)
+    m = torch.stack([spec.sample(s, gen) for _ in range(200)])
+    for row in m:  # every sample keeps a prefix of each segment
+        for j in range(2):
+            part = row[seg == j].tolist()
+            assert part == sorted(part, reverse=True)
+
+
+def test_ordered_projection_is_non_increasing_and_on_budget():
+    from pgprune.search import GroupSpec
+    from pgprune.search.projection import isotonic_nonincreasing
+
+    seg = torch.tensor([0, 0, 0, 0, 1, 1, 1])
+    x = torch.tensor([0.2, 0.9, 0.5, 0.6, 1.4, -0.3, 0.8], dtype=torch.float64)
+    iso = isotonic_nonincreasing(x, seg)
+    assert iso.tolist() == pytest.approx([0.55, 0.55, 0.55, 0.55, 1.4, 0.25, 0.25])
+    p = GroupSpec(7, 3.0, 0.1, seg, ordered=True).project(x)
+    assert float(p.sum()) == pytest.approx(3.0, abs=1e-6) and float(p.min()) >= 0 and float(p.max()) <= 1
+    for j in range(2):
+        part = p[seg == j].tolist()
+        assert part == sorted(part, reverse=True)

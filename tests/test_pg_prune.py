@@ -152,11 +152,11 @@ def test_channel_groups_keep_whole_blocks(setup):
     p = SearchParams(steps=6, batch_size=4, val_blocks=4, init="magnitude", bias_compensation=False,
                      init_free_channels=0.5, lr_channels=0.3, channel_group=8)
     out = run_pg_search(model, calib, scores, p, sparsity=0.5, progress=False)
-    assert out.blocks.n_blocks == 24 and out.result.groups["channels"].size == 24
+    assert out.blocks["channels"].n_blocks == 24 and out.result.groups["channels"].size == 24
     kept = out.masks.kept_counts()["channels"]
     assert all(k % 8 == 0 for k in kept) and sum(kept) == 96
     for i, c in enumerate(out.masks.channels):  # every block is kept or removed whole
-        ids = out.blocks.channel_block[i * 48:(i + 1) * 48]
+        ids = out.blocks["channels"].unit_block[i * 48:(i + 1) * 48]
         for b in ids.unique():
             assert c[ids == b].all() or not c[ids == b].any()
 
@@ -172,3 +172,48 @@ def test_samples_split_over_devices_give_the_same_search(setup):
                         progress=False)
     assert [h["loss_mean"] for h in one.result.history] == [h["loss_mean"] for h in two.result.history]
     assert one.masks.to_json() == two.masks.to_json()
+
+
+@pytest.mark.parametrize("layout_kind", ["heterogeneous", "uniform"])
+def test_widths_policy_keeps_prefixes_of_the_metric_order(setup, layout_kind):
+    """policy: widths: every sampled mask and the result keep, in every layer, the metric's best units (a prefix
+    of its rank order); only how many each layer keeps is searched. Step 0 is still the metric's mask."""
+    model, calib, scores = setup
+    p = SearchParams(steps=6, batch_size=4, val_blocks=4, init="magnitude", bias_compensation=False,
+                     policy="widths", channel_group=8, init_free_heads=0.5, init_free_channels=0.5,
+                     init_free_margin=0.25, lr_heads=0.3, lr_channels=0.3)
+    layout = get_adapter(model).layout()
+    seen = []
+    masked = MaskedModel(model)
+    search, probs, blocks = build_search(masked, scores, p, 0.5, layout=layout_kind)
+    assert search.groups["heads"].ordered and search.groups["channels"].ordered
+    start = hard_masks(layout, search.init_probs, p, 0.5, layout_kind=layout_kind, blocks=blocks)
+    base = masks_from_scores(layout, scores, 0.5, allocation="uniform", layout_kind=layout_kind,
+                             blocks={"channels": blocks["channels"]})
+    assert start.to_json() == base.to_json()
+    from pgprune.pg_prune import make_losses_fn
+
+    losses = make_losses_fn(masked, calib, 4, blocks=blocks)
+
+    def spy(masks, step):
+        seen.extend(masks)
+        return losses(masks, step)
+
+    result = search.run(spy, progress=False)
+    ranks = {g: blocks[g].unit_block for g in ("heads", "channels")}
+    for flat in seen:
+        for g in ("heads", "channels"):
+            kept = flat[g]  # over blocks, in rank order within each layer
+            for j in range(layout.num_layers):
+                part = kept[blocks[g].block_layer == j].tolist()
+                assert part == sorted(part, reverse=True), (g, j, part)
+    out = hard_masks(layout, result.probs, p, 0.5, layout_kind=layout_kind, blocks=blocks)
+    order = scores["channels"].float()
+    for i, c in enumerate(out.channels):  # the kept channels of a layer are its best-ranked blocks
+        sl = slice(i * 48, (i + 1) * 48)
+        if c.any() and (~c).any():
+            assert order[sl][c].min() >= order[sl][~c].max() - 1e-6
+    assert int(sum(h.sum() for h in out.heads)) == 4
+    assert ranks["heads"].numel() == 8
+    with pytest.raises(Exception, match="policy 'widths'"):
+        SearchParams(policy="widths", estimator="disarm")

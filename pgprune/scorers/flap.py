@@ -40,7 +40,6 @@ def flap_fluctuation(model, stats: ActivationStats) -> dict:
     Returns {"o_proj": [per-layer float64 Tensor[n_kv*G*hd]], "down_proj": [per-layer Tensor[inter]],
     "heads": flat raw head scores (sum over the group's columns), "channels": flat raw channel scores}.
     """
-    adapter = get_adapter(model)
     layout = stats.layout
     o_cols, d_cols = [], []
     for i in range(layout.num_layers):

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import torch
 
-from pgprune.adapters import get_adapter
 from pgprune.weights import layer_parts
 from pgprune.scorers.activations import ActivationStats, collect_activation_stats, head_columns_to_groups
 
@@ -26,7 +25,6 @@ from pgprune.scorers.activations import ActivationStats, collect_activation_stat
 @torch.no_grad()
 def wanda_sp_columns(model, stats: ActivationStats) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Per-layer mean-over-rows metric of every o_proj and down_proj input column (float64)."""
-    adapter = get_adapter(model)
     o_cols, d_cols = [], []
     for i in range(stats.layout.num_layers):
         p = layer_parts(model, i)

@@ -153,3 +153,30 @@ def disarm_gradient(s: torch.Tensor, masks: torch.Tensor, losses: torch.Tensor, 
     inv = 1.0 / torch.minimum(s64, 1.0 - s64).clamp_min(eps)
     g = 0.5 * (diff[:, None] * sign * disagree).mean(dim=0) * inv
     return g.reshape(s.shape)
+
+
+def prefix_score(s: torch.Tensor, masks: torch.Tensor, segments: torch.Tensor, *, eps: float = 1e-4) -> torch.Tensor:
+    """Score terms d log p(m)/ds (K x N, float64) of prefix masks of ordered segments (pgprune.search.GroupSpec
+    ``ordered``): in a segment with non-increasing s_1 >= ... >= s_n a mask keeping its first w units has
+    p(w) = s_w - s_{w+1} (s_0 = 1, s_{n+1} = 0), so the score is +1/p(w) at unit w and -1/p(w) at unit w + 1
+    (p clamped to >= eps). Used with the same per-sample weights as the Bernoulli score (loo, exact)."""
+    s64 = s.detach().to(torch.float64).reshape(-1)
+    m = masks.reshape(masks.shape[0], -1).to(torch.bool)
+    seg = segments.reshape(-1).to(torch.long)
+    k, n = m.shape
+    n_seg = int(seg.max()) + 1
+    sizes = torch.bincount(seg, minlength=n_seg)
+    starts = torch.cumsum(sizes, 0) - sizes  # first unit of every segment
+    width = torch.zeros(k, n_seg, dtype=torch.long).index_add_(1, seg, m.to(torch.long))  # kept units per segment
+    out = torch.zeros(k, n, dtype=torch.float64)
+    for r in range(k):
+        for seg_id in range(n_seg):
+            w = int(width[r, seg_id])
+            hi = 1.0 if w == 0 else float(s64[starts[seg_id] + w - 1])
+            lo = 0.0 if w >= int(sizes[seg_id]) else float(s64[starts[seg_id] + w])
+            p = max(hi - lo, eps)
+            if w > 0:
+                out[r, starts[seg_id] + w - 1] = 1.0 / p
+            if w < int(sizes[seg_id]):
+                out[r, starts[seg_id] + w] = -1.0 / p
+    return out

@@ -18,8 +18,8 @@ from tqdm.auto import tqdm
 from pgprune.errors import BudgetError, ConfigError, NaNLossError, PgpruneError
 from pgprune.io import write_bytes
 from pgprune.search.estimators import (PAIRED, advance_baseline, antithetic_masks, disarm_gradient, penalty_gradient,
-                                       sample_weights, score)
-from pgprune.search.projection import project_budget, project_segments
+                                       prefix_score, sample_weights, score)
+from pgprune.search.projection import isotonic_nonincreasing, project_budget, project_segments
 from pgprune.search.schedules import lr_factor, penalty_weight
 
 CHECKPOINT_FORMAT = "pgprune.search/2"
@@ -35,13 +35,19 @@ class GroupSpec:
     """One group of units sharing a budget: ``size`` units, keep at most ``budget`` in expectation, base learning
     rate ``lr``; optional ``segments`` (segment id per unit, e.g. the layer index) and ``segment_budgets`` (one
     budget per segment id 0..S-1: the probabilities are then projected segment by segment, so every segment keeps
-    its own expected count, e.g. the same width in every layer; ``budget`` must be their sum)."""
+    its own expected count, e.g. the same width in every layer; ``budget`` must be their sum).
+
+    ``ordered``: the units of each segment are in rank order (best first) and the group samples *prefixes*: one
+    uniform u per segment keeps unit j iff u < s_j, with s kept non-increasing within a segment, so s_j is the
+    probability that the segment keeps at least its first j units: a distribution over each segment's width
+    (``widths`` search policy) rather than independent units."""
 
     size: int
     budget: float
     lr: float
     segments: torch.Tensor | None = field(default=None, compare=False)
     segment_budgets: tuple[float, ...] | None = None
+    ordered: bool = False
 
     def __post_init__(self):
         if int(self.size) != self.size or self.size < 1:
@@ -54,6 +60,8 @@ class GroupSpec:
             if self.segments.numel() != self.size or self.segments.is_floating_point():
                 raise ConfigError(f"segments must be an integer tensor with {self.size} entries, got "
                                   f"{self.segments.dtype} with {self.segments.numel()}.")
+        if self.ordered and self.segments is None:
+            raise ConfigError("an ordered group needs segments (the segment id of every unit).")
         if self.segment_budgets is not None:
             if self.segments is None:
                 raise ConfigError("segment_budgets need segments (the segment id of every unit).")
@@ -65,10 +73,20 @@ class GroupSpec:
                                   f"{self.budget}.")
 
     def project(self, s: torch.Tensor) -> torch.Tensor:
-        """Euclidean projection onto this group's budget (per segment when segment_budgets are set)."""
+        """Euclidean projection onto this group's budget (per segment when segment_budgets are set; onto
+        non-increasing segments first when ordered)."""
+        if self.ordered:
+            s = isotonic_nonincreasing(s, self.segments)
         if self.segment_budgets is None:
             return project_budget(s, self.budget)
         return project_segments(s, self.segments, self.segment_budgets)
+
+    def sample(self, s: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """One mask: independent Bernoulli(s) draws, or a prefix of each segment for an ordered group."""
+        if not self.ordered:
+            return torch.rand(s.numel(), generator=generator, dtype=s.dtype) < s
+        u = torch.rand(int(self.segments.max()) + 1, generator=generator, dtype=s.dtype)
+        return u[self.segments] < s
 
     def describe(self) -> dict[str, Any]:
         seg = None
@@ -76,7 +94,8 @@ class GroupSpec:
             seg = hashlib.sha256(self.segments.to(torch.int64).cpu().contiguous().numpy().tobytes()).hexdigest()
         return {"size": int(self.size), "budget": float(self.budget), "lr": float(self.lr), "segments": seg,
                 "segment_budgets": None if self.segment_budgets is None else [float(b) for b in
-                                                                              self.segment_budgets]}
+                                                                              self.segment_budgets],
+                "ordered": bool(self.ordered)}
 
 
 class SearchSettings(BaseModel):
@@ -360,11 +379,13 @@ class PolicyGradientSearch:
         """One step; returns (new state, history entry); ``state`` only gains the history entry, at the very end."""
         cfg, t, probs = self.settings, state["step"], state["probs"]
         if cfg.estimator in PAIRED:  # antithetic pairs: (u < s, 1 - u < s)
+            if any(self.groups[n].ordered for n in probs):
+                raise ConfigError(f"estimator {cfg.estimator!r} samples independent units; ordered (widths) groups "
+                                  "need estimator loo or exact")
             per_group = {n: antithetic_masks(p, cfg.samples // 2, gen) for n, p in probs.items()}
             masks = [{n: per_group[n][j] for n in probs} for j in range(cfg.samples)]
         else:
-            masks = [{n: torch.rand(p.numel(), generator=gen, dtype=p.dtype) < p for n, p in probs.items()}
-                     for _ in range(cfg.samples)]
+            masks = [{n: self.groups[n].sample(p, gen) for n, p in probs.items()} for _ in range(cfg.samples)]
         raw = losses_fn(masks, t)
         losses = [float(v) for v in (raw.tolist() if isinstance(raw, torch.Tensor) else raw)]
         if len(losses) != cfg.samples:
@@ -400,7 +421,10 @@ class PolicyGradientSearch:
                                         torch.tensor(losses, dtype=torch.float64), eps=cfg.eps)
                 else:
                     m = torch.stack([masks[j][n] for j in valid])
-                    g = w @ score(p, m, estimator=cfg.estimator, eps=cfg.eps)
+                    spec = self.groups[n]
+                    sc = prefix_score(p, m, spec.segments, eps=cfg.eps) if spec.ordered else \
+                        score(p, m, estimator=cfg.estimator, eps=cfg.eps)
+                    g = w @ sc
                 g = g + penalty_gradient(p, pen, estimator=cfg.estimator, eps=cfg.eps)
                 stepped = p.to(torch.float64) - self.groups[n].lr * factor * g
                 new_probs[n] = self.groups[n].project(stepped).to(p.dtype)

@@ -52,6 +52,30 @@ def project_budget(s: torch.Tensor, budget: float, *, tol: float = 1e-7, max_ite
     return (x - hi).clamp(0.0, 1.0).reshape(s.shape).to(s.dtype)
 
 
+def isotonic_nonincreasing(s: torch.Tensor, segments: torch.Tensor) -> torch.Tensor:
+    """Euclidean projection of each segment's entries (in index order) onto the non-increasing sequences: the
+    pool-adjacent-violators algorithm, in float64. (Projecting onto {non-increasing, in [0,1], sum <= b} is then
+    a clamp of this minus a shift, see :func:`project_budget`, since the shift and the clamp keep the order.)"""
+    x = s.detach().to(torch.float64).reshape(-1).cpu()
+    seg = segments.reshape(-1).to(torch.long).cpu()
+    if seg.numel() != x.numel():
+        raise BudgetError(f"segments has {seg.numel()} entries but there are {x.numel()} scores.")
+    out = x.clone()
+    for j in torch.unique(seg).tolist():
+        idx = (seg == j).nonzero().reshape(-1)
+        vals = x[idx].tolist()
+        blocks: list[list[float]] = []  # [sum, count]
+        for v in vals:
+            blocks.append([v, 1.0])
+            while len(blocks) > 1 and blocks[-2][0] / blocks[-2][1] < blocks[-1][0] / blocks[-1][1]:
+                total, count = blocks.pop()
+                blocks[-1][0] += total
+                blocks[-1][1] += count
+        fitted = [b[0] / b[1] for b in blocks for _ in range(int(b[1]))]
+        out[idx] = torch.tensor(fitted, dtype=torch.float64)
+    return out.reshape(s.shape).to(s.dtype)
+
+
 def project_segments(s: torch.Tensor, segments: torch.Tensor, budgets, **kw) -> torch.Tensor:
     """Project each segment's entries of ``s`` onto its own budget (``budgets[j]`` for segment id j): the
     Euclidean projection onto the product of the per-segment sets {x_seg in [0,1]^n_seg : sum(x_seg) <= b_j}."""
