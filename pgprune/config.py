@@ -100,20 +100,21 @@ class SearchParams(SearchSettings):
     init_free_heads: float = Field(0.5, ge=0, lt=1, description="init_map: const: fraction of the head budget left "
                                    "undecided at the metric's boundary (keep-probability 0.55 just inside, 0.45 just "
                                    "outside), so the search can trade those units; 0 starts every unit decided")
-    init_free_channels: float = Field(0.0, ge=0, lt=1, description="the same for MLP channels (channel groups)")
+    init_free_channels: float = Field(0.5, ge=0, lt=1, description="the same for MLP channels (channel blocks)")
     init_free_margin: float = Field(0.05, gt=0, lt=0.5, description="undecided units start at 1/2 + margin (kept by "
                                     "the metric) and 1/2 - margin (just outside its cut): small = sampled nearly at "
                                     "random, larger = samples stay close to the metric's mask")
     policy: Literal["units", "widths"] = Field(
-        "units", description="units: an independent keep-probability per unit (the paper's); widths: per layer, a "
+        "widths", description="units: an independent keep-probability per unit (the paper's); widths: per layer, a "
         "distribution over how many units it keeps, in the init metric's rank order (prefix sampling, non-increasing "
-        "keep-probabilities; needs estimator loo or exact)")
-    channel_group: int = Field(1, ge=1, description="MLP channels searched and kept together: each layer's channels "
+        "keep-probabilities; needs estimator loo or exact). The uniform layout fixes every layer's width, so "
+        "pg_uniform always searches units")
+    channel_group: int = Field(64, ge=1, description="MLP channels searched and kept together: each layer's channels "
                                "are ranked by the init metric and cut into blocks of this many (kept widths are "
                                "multiples of it); must divide the intermediate size")
     batch_size: int = Field(8, ge=1, description="calibration blocks per search step")
     lr_heads: float = Field(0.1, gt=0)
-    lr_channels: float = Field(0.02, gt=0)
+    lr_channels: float = Field(0.1, gt=0)
     lr_layers: float = Field(0.02, gt=0)
     min_heads_per_layer: int = Field(1, ge=1, description="KV groups every kept layer keeps (every method)")
     bias_compensation: bool = Field(True, description="replace removed o_proj/down_proj inputs by their calibration "

@@ -123,7 +123,8 @@ def build_search(masked: MaskedModel, init_scores: dict[str, torch.Tensor], p: S
     if missing:
         raise PgpruneError(f"search.init scorer provides {sorted(init_scores)}, not {missing}; pick a scorer that "
                            "scores every searched group (e.g. wanda_sp, magnitude, random)")
-    ordered = p.policy == "widths"
+    # the uniform layout fixes every layer's width, so there the search decides which units (units policy)
+    ordered = p.policy == "widths" and layout == "heterogeneous"
     blocks = {"heads": UnitBlocks.build(lay, init_scores.get("heads"), 1, "heads", ranked=ordered),
               "channels": UnitBlocks.build(lay, init_scores.get("channels"), p.channel_group, "channels",
                                            ranked=ordered)}

@@ -12,7 +12,7 @@ from conftest import TINY_TEXT, make_tiny_model
 from pgprune.errors import ConfigError, PgpruneError
 
 SMALL = {"data": {"seq_len": 16, "calib_blocks": 24, "seed": 0}, "init": {"nsamples": 8, "batch_size": 4},
-         "search": {"steps": 4, "batch_size": 4, "val_blocks": 4, "validate_every": 2}}
+         "search": {"steps": 4, "batch_size": 4, "val_blocks": 4, "validate_every": 2, "channel_group": 8}}
 MARK = "# --- example ---"
 
 

@@ -24,7 +24,7 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFO
        "TOKENIZERS_PARALLELISM": "false"}
 # small calibration and search: seconds on 2 CPU cores
 SMALL = {"data": {"seq_len": 16, "calib_blocks": 24, "seed": 0}, "init": {"nsamples": 8, "batch_size": 4},
-         "search": {"steps": 6, "batch_size": 4, "val_blocks": 4, "validate_every": 3},
+         "search": {"steps": 6, "batch_size": 4, "val_blocks": 4, "validate_every": 3, "channel_group": 8},
          "eval": {"ppl_seq_len": 16, "ppl_blocks": 4}}
 
 

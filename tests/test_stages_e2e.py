@@ -24,7 +24,7 @@ def tiny_params(model_dir: Path) -> dict:
         "model": {"source": str(model_dir), "dtype": "float32", "device": "cpu"},
         "data": {"local_sources": ["fortunes", "jargon"], "seq_len": 32, "calib_blocks": 24, "zero_shot_items": 8},
         "init": {"nsamples": 8, "batch_size": 4},
-        "search": {"steps": 6, "samples": 2, "batch_size": 4, "checkpoint_every": 2, "val_blocks": 4,
+        "search": {"steps": 6, "samples": 2, "batch_size": 4, "checkpoint_every": 2, "val_blocks": 4, "channel_group": 8,
                    "validate_every": 3, "lr_heads": 0.2, "lr_channels": 0.2, "seeds": [42, 7]},
         "eval": {"ppl_seq_len": 32, "ppl_blocks": 8, "zero_shot_limit": 8,
                  "speed": {"prompt_len": 4, "new_tokens": 4, "repeats": 1}},
