@@ -125,9 +125,12 @@ def build_search(masked: MaskedModel, init_scores: dict[str, torch.Tensor], p: S
                            "scores every searched group (e.g. wanda_sp, magnitude, random)")
     # the uniform layout fixes every layer's width, so there the search decides which units (units policy)
     ordered = p.policy == "widths" and layout == "heterogeneous"
-    blocks = {"heads": UnitBlocks.build(lay, init_scores.get("heads"), 1, "heads", ranked=ordered),
+    # a group that is not searched keeps every unit: single-unit blocks, no ranking needed
+    blocks = {"heads": UnitBlocks.build(lay, init_scores.get("heads"), 1, "heads",
+                                        ranked=ordered and "heads" in p.granularity),
               "channels": UnitBlocks.build(lay, init_scores.get("channels"), p.channel_group, "channels",
-                                           ranked=ordered)}
+                                           ranked=ordered) if "channels" in p.granularity
+              else UnitBlocks.build(lay, None, 1, "channels")}
     counts = keep_counts(lay, sparsity, p.layer_sparsity, p.granularity, blocks)
     widths = uniform_widths(lay, sparsity, round_to=p.channel_group, min_heads=p.min_heads_per_layer) \
         if layout == "uniform" else None
