@@ -193,3 +193,19 @@ def test_dvc_plots_show_renders_offline(tmp_path):
     for plot in ("ppl_vs_sparsity", "search_loss", "kept_per_layer"):
         assert f'id = "{plot}"' in page or f'id="{plot}"' in page, plot
     assert len(list((tmp_path / "dvc_plots" / "static").glob("*.png"))) == 4
+
+
+def test_rows_off_their_target_sparsity_are_marked_and_never_bold():
+    """A uniform-layout row that keeps more than the target (whole KV groups / channel blocks) is not ranked."""
+    from pgprune.report.tables import markdown_table
+
+    def row(method, achieved, ppl):
+        return {"method": method, "sparsity": 0.5, "prunable_params_kept": 1e6, "prunable_sparsity": achieved,
+                "total_sparsity": achieved * 0.8, "ppl": {"local": ppl}, "zero_shot": None, "zero_shot_tasks": [],
+                "tokens_per_s": None, "speedup": None, "time_s": None}
+
+    table = markdown_table([row("pg", 0.5, 240.0), row("pg_uniform", 0.458, 212.0), row("flap", 0.5, 284.0)])
+    lines = {ln.split("|")[1].strip(): ln for ln in table.splitlines()[2:]}
+    assert "**240.00**" in lines["PG search"]
+    assert "PG search (uniform layout) †" in lines and "**" not in lines["PG search (uniform layout) †"]
+    assert "**" not in lines["FLAP"]

@@ -126,10 +126,20 @@ def zero_shot_metric(rows: Iterable[dict]) -> str | None:
 
 
 # --- markdown --------------------------------------------------------------------------------------------------
+OFF_TARGET = 0.01  # achieved decoder-linear sparsity further than this from the target: not ranked
+
+
+def off_target(r: dict) -> bool:
+    """Whether a row's achieved sparsity misses its target by more than OFF_TARGET (e.g. the uniform layout, whose
+    per-layer widths are whole KV groups and channel blocks): such a row is marked † and never bold."""
+    a = r.get("prunable_sparsity")
+    return r["method"] != "dense" and a is not None and abs(a - r["sparsity"]) > OFF_TARGET
+
+
 def markdown_table(rows: Sequence[dict], *, bold_best: bool = True) -> str:
     """GitHub markdown table: method, target sparsity, prunable params (M), sparsity in both conventions,
     perplexity per evaluation corpus, zero-shot average (metric named in the header), tokens/s, speed-up, time.
-    With ``bold_best`` the lowest perplexity among the methods at each sparsity is bold."""
+    With ``bold_best`` the lowest perplexity among the methods at each sparsity is bold (rows off their target sparsity excluded, marked †)."""
     corpora = _corpora(rows)
     metric = zero_shot_metric(rows)
     seeded = [c for c in corpora if any(len(r.get("ppl_seeds", {}).get(c, [])) > 1 for r in rows)][:1]
@@ -141,7 +151,7 @@ def markdown_table(rows: Sequence[dict], *, bold_best: bool = True) -> str:
     best: dict[tuple[float, str], float] = {}
     if bold_best:
         for r in rows:
-            if r["method"] == "dense":
+            if r["method"] == "dense" or off_target(r):
                 continue
             for c in corpora:
                 v = r["ppl"].get(c)
@@ -150,13 +160,15 @@ def markdown_table(rows: Sequence[dict], *, bold_best: bool = True) -> str:
                     best[key] = min(best.get(key, math.inf), v)
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(header) - 2)) + "|"]
     for r in rows:
-        cells = [method_label(r["method"]), "0 (dense)" if r["method"] == "dense" else f"{r['sparsity']:g}",
+        cells = [method_label(r["method"]) + (" †" if off_target(r) else ""),
+                 "0 (dense)" if r["method"] == "dense" else f"{r['sparsity']:g}",
                  _fmt(None if r["prunable_params_kept"] is None else r["prunable_params_kept"] / 1e6, ".2f"),
                  _fmt(r["prunable_sparsity"], ".1%"), _fmt(r["total_sparsity"], ".1%")]
         for c in corpora:
             v = r["ppl"].get(c)
             cell = _ppl(v)
-            if bold_best and v is not None and r["method"] != "dense" and v == best.get((r["sparsity"], c)):
+            if bold_best and v is not None and r["method"] != "dense" and not off_target(r) \
+                    and v == best.get((r["sparsity"], c)):
                 cell = f"**{cell}**"
             cells.append(cell)
         for c in seeded:
@@ -181,7 +193,8 @@ def conventions_text(metric: str | None, tasks: Sequence[str] = ()) -> str:
         "pruned, so it is smaller than the decoder-linear sparsity.",
         "* **ppl**: perplexity on the held-out blocks of each evaluation corpus (`data.evaluation`; non-overlapping "
         "blocks of `eval.ppl_seq_len` tokens, exp of the token-mean NLL); lower is better; the best method at each "
-        "sparsity is bold. A policy-gradient search's row is its first seed (`search.seeds`); **mean ± sd over "
+        "sparsity is bold; † marks a row whose achieved sparsity misses the target by more than one point (the "
+        "uniform layout keeps whole KV groups and channel blocks in every layer), which is not ranked. A policy-gradient search's row is its first seed (`search.seeds`); **mean ± sd over "
         "seeds** summarises all of its seeds.",
         f"* **zero-shot avg**: {zs}; higher is better.",
         "* **tokens/s**: greedy generation throughput (`eval.speed`); **speed-up** = tokens/s ÷ the dense model's "
