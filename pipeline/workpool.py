@@ -238,7 +238,7 @@ def start_worker(name: str, env: dict[str, str], log_path: Path, pool: str = POO
                                 preexec_fn=_default_signals)
 
 
-def wait_for_workers(pool: str, names: Sequence[str], timeout_s: float = 60) -> None:
+def wait_for_workers(pool: str, names: Sequence[str], timeout_s: float = 180) -> None:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import WorkerFilter, WorkerFilterStatus
 

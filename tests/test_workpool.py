@@ -105,11 +105,14 @@ def pool(tmp_path_factory):
         try:
             _run([sys.executable, "-m", "pipeline.workpool", "setup", "--repo-url", tmp / "origin.git",
                   "--dvc-remote", tmp / "dvcstore", "--heartbeat-window", 50], ROOT, env)
-            for name in ("w0", "w1"):
+            # one after the other: two workers registering at once with the SQLite-backed test server can be
+            # answered "retry later" and back off for over a minute on a loaded machine
+            for i, name in enumerate(("w0", "w1")):
                 workers[name] = start_worker(name, worker_env(tmp / "machine", threads=1, heartbeat_s=30,
                                                               extra=env), tmp / "logs" / f"{name}.log")
-            _run([sys.executable, "-c", "from pipeline.workpool import wait_for_workers; "
-                  "wait_for_workers('pgprune', ['w0', 'w1'])"], ROOT, env)
+                _run([sys.executable, "-c", "from pipeline.workpool import wait_for_workers; "
+                      f"wait_for_workers('pgprune', {['w0', 'w1'][:i + 1]!r}, timeout_s=240)"], ROOT, env,
+                     timeout=300)
             t0 = time.monotonic()
             sweep_log = tmp / "sweep.log"
             with open(sweep_log, "w") as out:
