@@ -8,6 +8,7 @@ lines with the ratio of the mean perplexity to the init metric's (first corpus).
 
     python -m bench.search_quality --sparsity 0.5 --set init_free_heads=0 --set init_free_heads=0.5
     python -m bench.search_quality --sparsity 0.5 --layout uniform --seeds 42 43 44
+    python -m bench.search_quality --sparsity 0.5 --seeds 42 --set steps=800 --curve-every 50   # within one run
 """
 from __future__ import annotations
 
@@ -38,6 +39,14 @@ def overrides(items: list[str], search) -> dict:
     return type(search).model_validate({**search.model_dump(), **out}).model_dump(include=set(out))
 
 
+def curve_points(trajectory: list[dict], every: int, ppl_fn) -> list[dict]:
+    """The validated hard masks of one search at steps that are multiples of ``every`` (0: none), each with its
+    step, forwards, seconds, validated loss and ``ppl_fn(masks)``: quality vs cost inside one run."""
+    return [{"step": t["step"], "forward_passes": t["forward_passes"], "val_loss": t["val_loss"],
+             "elapsed_s": t["elapsed_s"], "ppl": ppl_fn(t["masks"])}
+            for t in trajectory if every and t["step"] % every == 0]
+
+
 def masked_ppl(masked: MaskedModel, blocks, masks, batch_size: int, device: str) -> float:
     total = 0.0
     for i in range(0, blocks.shape[0], batch_size):
@@ -55,6 +64,9 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=None, help="search seeds (default: search.seeds)")
     ap.add_argument("--layout", default="heterogeneous", choices=["heterogeneous", "uniform"])
     ap.add_argument("--json", default=None, help="also write every result to this JSON file")
+    ap.add_argument("--curve-every", type=int, default=0,
+                    help="also score the hard mask validated every N steps inside each search (quality vs cost "
+                         "within one run; 0: only the final mask)")
     args = ap.parse_args()
     params = load_params(args.params)
     setup_torch(params)
@@ -87,11 +99,17 @@ def main() -> None:
         for seed in args.seeds or sp.seeds:
             t0 = time.perf_counter()
             out = run_pg_search(model, calib, scores[sp.init], sp, sparsity=args.sparsity, layout=args.layout,
-                                seed=seed, device=args.device, compensation=comp, progress=False)
+                                seed=seed, device=args.device, compensation=comp, progress=False,
+                                record_trajectory=args.curve_every > 0)
             p = ppl(out.masks)
+            curve = curve_points(out.trajectory, args.curve_every, lambda m: ppl(m)[first])
+            for c in curve:
+                print(f"    step {c['step']:5d}  forwards {c['forward_passes']:5d}  {c['elapsed_s']:6.0f}s  "
+                      f"val loss {c['val_loss']:.4f}  {first} ppl {c['ppl']:.2f}", flush=True)
             values.append(p[first])
             runs.append({"seed": seed, "ppl": p, "best_step": out.result.best_step,
-                         "seconds": time.perf_counter() - t0, "forward_passes": out.result.forward_passes})
+                         "seconds": time.perf_counter() - t0, "forward_passes": out.result.forward_passes,
+                         "curve": curve})
             print(f"  {spec or 'params.yaml':40s} seed {seed}: pg ppl " + ", ".join(f"{c} {v:.2f}" for c, v in
                                                                                      p.items())
                   + f"  best step {out.result.best_step}  search {time.perf_counter() - t0:.0f}s")

@@ -516,7 +516,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--calib-blocks", type=int, metavar="N", help="calibration blocks drawn (data.calib_blocks; the "
                     "search trains on them, less search.val_blocks held back)")
     pr.add_argument("--seq-len", type=int, metavar="N", help="tokens per calibration block (data.seq_len)")
-    pr.add_argument("--steps", type=int, metavar="N", help="search steps (search.steps)")
+    pr.add_argument("--steps", type=int, metavar="N",
+                    help="search steps (search.steps, default 200); longer searches can gain at high sparsity but "
+                         "not reliably: README 'Search quality vs cost'")
     pr.add_argument("--seed", type=int, help="seed of the search, the calibration windows and the random scorer")
     pr.add_argument("--device", help="cpu, cuda, cuda:N or mps (model.device)")
     pr.add_argument("--dtype", choices=DTYPES, help="dtype the model is loaded and pruned in (model.dtype)")

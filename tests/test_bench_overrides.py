@@ -1,4 +1,4 @@
-"""bench.search_quality's --set parsing: typed, validated search.* overrides; bad keys/values are named."""
+"""bench.search_quality: typed, validated search.* overrides (bad keys/values are named); within-run curve points."""
 import pytest
 
 from bench.search_quality import overrides
@@ -15,3 +15,14 @@ def test_overrides_are_typed_and_validated():
         overrides(["foo=1"], base)
     with pytest.raises(Exception, match="init_free_heads"):
         overrides(["init_free_heads=1.5"], base)
+
+
+def test_curve_points_pick_every_nth_validation():
+    from bench.search_quality import curve_points
+
+    traj = [{"step": s, "forward_passes": 2 * s, "val_loss": 5.0 - s / 100, "elapsed_s": float(s), "masks": s}
+            for s in range(0, 101, 10)]
+    pts = curve_points(traj, 50, lambda m: 1000.0 + m)
+    assert [p["step"] for p in pts] == [0, 50, 100]
+    assert pts[1] == {"step": 50, "forward_passes": 100, "val_loss": 4.5, "elapsed_s": 50.0, "ppl": 1050.0}
+    assert curve_points(traj, 0, lambda m: 0.0) == []
