@@ -101,6 +101,7 @@ def main() -> None:
             out = run_pg_search(model, calib, scores[sp.init], sp, sparsity=args.sparsity, layout=args.layout,
                                 seed=seed, device=args.device, compensation=comp, progress=False,
                                 record_trajectory=args.curve_every > 0)
+            seconds = time.perf_counter() - t0  # the search alone, not the scoring below
             p = ppl(out.masks)
             curve = curve_points(out.trajectory, args.curve_every, lambda m: ppl(m)[first])
             for c in curve:
@@ -108,11 +109,11 @@ def main() -> None:
                       f"val loss {c['val_loss']:.4f}  {first} ppl {c['ppl']:.2f}", flush=True)
             values.append(p[first])
             runs.append({"seed": seed, "ppl": p, "best_step": out.result.best_step,
-                         "seconds": time.perf_counter() - t0, "forward_passes": out.result.forward_passes,
+                         "seconds": seconds, "forward_passes": out.result.forward_passes,
                          "curve": curve})
             print(f"  {spec or 'params.yaml':40s} seed {seed}: pg ppl " + ", ".join(f"{c} {v:.2f}" for c, v in
                                                                                      p.items())
-                  + f"  best step {out.result.best_step}  search {time.perf_counter() - t0:.0f}s")
+                  + f"  best step {out.result.best_step}  search {seconds:.0f}s")
         mean = statistics.mean(values)
         sd = statistics.stdev(values) if len(values) > 1 else 0.0
         print(f"RESULT pg_vs_{init}_ppl[{spec or 'params.yaml'}]={mean / base[first]:.3f} "
