@@ -13,7 +13,6 @@ lines with the ratio of the mean perplexity to the init metric's (first corpus).
 from __future__ import annotations
 
 import json
-import math
 import statistics
 import time
 
@@ -24,7 +23,8 @@ from pgprune.io import load_tensors
 from pgprune.masked_forward import MaskedModel
 from pgprune.models import load_model
 from pgprune.pg_prune import run_pg_search
-from pgprune.workflow import load_calibration, load_eval_data, metric_masks, search_compensation, setup_torch
+from pgprune.workflow import (curve_points, load_calibration, load_eval_data, masked_ppl, metric_masks,
+                              search_compensation, setup_torch)
 
 
 def overrides(items: list[str], search) -> dict:
@@ -37,22 +37,6 @@ def overrides(items: list[str], search) -> dict:
             raise ConfigError(f"--set {item!r}: expected search.<key>=<value> with key one of {sorted(fields)}")
         out[key] = json.loads(value) if value[:1] in "[{" or value in ("true", "false", "null") else value
     return type(search).model_validate({**search.model_dump(), **out}).model_dump(include=set(out))
-
-
-def curve_points(trajectory: list[dict], every: int, ppl_fn) -> list[dict]:
-    """The validated hard masks of one search at steps that are multiples of ``every`` (0: none), each with its
-    step, forwards, seconds, validated loss and ``ppl_fn(masks)``: quality vs cost inside one run."""
-    return [{"step": t["step"], "forward_passes": t["forward_passes"], "val_loss": t["val_loss"],
-             "elapsed_s": t["elapsed_s"], "ppl": ppl_fn(t["masks"])}
-            for t in trajectory if every and t["step"] % every == 0]
-
-
-def masked_ppl(masked: MaskedModel, blocks, masks, batch_size: int, device: str) -> float:
-    total = 0.0
-    for i in range(0, blocks.shape[0], batch_size):
-        ids = blocks[i:i + batch_size].to(device)
-        total += masked.loss(ids, masks, validate=False) * ids.shape[0]
-    return math.exp(total / blocks.shape[0])
 
 
 def main() -> None:
@@ -94,7 +78,8 @@ def main() -> None:
         upd = overrides([s for s in spec.split(",") if s], params.search)
         if args.steps:
             upd["steps"] = args.steps
-        sp = params.search.model_copy(update=upd)
+        # the settings of this sparsity (search.at_sparsity), then the variant's values on top
+        sp = params.search.without_rules_for(upd).at(args.sparsity, args.layout).model_copy(update=upd)
         values, runs = [], []
         for seed in args.seeds or sp.seeds:
             t0 = time.perf_counter()
@@ -103,7 +88,7 @@ def main() -> None:
                                 record_trajectory=args.curve_every > 0)
             seconds = time.perf_counter() - t0  # the search alone, not the scoring below
             p = ppl(out.masks)
-            curve = curve_points(out.trajectory, args.curve_every, lambda m: ppl(m)[first])
+            curve = curve_points(out.trajectory, lambda m: ppl(m)[first], args.curve_every)
             for c in curve:
                 print(f"    step {c['step']:5d}  forwards {c['forward_passes']:5d}  {c['elapsed_s']:6.0f}s  "
                       f"val loss {c['val_loss']:.4f}  {first} ppl {c['ppl']:.2f}", flush=True)

@@ -56,8 +56,8 @@ def _set(data: dict, dotted: str, value: Any) -> None:
 def build_params(config: str | Path | dict | Params | None = None, overrides: dict[str, Any] | None = None,
                  source: str | None = None) -> Params:
     """The params schema's settings from ``config`` (a params.yaml path, a dict or Params; None: the defaults) with
-    ``overrides`` ({"search.steps": 20, ...}; None values are skipped), validated as a whole: errors name the key,
-    the value and what is allowed."""
+    ``overrides`` ({"search.steps": 20, ...}; None values are skipped; a search.* override also wins over
+    search.at_sparsity), validated as a whole: errors name the key, the value and what is allowed."""
     if config is None:
         data: dict = {}
         where = "the defaults"
@@ -73,7 +73,11 @@ def build_params(config: str | Path | dict | Params | None = None, overrides: di
     given = {k: v for k, v in (overrides or {}).items() if v is not None}
     for k, v in given.items():
         _set(data, k, v)
-    return parse_params(data, source or (where + (" with overrides " + ", ".join(given) if given else "")))
+    params = parse_params(data, source or (where + (" with overrides " + ", ".join(given) if given else "")))
+    explicit = [k.split(".", 1)[1] for k in given if k.startswith("search.")]
+    if explicit and params.search.at_sparsity:
+        params = params.model_copy(update={"search": params.search.without_rules_for(explicit)})
+    return params
 
 
 def check_sparsity(sparsity) -> float:

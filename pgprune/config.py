@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -86,6 +86,15 @@ class InitParams(_Strict):
     seed: int = 0
 
 
+class SearchRule(_Strict):
+    """One entry of ``search.at_sparsity``: search settings that replace the section's own at sparsities up to
+    ``up_to`` (inclusive) in the listed layouts."""
+
+    up_to: float = Field(gt=0, lt=1, description="the rule applies at sparsities <= this")
+    layouts: list[Literal["heterogeneous", "uniform"]] = Field(["heterogeneous", "uniform"], min_length=1)
+    set: dict[str, Any] = Field(min_length=1, description="search.* keys and the values they take there")
+
+
 class SearchParams(SearchSettings):
     """The pipeline's ``search`` section: the search's own settings (pgprune.search.SearchSettings: steps,
     samples, estimator, baseline, lr schedule, penalty, checkpoint_every ...) plus what ties it to a model."""
@@ -129,6 +138,11 @@ class SearchParams(SearchSettings):
         "separate: one gathered forward per mask; auto: batched on GPUs, separate on CPU")
     devices: list[str] = Field(default_factory=list, description="split the K samples of a step over these devices "
                                "(data parallel, each holds a replica; only losses are exchanged); empty: model.device")
+    at_sparsity: list[SearchRule] = Field(
+        default_factory=list, description="settings by sparsity: a list of {up_to, layouts, set}; a search at "
+        "sparsity s in a layout takes the `set` values of every rule with s <= up_to that lists its layout (later "
+        "rules win); a search.* value given explicitly (CLI option, API argument, build_params override) wins over "
+        "the rules")
 
     @model_validator(mode="after")
     def _check(self):
@@ -147,7 +161,42 @@ class SearchParams(SearchSettings):
         bad = [d for d in self.devices if not (d in ("cpu", "cuda") or (d.startswith("cuda:") and d[5:].isdigit()))]
         if bad:
             raise ValueError(f"search.devices {bad} are not devices; allowed: cpu, cuda, cuda:N")
+        # the init metric, its compensation and the seeds are the cell's, not the sparsity's
+        allowed = sorted(set(type(self).model_fields) - {"at_sparsity", "seeds", "init", "bias_compensation"})
+        for i, rule in enumerate(self.at_sparsity):
+            unknown = sorted(set(rule.set) - set(allowed))
+            if unknown:
+                raise ValueError(f"search.at_sparsity[{i}].set has {unknown}; allowed: "
+                                 f"{', '.join(allowed)}")
+            try:
+                self._merged(rule.set)
+            except ValidationError as e:
+                raise ValueError(f"search.at_sparsity[{i}] (up_to {rule.up_to}) gives invalid search settings: "
+                                 + "; ".join(f"{'.'.join(map(str, x['loc'])) or '(root)'}: {x['msg']}"
+                                             for x in e.errors())) from None
         return self
+
+    def _merged(self, update: dict) -> "SearchParams":
+        data = self.model_dump() | dict(update) | {"at_sparsity": []}
+        return type(self).model_validate(data)
+
+    def at(self, sparsity: float, layout: str = "heterogeneous") -> "SearchParams":
+        """The settings a search at ``sparsity`` in ``layout`` runs with: the section's values, replaced by those of
+        every matching ``at_sparsity`` rule in order; the result has no rules left (resolving it again changes
+        nothing)."""
+        update: dict = {}
+        for rule in self.at_sparsity:
+            if float(sparsity) <= rule.up_to + 1e-9 and layout in rule.layouts:
+                update.update(rule.set)
+        return self._merged(update) if update or self.at_sparsity else self
+
+    def without_rules_for(self, keys) -> "SearchParams":
+        """A copy whose ``at_sparsity`` rules no longer set ``keys`` (values given explicitly win over the rules);
+        a rule left with nothing to set is dropped."""
+        keys = set(keys)
+        rules = [r.model_copy(update={"set": {k: v for k, v in r.set.items() if k not in keys}})
+                 for r in self.at_sparsity]
+        return self.model_copy(update={"at_sparsity": [r for r in rules if r.set]})
 
 
 class SpeedParams(_Strict):

@@ -128,6 +128,13 @@ def load_model(path_or_source: str | Path, dtype: str = "float32", device: str =
     return load_weights(src, dtype, device, offload=offload, device_map=device_map, max_memory=max_memory), tok
 
 
+def load_configured(path_or_source: str | Path, m):
+    """:func:`load_model` with the settings of a params ``model`` section (pgprune.config.ModelParams: dtype,
+    device, offload, device_map, max_memory), as every stage that computes with the base model loads it."""
+    return load_model(path_or_source, m.dtype, m.device, offload=m.offload, device_map=m.device_map,
+                      max_memory=m.max_memory)
+
+
 def load_weights(path_or_source: str | Path, dtype: str = "float32", device: str = "cpu", offload: str = "none",
                  device_map: str = "none", max_memory: dict | None = None):
     """The model of :func:`load_model` without its tokenizer (checkpoints without one: benchmarks, plans)."""

@@ -231,7 +231,9 @@ def run_pg_search(model, calib: torch.Tensor, init_scores: dict[str, torch.Tenso
 
     ``compensation`` (calibration means of o_proj/down_proj inputs, e.g. the flap scorer's "bias" entry) makes
     every evaluated mask mean-compensated, like the final sliced model. With ``checkpoint_dir`` the search
-    checkpoints there every ``p.checkpoint_every`` steps and resumes a checkpoint of exactly this search."""
+    checkpoints there every ``p.checkpoint_every`` steps and resumes a checkpoint of exactly this search.
+    ``p.at_sparsity`` rules are resolved here (:meth:`pgprune.config.SearchParams.at`)."""
+    p = p.at(sparsity, layout)
     masked = MaskedModel(model)
     masked.set_compensation(compensation)
     samples = masked

@@ -237,12 +237,15 @@ def method_masks(method: str, model, calib: torch.Tensor, scores: dict, params: 
             means = scores["flap"]["bias"]
         return MethodResult(method, sparsity, masks, extra, {"time_s": time.perf_counter() - t0, "layout": kind},
                             compensation_means=means)
-    p = params.search
+    p = params.search.at(sparsity, kind)
     comp = search_compensation(params, scores)
     if p.init not in scores:
         raise PgpruneError(f"search.init={p.init!r} scores are missing; computed scorers: {sorted(scores)}")
     seeds = list(seeds or p.seeds)
-    outcomes, info = [], {"seeds": {}, "layout": kind, "device": params.model.device}
+    # the settings this cell ran with (search.at_sparsity resolved), less the knobs that only place the work
+    settings = p.model_dump(mode="json", exclude={"seeds", "at_sparsity", "devices", "sample_mode",
+                                                   "checkpoint_every"})
+    outcomes, info = [], {"seeds": {}, "layout": kind, "device": params.model.device, "settings": settings}
     for i, seed in enumerate(seeds):
         out = run_pg_search(model, calib, scores[p.init], p, sparsity=sparsity, layout=kind, seed=seed,
                             checkpoint_dir=checkpoint_root, device=params.model.device, progress=progress,
@@ -296,6 +299,8 @@ def save_masks(out_dir: str | Path, result: MethodResult, layout) -> dict:
     summary = {"method": result.method, "sparsity": result.sparsity, "layout": result.info.get("layout"),
                "compensated": result.extra_bias is not None, "seeds": [int(s) for s in result.seeds] or None,
                "params": sparsity_report(layout, result.masks, out_bias=result.extra_bias is not None)}
+    if "settings" in result.info:
+        summary["search_settings"] = result.info["settings"]
     if "seeds" in result.info:
         summary["search"] = {s: {k: v for k, v in d.items() if k in ("steps", "forward_passes", "best_step",
                                                                      "best_val_loss", "init_val_loss")}
@@ -450,33 +455,42 @@ def evaluate_masks(model, tokenizer, masks_dir: str | Path | None, evals: dict[s
     return out
 
 
+def masked_ppl(masked, blocks: torch.Tensor, masks, batch_size: int, device: str = "cpu") -> float:
+    """exp of the block-mean LM loss of ``masked`` (a MaskedModel) under ``masks`` on ``blocks`` [n, T]."""
+    import math
+
+    total = 0.0
+    for i in range(0, blocks.shape[0], batch_size):
+        ids = blocks[i:i + batch_size].to(device)  # [b, T]
+        total += masked.loss(ids, masks, validate=False) * ids.shape[0]
+    return math.exp(total / blocks.shape[0])
+
+
+def curve_points(points: list[dict], ppl_fn, every: int = 1) -> list[dict]:
+    """Quality vs cost records of a search's validated masks (at steps that are multiples of ``every``; 0: none):
+    step, sampled-mask forwards, validated loss, seconds when recorded, and ``ppl_fn(masks)``."""
+    return [{"step": t["step"], "forward_passes": t["forward_passes"], "val_loss": t["val_loss"]}
+            | ({"elapsed_s": t["elapsed_s"]} if "elapsed_s" in t else {}) | {"ppl": ppl_fn(t["masks"])}
+            for t in points if every and t["step"] % every == 0]
+
+
 def trajectory_curve(model, masks_dir: str | Path, blocks: torch.Tensor, batch_size: int, device: str = "cpu"
                      ) -> list[dict]:
     """Quality vs cost of a search: the perplexity on ``blocks`` of each validated mask it recorded, with the
     search's step, sampled-mask forwards and validated loss (mean-compensated like the sliced model)."""
-    import math
-
     from pgprune.masked_forward import MaskedModel
 
     masked = MaskedModel(model)
     points, means = load_trajectory(masks_dir, masked.layout)
     masked.set_compensation(means)
-    curve = []
-    for t in points:
-        total = 0.0
-        for i in range(0, blocks.shape[0], batch_size):
-            ids = blocks[i:i + batch_size].to(device)
-            total += masked.loss(ids, t["masks"], validate=False) * ids.shape[0]
-        curve.append({"step": t["step"], "forward_passes": t["forward_passes"], "val_loss": t["val_loss"],
-                      "ppl": math.exp(total / blocks.shape[0])})
-    return curve
+    return curve_points(points, lambda m: masked_ppl(masked, blocks, m, batch_size, device))
 
 
 __all__ = ["METHODS", "MethodResult", "checkpoint_dir", "compensation_biases", "compute_all_scores",
            "corpus_texts", "evaluate", "evaluate_masks", "history_csv", "load_calibration", "load_eval_data", "load_masks",
            "method_masks", "metric_masks", "prepare_data", "save_masks", "scorers_needed", "search_compensation",
            "load_trajectory", "seed_results", "setup_torch",
-           "trajectory_curve"]
+           "curve_points", "masked_ppl", "trajectory_curve"]
 
 
 # =====================================================================================================================

@@ -3,7 +3,7 @@ their compensation biases) and measure perplexity on every evaluation corpus, ze
 speed; for a search, also the perplexity of every seed's masks and of its validated masks over the search (quality
 vs cost). A streamed model (model.offload) gets perplexity only. Writes one JSON (metrics, kept in git)."""
 from pgprune.io import write_json
-from pgprune.models import load_model
+from pgprune.models import load_configured
 from pgprune.workflow import evaluate_masks, load_eval_data
 from stages._common import parse, run
 
@@ -18,9 +18,7 @@ def main(argv=None):
         ap.add_argument("--sparsity", type=float, default=0.0)
 
     params, a = parse(__doc__, args, argv)
-    m = params.model
-    model, tok = load_model(a.model, m.dtype, m.device, offload=m.offload, device_map=m.device_map,
-                            max_memory=m.max_memory)
+    model, tok = load_configured(a.model, params.model)
     if a.masks is not None:  # a missing or damaged masks file fails before any work
         from pgprune.adapters import get_adapter
         from pgprune.workflow import load_masks

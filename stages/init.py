@@ -1,6 +1,6 @@
 """Stage `init`: importance scores of every scorer in init.scorers (the search's init and the baselines)."""
 from pgprune.io import save_tensors, write_json
-from pgprune.models import load_model
+from pgprune.models import load_configured
 from pgprune.workflow import compute_all_scores, load_calibration
 from stages._common import parse, run
 
@@ -13,9 +13,7 @@ def main(argv=None):
         ap.add_argument("--timing", required=True, help="seconds per scorer (json, not cached)")
 
     params, a = parse(__doc__, args, argv)
-    m = params.model
-    model, _ = load_model(a.model, m.dtype, m.device, offload=m.offload, device_map=m.device_map,
-                          max_memory=m.max_memory)
+    model, _ = load_configured(a.model, params.model)
     scores, timing = compute_all_scores(params, model, load_calibration(a.data))
     save_tensors(a.out, scores)
     write_json(a.timing, {"time_s": timing})

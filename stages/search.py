@@ -3,7 +3,7 @@ sparsity, one search per seed in search.seeds; writes the masks hand-off (masks.
 Checkpoints ($PGPRUNE_CHECKPOINT_DIR or artifacts/checkpoints, never a DVC output) let a killed run resume."""
 from pgprune.adapters import get_adapter
 from pgprune.io import load_tensors, write_json
-from pgprune.models import load_model
+from pgprune.models import load_configured
 from pgprune.workflow import checkpoint_dir, load_calibration, method_masks, save_masks
 from stages._common import parse, run
 
@@ -19,9 +19,7 @@ def main(argv=None):
         ap.add_argument("--timing", required=True, help="search time and peak memory (json, not cached)")
 
     params, a = parse(__doc__, args, argv)
-    m = params.model
-    model, _ = load_model(a.model, m.dtype, m.device, offload=m.offload, device_map=m.device_map,
-                          max_memory=m.max_memory)
+    model, _ = load_configured(a.model, params.model)
     scores = load_tensors(a.scores, "init scores (init stage)")
     result = method_masks(a.method, model, load_calibration(a.data), scores, params, a.sparsity,
                           checkpoint_root=checkpoint_dir())

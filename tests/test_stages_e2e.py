@@ -25,7 +25,8 @@ def tiny_params(model_dir: Path) -> dict:
         "data": {"local_sources": ["fortunes", "jargon"], "seq_len": 32, "calib_blocks": 24, "zero_shot_items": 8},
         "init": {"nsamples": 8, "batch_size": 4},
         "search": {"steps": 6, "samples": 2, "batch_size": 4, "checkpoint_every": 2, "val_blocks": 4, "channel_group": 8,
-                   "validate_every": 3, "lr_heads": 0.2, "lr_channels": 0.2, "seeds": [42, 7]},
+                   "validate_every": 3, "lr_heads": 0.2, "lr_channels": 0.2, "seeds": [42, 7],
+                   "at_sparsity": [{"up_to": 0.5, "layouts": ["uniform"], "set": {"lr_heads": 0.05}}]},
         "eval": {"ppl_seq_len": 32, "ppl_blocks": 8, "zero_shot_limit": 8,
                  "speed": {"prompt_len": 4, "new_tokens": 4, "repeats": 1}},
         "compare": {"sparsities": [0.5], "searches": ["pg", "pg_uniform"],
@@ -112,6 +113,11 @@ def test_all_stages(workdir):
     assert (pg / "compensation.safetensors").exists() and (pg / "seeds/7/masks.json").exists()
     assert len((pg / "history.csv").read_text().splitlines()) == 7
     assert set(json.loads(Path("artifacts/eval/pg-s0.5.json").read_text())["seed_ppl"]) == {"7"}
+    # each cell records the settings it ran with: search.at_sparsity resolved for its sparsity and layout
+    settings = {m: json.loads(Path(f"artifacts/masks/{m}/s0.5/summary.json").read_text())["search_settings"]
+                for m in ("pg", "pg_uniform")}
+    assert settings["pg"]["lr_heads"] == 0.2 and settings["pg_uniform"]["lr_heads"] == 0.05
+    assert settings["pg"]["channel_group"] == 8 and "seeds" not in settings["pg"]
     uniform = json.loads((Path("artifacts/masks/pg_uniform/s0.5/summary.json")).read_text())["params"]["per_layer"]
     assert len(set(uniform["heads"])) == 1 and len(set(uniform["channels"])) == 1
     timing = json.loads(Path("artifacts/timing/search-pg-s0.5.json").read_text())

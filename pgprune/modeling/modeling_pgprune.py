@@ -49,97 +49,64 @@ def _resize_layers(decoder, config) -> None:
         mlp.intermediate_size = inter[i]
 
 
-class PgpruneLlamaConfig(LlamaConfig):
+class _PrunedConfig:
+    """The pgprune fields on top of a family's config (mixed in before it)."""
+
+    def __init__(self, pgprune_kv_heads=None, pgprune_intermediate=None, pgprune_kept_layers=None,
+                 pgprune_out_bias=False, **kwargs):
+        super().__init__(**kwargs)
+        self.pgprune_out_bias = bool(pgprune_out_bias)
+        self.pgprune_kv_heads = list(pgprune_kv_heads or [])
+        self.pgprune_intermediate = list(pgprune_intermediate or [])
+        self.pgprune_kept_layers = list(pgprune_kept_layers or [])
+
+
+class _Resized:
+    """A family's model (causal LM or bare decoder, mixed in before it) with the config's per-layer widths."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        _resize_layers(self.model if hasattr(self, "lm_head") else self, config)
+        self.post_init()
+
+
+class PgpruneLlamaConfig(_PrunedConfig, LlamaConfig):
     model_type = "pgprune_llama"
     base_model_type = "llama"
 
-    def __init__(self, pgprune_kv_heads=None, pgprune_intermediate=None, pgprune_kept_layers=None,
-                 pgprune_out_bias=False, **kwargs):
-        super().__init__(**kwargs)
-        self.pgprune_out_bias = bool(pgprune_out_bias)
-        self.pgprune_kv_heads = list(pgprune_kv_heads or [])
-        self.pgprune_intermediate = list(pgprune_intermediate or [])
-        self.pgprune_kept_layers = list(pgprune_kept_layers or [])
 
-
-class PgpruneMistralConfig(MistralConfig):
+class PgpruneMistralConfig(_PrunedConfig, MistralConfig):
     model_type = "pgprune_mistral"
     base_model_type = "mistral"
 
-    def __init__(self, pgprune_kv_heads=None, pgprune_intermediate=None, pgprune_kept_layers=None,
-                 pgprune_out_bias=False, **kwargs):
-        super().__init__(**kwargs)
-        self.pgprune_out_bias = bool(pgprune_out_bias)
-        self.pgprune_kv_heads = list(pgprune_kv_heads or [])
-        self.pgprune_intermediate = list(pgprune_intermediate or [])
-        self.pgprune_kept_layers = list(pgprune_kept_layers or [])
 
-
-class PgpruneQwen2Config(Qwen2Config):
+class PgpruneQwen2Config(_PrunedConfig, Qwen2Config):
     model_type = "pgprune_qwen2"
     base_model_type = "qwen2"
 
-    def __init__(self, pgprune_kv_heads=None, pgprune_intermediate=None, pgprune_kept_layers=None,
-                 pgprune_out_bias=False, **kwargs):
-        super().__init__(**kwargs)
-        self.pgprune_out_bias = bool(pgprune_out_bias)
-        self.pgprune_kv_heads = list(pgprune_kv_heads or [])
-        self.pgprune_intermediate = list(pgprune_intermediate or [])
-        self.pgprune_kept_layers = list(pgprune_kept_layers or [])
 
-
-class PgpruneLlamaForCausalLM(LlamaForCausalLM):
+class PgpruneLlamaForCausalLM(_Resized, LlamaForCausalLM):
     config_class = PgpruneLlamaConfig
 
-    def __init__(self, config):
-        super().__init__(config)
-        _resize_layers(self.model, config)
-        self.post_init()
 
-
-class PgpruneMistralForCausalLM(MistralForCausalLM):
+class PgpruneMistralForCausalLM(_Resized, MistralForCausalLM):
     config_class = PgpruneMistralConfig
 
-    def __init__(self, config):
-        super().__init__(config)
-        _resize_layers(self.model, config)
-        self.post_init()
 
-
-class PgpruneQwen2ForCausalLM(Qwen2ForCausalLM):
+class PgpruneQwen2ForCausalLM(_Resized, Qwen2ForCausalLM):
     config_class = PgpruneQwen2Config
 
-    def __init__(self, config):
-        super().__init__(config)
-        _resize_layers(self.model, config)
-        self.post_init()
 
-
-class PgpruneLlamaModel(LlamaModel):
+class PgpruneLlamaModel(_Resized, LlamaModel):
     config_class = PgpruneLlamaConfig
 
-    def __init__(self, config):
-        super().__init__(config)
-        _resize_layers(self, config)
-        self.post_init()
 
-
-class PgpruneMistralModel(MistralModel):
+class PgpruneMistralModel(_Resized, MistralModel):
     config_class = PgpruneMistralConfig
 
-    def __init__(self, config):
-        super().__init__(config)
-        _resize_layers(self, config)
-        self.post_init()
 
-
-class PgpruneQwen2Model(Qwen2Model):
+class PgpruneQwen2Model(_Resized, Qwen2Model):
     config_class = PgpruneQwen2Config
-
-    def __init__(self, config):
-        super().__init__(config)
-        _resize_layers(self, config)
-        self.post_init()
 
 
 # family -> (config class, causal-LM class)

@@ -136,6 +136,11 @@ def off_target(r: dict) -> bool:
     return r["method"] != "dense" and a is not None and abs(a - r["sparsity"]) > OFF_TARGET
 
 
+def ranked(r: dict) -> bool:
+    """Whether a row competes for the bold best: a pruned model on its target sparsity."""
+    return r["method"] != "dense" and not off_target(r)
+
+
 def markdown_table(rows: Sequence[dict], *, bold_best: bool = True) -> str:
     """GitHub markdown table: method, target sparsity, prunable params (M), sparsity in both conventions,
     perplexity per evaluation corpus, zero-shot average (metric named in the header), tokens/s, speed-up, time.
@@ -151,7 +156,7 @@ def markdown_table(rows: Sequence[dict], *, bold_best: bool = True) -> str:
     best: dict[tuple[float, str], float] = {}
     if bold_best:
         for r in rows:
-            if r["method"] == "dense" or off_target(r):
+            if not ranked(r):
                 continue
             for c in corpora:
                 v = r["ppl"].get(c)
@@ -167,8 +172,7 @@ def markdown_table(rows: Sequence[dict], *, bold_best: bool = True) -> str:
         for c in corpora:
             v = r["ppl"].get(c)
             cell = _ppl(v)
-            if bold_best and v is not None and r["method"] != "dense" and not off_target(r) \
-                    and v == best.get((r["sparsity"], c)):
+            if bold_best and v is not None and ranked(r) and v == best.get((r["sparsity"], c)):
                 cell = f"**{cell}**"
             cells.append(cell)
         for c in seeded:
