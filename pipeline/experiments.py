@@ -19,6 +19,7 @@ import itertools
 import json
 import re
 import shlex
+from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import yaml
