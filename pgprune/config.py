@@ -188,7 +188,14 @@ class SearchParams(SearchSettings):
         for rule in self.at_sparsity:
             if float(sparsity) <= rule.up_to + 1e-9 and layout in rule.layouts:
                 update.update(rule.set)
-        return self._merged(update) if update or self.at_sparsity else self
+        if not (update or self.at_sparsity):
+            return self
+        try:
+            return self._merged(update)
+        except ValidationError as e:  # each rule is valid alone (checked on load); their combination is not
+            raise ConfigError(f"search.at_sparsity at sparsity {sparsity} ({layout}) combines {update} into invalid "
+                              "search settings: " + "; ".join(f"{'.'.join(map(str, x['loc'])) or '(root)'}: "
+                                                              f"{x['msg']}" for x in e.errors())) from None
 
     def without_rules_for(self, keys) -> "SearchParams":
         """A copy whose ``at_sparsity`` rules no longer set ``keys`` (values given explicitly win over the rules);

@@ -55,3 +55,11 @@ def test_search_runs_with_the_settings_of_its_sparsity():
     high = run_pg_search(model, calib, scores, p, sparsity=0.5, progress=False)
     assert low.blocks["channels"].size == 1 and high.blocks["channels"].size == 16
     assert low.key != high.key
+
+
+def test_rules_valid_alone_but_not_together_are_named_at_their_sparsity():
+    p = SearchParams(at_sparsity=[{"up_to": 0.5, "set": {"estimator": "disarm", "policy": "units"}},
+                                  {"up_to": 0.3, "set": {"policy": "widths"}}])
+    assert p.at(0.4).estimator == "disarm"
+    with pytest.raises(ConfigError, match=r"at sparsity 0.2 \(heterogeneous\) combines .*policy 'widths'"):
+        p.at(0.2)
