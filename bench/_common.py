@@ -12,7 +12,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from pgprune.models import load_model, prepare_model  # noqa: E402
+from pgprune.hf.loading import load_model, prepare_model  # noqa: E402
 
 BASE = Path("models/base")
 
@@ -51,7 +51,7 @@ def synthetic_config(name: str):
 def synthetic_model(name: str, dtype: str, device: str):
     from transformers import LlamaForCausalLM
 
-    from pgprune.models import torch_dtype
+    from pgprune.hf.loading import torch_dtype
 
     torch.manual_seed(0)
     with torch.device(device):
@@ -72,7 +72,7 @@ def write_synthetic_checkpoint(name: str, dtype: str, folder: str | Path, seed: 
     from accelerate import init_empty_weights
     from transformers import LlamaForCausalLM
 
-    from pgprune.models import torch_dtype
+    from pgprune.hf.loading import torch_dtype
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -123,12 +123,12 @@ def preimport(checkpoint) -> None:
     import accelerate  # noqa: F401
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    import pgprune.masked_forward  # noqa: F401
-    import pgprune.models  # noqa: F401
-    import pgprune.placement  # noqa: F401
-    import pgprune.pg_prune  # noqa: F401
+    import pgprune.core.masked_forward  # noqa: F401
+    import pgprune.hf.loading  # noqa: F401
+    import pgprune.core.placement  # noqa: F401
+    import pgprune.pruning.pg  # noqa: F401
 
-    cfg = AutoConfig.from_pretrained(pgprune.models.resolve(str(checkpoint)))
+    cfg = AutoConfig.from_pretrained(pgprune.hf.loading.resolve(str(checkpoint)))
     tiny = {**cfg.to_dict(), "num_hidden_layers": 1, "vocab_size": 8, "hidden_size": 8, "intermediate_size": 8,
             "num_attention_heads": 1, "num_key_value_heads": 1, "head_dim": 8}
     AutoModelForCausalLM.from_config(cfg.__class__(**tiny))
@@ -136,7 +136,7 @@ def preimport(checkpoint) -> None:
 
 def uniform_masks(layout, sparsity: float, seed: int = 0):
     """Random masks keeping the fraction 1 - sparsity of KV groups and of channels in every layer."""
-    from pgprune.allocation import masks_from_scores
+    from pgprune.core.allocation import masks_from_scores
 
     g = torch.Generator().manual_seed(seed)
     n = layout.n_units

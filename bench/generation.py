@@ -6,9 +6,9 @@ batch sizes (decode at batch 1 is memory/overhead bound, larger batches are comp
 import torch
 
 from bench._common import load, parser, uniform_masks
-from pgprune.adapters import get_adapter
+from pgprune.core.adapters import get_adapter
 from pgprune.eval.speed import generation_speed
-from pgprune.slicing import slice_model
+from pgprune.hf.slicing import slice_model
 
 
 def main():
@@ -21,7 +21,7 @@ def main():
     model, tok = load(args)
     layout = get_adapter(model).layout()
     if args.layers:
-        from pgprune.allocation import masks_from_scores
+        from pgprune.core.allocation import masks_from_scores
 
         masks = masks_from_scores(layout, {"layers": torch.rand(layout.num_layers)}, args.sparsity,
                                   granularity=("layers",))

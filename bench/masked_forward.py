@@ -7,7 +7,7 @@ The decoder-only lines time the decoder layers alone (no lm_head / loss), the pa
 import torch
 
 from bench._common import interleaved, load, parser, uniform_masks
-from pgprune.masked_forward import MaskedModel
+from pgprune.core.masked_forward import MaskedModel
 
 
 def main():

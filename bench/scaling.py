@@ -33,9 +33,9 @@ DEFAULT_ROWS = ["embedded:none", "tinyllama-1.1b:none", "tinyllama-1.1b:disk", "
 def child(args) -> dict:
     preimport(args.checkpoint)  # libraries are not the search's memory
     from bench.search_cost import random_inputs, search_runner
-    from pgprune.masked_forward import MaskedModel
-    from pgprune.memory import current_memory, peak_memory, reset_peak_memory
-    from pgprune.models import load_weights
+    from pgprune.core.masked_forward import MaskedModel
+    from pgprune.hf.memory import current_memory, peak_memory, reset_peak_memory
+    from pgprune.hf.loading import load_weights
 
     cuda = args.device.startswith("cuda")
     if args.threads:

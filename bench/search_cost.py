@@ -29,10 +29,10 @@ import torch
 
 from bench._common import BASE, interleaved, parser, preimport, write_synthetic_checkpoint
 from pgprune.config import SearchParams
-from pgprune.masked_forward import MaskedModel
-from pgprune.memory import current_memory, peak_memory, reset_peak_memory
-from pgprune.models import load_weights, prepare_model
-from pgprune.pg_prune import build_search, make_losses_fn
+from pgprune.core.masked_forward import MaskedModel
+from pgprune.hf.memory import current_memory, peak_memory, reset_peak_memory
+from pgprune.hf.loading import load_weights, prepare_model
+from pgprune.pruning.pg import build_search, make_losses_fn
 
 
 def add_args(ap):
@@ -99,7 +99,7 @@ def memory_child(args) -> dict:
         reset_peak_memory(args.device)
     before = current_memory("cpu")
     model = load_weights(args.checkpoint, args.dtype, args.device, offload=args.offload)
-    from pgprune.models import release_unused_memory
+    from pgprune.hf.loading import release_unused_memory
 
     release_unused_memory()
     resident = (current_memory("cpu") - before) / 2 ** 20

@@ -20,11 +20,12 @@ from bench._common import parser
 from pgprune.config import load_params
 from pgprune.errors import ConfigError, PgpruneError
 from pgprune.io import load_tensors
-from pgprune.masked_forward import MaskedModel
-from pgprune.models import load_model
-from pgprune.pg_prune import run_pg_search
-from pgprune.workflow import (curve_points, load_calibration, load_eval_data, masked_ppl, metric_masks,
-                              search_compensation, setup_torch)
+from pgprune.core.masked_forward import MaskedModel
+from pgprune.hf.loading import load_model
+from pgprune.pruning.pg import run_pg_search
+from pgprune.eval.evaluate import curve_points, masked_ppl
+from pgprune.data.prepare import load_calibration, load_eval_data
+from pgprune.pruning.run import metric_masks, search_compensation, setup_torch
 
 
 def overrides(items: list[str], search) -> dict:

@@ -14,8 +14,8 @@ result.save("smollm2-pruned")  # weights, config, tokenizer, masks.json and a mo
 # --- example ---
 
 :func:`prune` runs the same library functions as the `pgprune prune` command and the pipeline's stages
-(:func:`pgprune.workflow.compute_all_scores` for the scorers the method needs, :func:`pgprune.workflow.method_masks`,
-:func:`pgprune.export.build_model`); its settings are the pipeline's params schema (:mod:`pgprune.config`), given as
+(:func:`pgprune.pruning.run.compute_all_scores` for the scorers the method needs, :func:`pgprune.pruning.run.method_masks`,
+:func:`pgprune.hf.export.build_model`); its settings are the pipeline's params schema (:mod:`pgprune.config`), given as
 ``config`` (a params.yaml path, a dict or a :class:`~pgprune.config.Params`) and overridden by the keyword
 arguments. Unlike LLM-Pruner's ``hf_prune.py`` or llm-compressor's ``oneshot``, the input model is left unchanged
 (no weights are edited in place; the pruned model is a new module) and nothing is fine-tuned.
@@ -98,7 +98,7 @@ def resolve_method(method: str, layout: str | None = None, round_to: int | None 
 
     A search searches in the layout's constraints: ``pg`` with the uniform layout is ``pg_uniform``. A metric
     baseline with the uniform layout, or with ``round_to`` > 1, keeps the same (rounded) counts in every layer
-    (the uniform-count allocation of :mod:`pgprune.allocation`)."""
+    (the uniform-count allocation of :mod:`pgprune.core.allocation`)."""
     from pgprune.methods import LAYOUTS, get_method, search_method
 
     m = get_method(method)
@@ -127,8 +127,7 @@ def calibration_from(calibration, tokenizer, params: Params) -> tuple[torch.Tens
     """(calibration blocks [n, T], description) from: None (the config's data.calibration), a corpus name
     (wikitext2 | c4 | ptb | local), the path of a .txt/.jsonl/.json file, a string of text, a list of strings, or a
     LongTensor of token blocks [n, T] (used as is)."""
-    from pgprune.workflow import CALIBRATION_SOURCES, is_text_file_name, source_calibration, \
-        text_calibration_blocks
+    from pgprune.data.sources import CALIBRATION_SOURCES, is_text_file_name, source_calibration, text_calibration_blocks
 
     if isinstance(calibration, torch.Tensor):
         if calibration.dim() != 2 or calibration.dtype not in (torch.long, torch.int32, torch.int64):
@@ -177,7 +176,7 @@ class PruneResult:
 
     ``model``: the physically smaller model (a stock transformers class for the uniform layout, pgprune's
     per-layer-width class otherwise), on the input model's device; ``masks``: the kept units of the input model
-    (:class:`pgprune.masks.Masks`); ``extra_bias``: the mean-compensation biases folded into o_proj/down_proj
+    (:class:`pgprune.core.masks.Masks`); ``extra_bias``: the mean-compensation biases folded into o_proj/down_proj
     ({layer: {"o_proj"|"down_proj": bias}}, None without compensation); ``info``: method, sparsity, layout,
     parameter counts (``info["params"]``), sparsity report, calibration, times, search details. ``base`` and
     ``tokenizer`` are the inputs (``save`` slices nothing again; it needs ``base`` for the card's counts)."""
@@ -192,8 +191,8 @@ class PruneResult:
 
     def card(self, card=None):
         """The model card fields: what the prune knew (base model, method, sparsity, calibration), overridden by
-        the non-empty fields of ``card`` (a :class:`pgprune.card.CardInfo` or a dict of its fields)."""
-        from pgprune.card import CardInfo
+        the non-empty fields of ``card`` (a :class:`pgprune.hf.card.CardInfo` or a dict of its fields)."""
+        from pgprune.hf.card import CardInfo
 
         given = CardInfo.coerce(card)
         base = CardInfo(base_model=self.info.get("base_model"), method=self.info["method"],
@@ -204,10 +203,10 @@ class PruneResult:
 
     def save(self, out_dir: str | Path, card=None, *, save_dtype=None):
         """Save a self-contained folder (weights, config, tokenizer, masks.json, model card README.md;
-        ``modeling_pgprune.py`` for the heterogeneous layout) with :func:`pgprune.export.save_model`. ``card``:
+        ``modeling_pgprune.py`` for the heterogeneous layout) with :func:`pgprune.hf.export.save_model`. ``card``:
         extra model-card fields (e.g. ``{"evaluation": ..., "repo_id": "me/model", "license": "apache-2.0"}``).
-        Returns :class:`pgprune.export.ExportResult`."""
-        from pgprune.export import save_model
+        Returns :class:`pgprune.hf.export.ExportResult`."""
+        from pgprune.hf.export import save_model
 
         pruned = self.model
         if next(pruned.parameters()).device.type != "cpu":
@@ -223,7 +222,7 @@ class PruneResult:
 
 
 def params_summary(report: dict, model_before: int, model_after: int) -> dict:
-    """Parameter counts in both conventions from :func:`pgprune.masks.sparsity_report`."""
+    """Parameter counts in both conventions from :func:`pgprune.core.masks.sparsity_report`."""
     return {"decoder_linear": {"before": report["prunable_params_dense"], "after": report["prunable_params_kept"],
                                "sparsity": report["prunable_sparsity"]},
             "total": {"before": report["total_params_dense"], "after": report["total_params_kept"],
@@ -233,7 +232,7 @@ def params_summary(report: dict, model_before: int, model_after: int) -> dict:
 
 # --- pruning ---------------------------------------------------------------------------------------------------
 def _device_of(model) -> str:
-    from pgprune.weights import main_device
+    from pgprune.core.weights import main_device
 
     d = main_device(model)
     return "cpu" if d.type == "cpu" else str(d)
@@ -244,14 +243,14 @@ def run_prune(model, tokenizer, params: Params, *, method: str, sparsity: float,
               checkpoint_dir: str | Path | None = None, progress: bool = True, base_model: str | None = None
               ) -> PruneResult:
     """Prune ``model`` with validated ``params`` and calibration blocks ``calib``: the scorers ``method`` needs
-    (:func:`pgprune.workflow.scorers_needed`), its masks (:func:`pgprune.workflow.method_masks`, search
-    checkpoints in ``checkpoint_dir``) and the smaller model (:func:`pgprune.export.build_model`). The command
+    (:func:`pgprune.pruning.run.scorers_needed`), its masks (:func:`pgprune.pruning.run.method_masks`, search
+    checkpoints in ``checkpoint_dir``) and the smaller model (:func:`pgprune.hf.export.build_model`). The command
     line (`pgprune prune`) and :func:`prune` both end here."""
-    from pgprune.adapters import get_adapter
-    from pgprune.export import build_model, n_params, plan_export
-    from pgprune.masks import sparsity_report
-    from pgprune.weights import is_streamed, main_device
-    from pgprune.workflow import compute_all_scores, method_masks, scorers_needed, setup_torch
+    from pgprune.core.adapters import get_adapter
+    from pgprune.hf.export import build_model, n_params, plan_export
+    from pgprune.core.masks import sparsity_report
+    from pgprune.core.weights import is_streamed, main_device
+    from pgprune.pruning.run import compute_all_scores, method_masks, scorers_needed, setup_torch
 
     t_start = time.perf_counter()
     sparsity = check_sparsity(sparsity)
@@ -327,7 +326,7 @@ def prune(model, tokenizer=None, *, sparsity: float = 0.3, method: str = "pg", c
     where to compute (the model is moved there for the call and moved back). ``checkpoint_dir``: search
     checkpoints (a rerun of the same call resumes), None for none.
     """
-    from pgprune.weights import is_streamed
+    from pgprune.core.weights import is_streamed
 
     dev = device or _device_of(model)
     overrides = {OVERRIDES["steps"]: steps, OVERRIDES["nsamples"]: nsamples, "model.device": dev}

@@ -6,7 +6,7 @@ Subcommands:
   build calibration blocks, compute the scorers the method needs, run the method (the policy-gradient search by
   default; any baseline of :mod:`pgprune.methods`), save the smaller model with its tokenizer, ``masks.json`` and a
   model card, print a summary. The settings are the pipeline's params schema (``--config params.yaml``), which the
-  options override; the library calls are the stages' (:mod:`pgprune.api`, :mod:`pgprune.workflow`).
+  options override; the library calls are the stages' (:mod:`pgprune.api`, :mod:`pgprune.pruning.run`).
   Search checkpoints go to ``--checkpoint-dir`` (default ``<out>.checkpoints``): the same command resumes a killed
   run (SIGINT/SIGTERM write a checkpoint of the last finished step).
 * ``pgprune eval DIR``: perplexity on named corpora or text files, lm-eval tasks by name.
@@ -100,7 +100,7 @@ def embedded_cache(source: str) -> Path:
 def model_folder(source: str) -> str:
     """A loadable source: the embedded model converted once into the cache (float32, exact dequantisation), any
     other source as given."""
-    from pgprune.models import EMBEDDED
+    from pgprune.hf.loading import EMBEDDED
 
     if not source.startswith("embedded:"):
         return source
@@ -109,7 +109,7 @@ def model_folder(source: str) -> str:
                           "hub id")
     folder = embedded_cache(source)
     if not (folder / "config.json").exists():
-        from pgprune.models import prepare_model
+        from pgprune.hf.loading import prepare_model
 
         log.info("converting %s into %s (once)", source, folder)
         prepare_model(source, folder, dtype="float32")
@@ -121,7 +121,7 @@ def check_architecture(source: str, round_to: int | None = None) -> None:
     width (reads the config only)."""
     from transformers import AutoConfig
 
-    from pgprune.adapters import adapter_class
+    from pgprune.core.adapters import adapter_class
 
     p = Path(source)
     if p.exists() and not p.is_dir():
@@ -161,7 +161,7 @@ def _check_out(out: Path, model_src: str) -> None:
 
 def _check_calibration(source: str | None) -> None:
     """Fail before loading the model when --calibration names neither a corpus nor an existing file."""
-    from pgprune.workflow import CALIBRATION_SOURCES, is_text_file_name
+    from pgprune.data.sources import CALIBRATION_SOURCES, is_text_file_name
 
     if source is None or source in CALIBRATION_SOURCES or Path(source).is_file():
         return
@@ -173,7 +173,7 @@ def _check_calibration(source: str | None) -> None:
 
 def _check_eval_sources(names: list[str] | None, option: str) -> None:
     """Fail early when a perplexity corpus is neither a named corpus nor an existing text file."""
-    from pgprune.workflow import EVAL_SOURCES
+    from pgprune.data.sources import EVAL_SOURCES
 
     for name in names or []:
         if name in EVAL_SOURCES or Path(name).is_file():
@@ -199,7 +199,7 @@ def _prune_overrides(a, is_search: bool) -> dict:
     if a.model is not None:
         o["model.source"] = a.model
     if a.calibration is not None:
-        from pgprune.workflow import CALIBRATION_SOURCES
+        from pgprune.data.sources import CALIBRATION_SOURCES
 
         if a.calibration in CALIBRATION_SOURCES:
             o["data.calibration"] = a.calibration
@@ -214,7 +214,7 @@ def _prune_overrides(a, is_search: bool) -> dict:
 
 def _perplexities(names, tok, params, model, pruned, progress: bool) -> dict:
     from pgprune.eval import perplexity
-    from pgprune.workflow import eval_blocks
+    from pgprune.data.sources import eval_blocks
 
     ev: dict = {"ppl": {}, "dense": {"ppl": {}}}
     for name in names:
@@ -258,7 +258,7 @@ def cmd_prune(a, argv: list[str]) -> int:
 
     try:
         from pgprune.api import calibration_from
-        from pgprune.models import load_model
+        from pgprune.hf.loading import load_model
 
         m = params.model
         model, tok = load_model(src, m.dtype, m.device, offload=m.offload, device_map=m.device_map,
@@ -347,7 +347,7 @@ def load_for_eval(path: str, dtype: str, device: str):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pgprune.models import torch_dtype
+    from pgprune.hf.loading import torch_dtype
 
     p = Path(path)
     if p.is_dir():
@@ -392,8 +392,8 @@ def cmd_eval(a, argv: list[str]) -> int:
             raise ModuleNotFoundError("lm_eval is not installed", name="lm_eval")
     model, tok, trc = load_for_eval(a.model, params.model.dtype, params.model.device)
     from pgprune.eval import perplexity
-    from pgprune.export import n_params
-    from pgprune.workflow import eval_blocks
+    from pgprune.hf.export import n_params
+    from pgprune.data.sources import eval_blocks
 
     res: dict = {"model": a.model, "architecture": type(model).__name__, "params": n_params(model),
                  "trust_remote_code": trc, "ppl": {}, "ppl_blocks": {}, "zero_shot": None}
@@ -446,7 +446,7 @@ def dvc_command() -> list[str] | None:
 def cmd_run(a, argv: list[str]) -> int:
     import subprocess
 
-    from pgprune.workflow import find_checkout
+    from pgprune.cli import find_checkout
 
     root = find_checkout()
     if root is None:
@@ -472,7 +472,7 @@ def cmd_plan(a, argv: list[str]) -> int:
                                          "model.device_map": a.device_map}, _where(a))
     except ConfigError as e:
         raise ConfigError(_name_options(str(e))) from None
-    from pgprune.memory import format_plan, plan
+    from pgprune.hf.memory import format_plan, plan
 
     src = model_folder(params.model.source)
     p = params.search
@@ -613,3 +613,13 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def find_checkout(start: str | Path | None = None) -> Path | None:
+    """The pgprune checkout (a folder with dvc.yaml, params.yaml and stages/) holding ``start`` (default: the
+    current folder), or None."""
+    here = Path(start or Path.cwd()).resolve()
+    for d in (here, *here.parents):
+        if (d / "dvc.yaml").is_file() and (d / "params.yaml").is_file() and (d / "stages").is_dir():
+            return d
+    return None

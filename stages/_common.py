@@ -24,7 +24,7 @@ def parse(description: str, extra=None, argv=None) -> tuple[Params, argparse.Nam
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     params = load_params(args.params)
-    from pgprune.workflow import setup_torch
+    from pgprune.pruning.run import setup_torch
 
     setup_torch(params)
     return params, args

@@ -1,7 +1,7 @@
 """Stage `data`: calibration blocks, held-out evaluation texts and offline zero-shot tasks."""
 from transformers import AutoTokenizer
 
-from pgprune.workflow import prepare_data
+from pgprune.data.prepare import prepare_data
 from stages._common import parse, run
 
 

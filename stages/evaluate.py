@@ -3,8 +3,9 @@ their compensation biases) and measure perplexity on every evaluation corpus, ze
 speed; for a search, also the perplexity of every seed's masks and of its validated masks over the search (quality
 vs cost). A streamed model (model.offload) gets perplexity only. Writes one JSON (metrics, kept in git)."""
 from pgprune.io import write_json
-from pgprune.models import load_configured
-from pgprune.workflow import evaluate_masks, load_eval_data
+from pgprune.hf.loading import load_configured
+from pgprune.eval.evaluate import evaluate_masks
+from pgprune.data.prepare import load_eval_data
 from stages._common import parse, run
 
 
@@ -20,8 +21,8 @@ def main(argv=None):
     params, a = parse(__doc__, args, argv)
     model, tok = load_configured(a.model, params.model)
     if a.masks is not None:  # a missing or damaged masks file fails before any work
-        from pgprune.adapters import get_adapter
-        from pgprune.workflow import load_masks
+        from pgprune.core.adapters import get_adapter
+        from pgprune.core.handoff import load_masks
 
         load_masks(a.masks, get_adapter(model).layout())
     evals, tasks = load_eval_data(a.data, tok, params)

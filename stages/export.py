@@ -3,12 +3,12 @@ base model, saved with its tokenizer, masks.json and a model card (a stock archi
 per-layer widths with trust_remote_code otherwise)."""
 from pathlib import Path
 
-from pgprune.adapters import get_adapter
-from pgprune.card import CardInfo
-from pgprune.export import save_model
+from pgprune.core.adapters import get_adapter
+from pgprune.hf.card import CardInfo
+from pgprune.hf.export import save_model
 from pgprune.io import read_json
-from pgprune.models import load_model, resolve
-from pgprune.workflow import load_masks
+from pgprune.hf.loading import load_model, resolve
+from pgprune.core.handoff import load_masks
 from stages._common import parse, run
 
 

@@ -1,7 +1,8 @@
 """Stage `init`: importance scores of every scorer in init.scorers (the search's init and the baselines)."""
 from pgprune.io import save_tensors, write_json
-from pgprune.models import load_configured
-from pgprune.workflow import compute_all_scores, load_calibration
+from pgprune.hf.loading import load_configured
+from pgprune.pruning.run import compute_all_scores
+from pgprune.data.prepare import load_calibration
 from stages._common import parse, run
 
 

@@ -4,9 +4,9 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from conftest import make_tiny_model
-from pgprune.adapters import get_adapter
+from pgprune.core.adapters import get_adapter
 from pgprune.errors import UnsupportedArchitectureError
-from pgprune.masks import Masks, sparsity_report
+from pgprune.core.masks import Masks, sparsity_report
 
 
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
@@ -57,6 +57,6 @@ def test_head_dim_from_config_not_hardcoded():
     layout = get_adapter(model).layout()
     assert layout.head_dim == 16
     ids = torch.randint(0, 300, (1, 6))
-    from pgprune.masked_forward import MaskedModel
+    from pgprune.core.masked_forward import MaskedModel
 
     torch.testing.assert_close(MaskedModel(model).logits(ids), model(input_ids=ids).logits, atol=1e-5, rtol=1e-5)

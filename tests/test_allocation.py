@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from conftest import make_tiny_model
-from pgprune.adapters import get_adapter
-from pgprune.allocation import (UnitBlocks, boundary_init, keep_count, keep_counts, masks_from_scores, ramp_init,
+from pgprune.core.adapters import get_adapter
+from pgprune.core.allocation import (UnitBlocks, boundary_init, keep_count, keep_counts, masks_from_scores, ramp_init,
                                 select_units,
                                 uniform_quota, uniform_widths)
 from pgprune.errors import BudgetError, PgpruneError
@@ -79,8 +79,8 @@ def test_one_rounding_rule_for_every_method():
     m = masks_from_scores(lay, {"layers": torch.arange(30.0)}, 0.25, granularity=("layers",))
     assert int(m.layers.sum()) == 23
     from pgprune.config import SearchParams
-    from pgprune.masked_forward import MaskedModel
-    from pgprune.pg_prune import build_search
+    from pgprune.core.masked_forward import MaskedModel
+    from pgprune.pruning.pg import build_search
 
     mm = MaskedModel(make_tiny_model("llama", n_heads=2, n_kv=1, layers=30, hidden=16, ffn=8))
     search, _, _ = build_search(mm, {"layers": torch.arange(30.0)}, SearchParams(granularity=["layers"],

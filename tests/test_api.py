@@ -90,14 +90,14 @@ def test_uniform_layout_is_a_stock_model_equal_to_the_masked_forward(tiny_tokeni
     from transformers import AutoModelForCausalLM
 
     from pgprune.api import build_params, calibration_from
-    from pgprune.masked_forward import MaskedModel
-    from pgprune.workflow import compute_all_scores
+    from pgprune.core.masked_forward import MaskedModel
+    from pgprune.pruning.run import compute_all_scores
 
     model = make_tiny_model("qwen2")
     result = pgprune.prune(model, tiny_tokenizer, sparsity=0.3, calibration=TINY_TEXT, layout="uniform",
                            config=SMALL, progress=False)
     assert result.info["method"] == "pg_uniform" and result.layout == "uniform"
-    # compensated Qwen2 is saved as Llama (only Llama has o_proj/down_proj biases), see pgprune.export
+    # compensated Qwen2 is saved as Llama (only Llama has o_proj/down_proj biases), see pgprune.hf.export
     assert type(result.model).__name__ == "LlamaForCausalLM" and result.info["compensated"]
     params = build_params(SMALL)
     calib, _ = calibration_from(TINY_TEXT, tiny_tokenizer, params)
@@ -174,7 +174,7 @@ def test_jsonl_calibration_file_is_its_text_field(tiny_tokenizer, tmp_path):
     import json
 
     from pgprune.api import build_params, calibration_from
-    from pgprune.workflow import read_text_file
+    from pgprune.data.sources import read_text_file
 
     parts = [TINY_TEXT[:300], TINY_TEXT[300:]]
     (tmp_path / "c.jsonl").write_text("".join(json.dumps({"text": t, "id": i}) + "\n" for i, t in enumerate(parts)))

@@ -18,7 +18,7 @@ def test_overrides_are_typed_and_validated():
 
 
 def test_curve_points_pick_every_nth_validation():
-    from pgprune.workflow import curve_points
+    from pgprune.eval.evaluate import curve_points
 
     traj = [{"step": s, "forward_passes": 2 * s, "val_loss": 5.0 - s / 100, "elapsed_s": float(s), "masks": s}
             for s in range(0, 101, 10)]

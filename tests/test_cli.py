@@ -72,7 +72,7 @@ def pg_run(work):
 def test_prune_pg_folder_reloads_generates_and_documents_the_command(work, pg_run):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pgprune.masks import Masks
+    from pgprune.core.masks import Masks
 
     args, s, proc = pg_run
     out = work / "pg"
@@ -142,11 +142,11 @@ def _masked_logits(work: Path, masks_file: Path, ids: torch.Tensor, compensated:
     command computed (same params, same calibration text, same library calls)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pgprune.adapters import get_adapter
+    from pgprune.core.adapters import get_adapter
     from pgprune.api import build_params, calibration_from
-    from pgprune.masked_forward import MaskedModel
-    from pgprune.masks import Masks
-    from pgprune.workflow import compute_all_scores
+    from pgprune.core.masked_forward import MaskedModel
+    from pgprune.core.masks import Masks
+    from pgprune.pruning.run import compute_all_scores
 
     base = AutoModelForCausalLM.from_pretrained(work / "base", dtype=torch.float32).eval()
     mm = MaskedModel(base)
@@ -289,7 +289,7 @@ def test_run_finds_the_checkout_and_dvc(tmp_path, monkeypatch, capsys):
 
 
 def test_plan_wraps_the_memory_plan(tmp_path, capsys):
-    from pgprune.memory import plan
+    from pgprune.hf.memory import plan
 
     cfg = make_tiny_config("llama", layers=4, hidden=64, ffn=128, vocab=200)
     cfg.save_pretrained(tmp_path / "cfg")  # config.json only: no weights are needed

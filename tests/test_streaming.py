@@ -7,13 +7,13 @@ import torch
 from conftest import make_tiny_model
 from pgprune.errors import MissingFileError, PgpruneError
 from pgprune.eval.perplexity import perplexity
-from pgprune.masked_forward import MaskedModel
-from pgprune.masks import Masks
-from pgprune.models import load_model
-from pgprune.placement import ParallelSampleLosses
+from pgprune.core.masked_forward import MaskedModel
+from pgprune.core.masks import Masks
+from pgprune.hf.loading import load_model
+from pgprune.core.placement import ParallelSampleLosses
 from pgprune.scorers import collect_activation_stats, flap_scores, shortgpt_scores, wanda_sp_scores
-from pgprune.slicing import slice_model
-from pgprune.weights import Placement, attach, is_streamed, layer_homes, require_in_memory
+from pgprune.hf.slicing import slice_model
+from pgprune.core.weights import Placement, attach, is_streamed, layer_homes, require_in_memory
 from test_batched import random_means, sample_masks
 
 VOCAB = 300

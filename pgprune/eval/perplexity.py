@@ -59,12 +59,12 @@ def block_nll_sum(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor
 
 def _executor(model: Any, masks: Any):
     """A MaskedModel when the model must run layer by layer (streamed / spread over devices) or masks are given."""
-    from pgprune.masked_forward import MaskedModel
+    from pgprune.core.masked_forward import MaskedModel
 
     if isinstance(model, MaskedModel):
         return model
     if _is_hf_model(model):
-        from pgprune.weights import is_streamed
+        from pgprune.core.weights import is_streamed
 
         if masks is not None or is_streamed(model):
             return MaskedModel(model)
@@ -78,8 +78,8 @@ def perplexity(model: ModelLike, blocks: torch.Tensor, *, batch_size: int = 8, d
     """Perplexity of ``model`` on token ``blocks`` ``[n, T]`` (paper protocol: CE over positions 1..T-1 of each block).
 
     ``model`` is an HF causal LM, a callable ``fn(input_ids) -> logits`` or a
-    :class:`pgprune.masked_forward.MaskedModel`. ``device`` defaults to the model's device (CPU for a callable
-    without parameters). A model loaded with offload/device_map (``pgprune.weights.is_streamed``), a MaskedModel,
+    :class:`pgprune.core.masked_forward.MaskedModel`. ``device`` defaults to the model's device (CPU for a callable
+    without parameters). A model loaded with offload/device_map (``pgprune.core.weights.is_streamed``), a MaskedModel,
     or ``masks`` (evaluated with the masked forward, i.e. the sliced model without slicing it) run through the
     layer-major executor: every block of a sweep (``sweep_blocks``, default all) passes through a layer before the
     next is loaded. A batch whose NLL is NaN/inf is dropped with a warning; if all are, :class:`NaNLossError` is

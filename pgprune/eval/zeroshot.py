@@ -1,7 +1,7 @@
 """Zero-shot accuracy through lm-evaluation-harness on an in-memory model (method-notes §3.2).
 
 The model object is wrapped in ``HFLM(pretrained=model, tokenizer=tokenizer)``: no save/reload, so pruned models
-with per-layer widths work. Local tasks (see :mod:`pgprune.eval.local_tasks`) come in through ``include_path``; the
+with per-layer widths work. Local tasks (see :mod:`pgprune.data.local_tasks`) come in through ``include_path``; the
 paper's tasks (boolq, piqa, hellaswag, winogrande, arc_easy, arc_challenge, openbookqa) stay usable by name but need
 their datasets in the local HF cache when offline. ``HF_HUB_OFFLINE``/``HF_DATASETS_OFFLINE`` are honoured even if
 they were set after ``datasets`` was imported.

@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from pgprune.adapters import get_adapter
-from pgprune.adapters.base import Layout
+from pgprune.core.adapters import get_adapter
+from pgprune.core.adapters.base import Layout
 from pgprune.errors import PgpruneError
 
 _CHUNK_ELEMS = 1 << 23  # float64 elements converted at a time (64 MiB)
@@ -134,7 +134,7 @@ def collect_activation_stats(model, calib: torch.Tensor, *, batch_size: int = 8,
     """Run the calibration blocks (dense model) and accumulate the statistics described in the module docstring."""
     calib = check_calib(calib)
     batch_size = check_batch_size(batch_size)
-    from pgprune.weights import is_streamed
+    from pgprune.core.weights import is_streamed
 
     if is_streamed(model):
         return _collect_streamed(model, calib, batch_size, progress, desc)
@@ -190,7 +190,7 @@ def _collect_streamed(model, calib: torch.Tensor, batch_size: int, progress: boo
     """The same statistics through the layer-major executor (a model loaded with offload cpu/disk or a device map):
     every calibration block passes through layer i (loaded once) before layer i+1; the taps see the inputs of
     o_proj / down_proj and the layer's input/output, batch by batch in the same order as the hooks above."""
-    from pgprune.masked_forward import MaskedModel
+    from pgprune.core.masked_forward import MaskedModel
 
     mm = MaskedModel(model)
     layout = mm.layout

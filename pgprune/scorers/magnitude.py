@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from pgprune.adapters import get_adapter
-from pgprune.weights import layer_parts
+from pgprune.core.adapters import get_adapter
+from pgprune.core.weights import layer_parts
 from pgprune.scorers.activations import check_o_columns
 
 

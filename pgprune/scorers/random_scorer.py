@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from pgprune.adapters import get_adapter
+from pgprune.core.adapters import get_adapter
 
 
 def random_scores(model, calib=None, *, batch_size: int = 8, seed: int = 0,

@@ -17,8 +17,8 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from pgprune.adapters import get_adapter
-from pgprune.weights import require_in_memory
+from pgprune.core.adapters import get_adapter
+from pgprune.core.weights import require_in_memory
 from pgprune.scorers.activations import check_batch_size, check_calib, check_o_columns, input_device
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from pgprune.weights import layer_parts
+from pgprune.core.weights import layer_parts
 from pgprune.scorers.activations import ActivationStats, collect_activation_stats, head_columns_to_groups
 
 

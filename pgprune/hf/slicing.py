@@ -1,11 +1,11 @@
 """Turn masks into a physically smaller dense model, and save / reload it in Hugging Face format.
 
 :func:`slice_model` gives the heterogeneous layout (any width per layer): an instance of the pruned classes in
-``pgprune/modeling/modeling_pgprune.py``; saving writes ``model.safetensors`` + ``config.json`` (with ``auto_map``)
+``pgprune/hf/modeling/modeling_pgprune.py``; saving writes ``model.safetensors`` + ``config.json`` (with ``auto_map``)
 + the modeling file, so that ``AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)``,
 ``AutoModel.from_pretrained(path, trust_remote_code=True)`` and lm-eval's ``hf`` model with
 ``trust_remote_code=True`` load it directly. The stock-architecture (uniform) layout is built in
-:mod:`pgprune.export` from the same pieces: :func:`sliced_state_dict` (the kept rows/columns of every kept layer)
+:mod:`pgprune.hf.export` from the same pieces: :func:`sliced_state_dict` (the kept rows/columns of every kept layer)
 and :func:`instantiate` (an empty model of a class, filled with them).
 """
 from __future__ import annotations
@@ -15,11 +15,11 @@ from pathlib import Path
 
 import torch
 
-from pgprune.adapters import base_model_type, get_adapter
+from pgprune.core.adapters import base_model_type, get_adapter
 from pgprune.errors import PgpruneError
-from pgprune.masks import Masks
-from pgprune.modeling import modeling_pgprune as mp
-from pgprune.weights import layer_parts
+from pgprune.core.masks import Masks
+from pgprune.hf.modeling import modeling_pgprune as mp
+from pgprune.core.weights import layer_parts
 
 MODELING_FILE = Path(mp.__file__)
 
@@ -100,7 +100,7 @@ def sliced_state_dict(model, masks: Masks, extra_bias: dict[int, dict[str, torch
     sd["model.norm.weight"] = dec.norm.weight
     sd["lm_head.weight"] = adapter.lm_head().weight
     for j, i in enumerate(masks.kept_layer_indices()):
-        p = layer_parts(model, i)  # pgprune.weights: the layer itself, or a CPU copy of a streamed one
+        p = layer_parts(model, i)  # pgprune.core.weights: the layer itself, or a CPU copy of a streamed one
         kv_idx = torch.nonzero(masks.heads[i]).flatten()
         ch = torch.nonzero(masks.channels[i]).flatten()
         q_rows, kv_rows = _rows(kv_idx, g, hd), _rows(kv_idx, 1, hd)

@@ -24,12 +24,12 @@ from pathlib import Path
 
 import torch
 
-from pgprune.allocation import (UnitBlocks, boundary_init, keep_counts, masks_from_scores, ramp_init,
+from pgprune.core.allocation import (UnitBlocks, boundary_init, keep_counts, masks_from_scores, ramp_init,
                                 uniform_widths)
 from pgprune.config import SearchParams
 from pgprune.errors import PgpruneError
-from pgprune.masked_forward import MaskedModel
-from pgprune.masks import Masks, segments
+from pgprune.core.masked_forward import MaskedModel
+from pgprune.core.masks import Masks, segments
 from pgprune.methods import LAYOUTS
 from pgprune.search import GroupSpec, PolicyGradientSearch, SearchResult
 from pgprune.search.init_map import CLIP_EPS, init_probs
@@ -172,7 +172,7 @@ def build_search(masked: MaskedModel, init_scores: dict[str, torch.Tensor], p: S
 def hard_masks(layout, probs: dict[str, torch.Tensor], p: SearchParams, sparsity: float, *,
                layout_kind: str = "heterogeneous", blocks: dict[str, UnitBlocks] | None = None,
                validate: bool = True) -> Masks:
-    """Exact top-k of the probabilities (pgprune.allocation.masks_from_scores, the rule every method uses):
+    """Exact top-k of the probabilities (pgprune.core.allocation.masks_from_scores, the rule every method uses):
     layers first, then KV groups and channel blocks among the kept layers (min KV groups per layer)."""
     masks = masks_from_scores(layout, probs, sparsity, allocation="global", granularity=tuple(probs),
                               layer_sparsity=p.layer_sparsity, min_heads_per_layer=p.min_heads_per_layer,
@@ -238,7 +238,7 @@ def run_pg_search(model, calib: torch.Tensor, init_scores: dict[str, torch.Tenso
     masked.set_compensation(compensation)
     samples = masked
     if len(p.devices) > 1:  # data parallel over the K samples of a step: one replica per device, losses exchanged
-        from pgprune.placement import ParallelSampleLosses
+        from pgprune.core.placement import ParallelSampleLosses
 
         samples = ParallelSampleLosses.from_model(model, p.devices)
         samples.set_compensation(compensation)

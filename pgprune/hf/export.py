@@ -6,10 +6,10 @@
   ``head_dim`` (hidden_size / heads no longer gives it), ``intermediate_size = c`` and ``num_hidden_layers`` = kept
   layers (``layer_types`` cut to the kept ones). It loads with ``AutoModelForCausalLM.from_pretrained(dir)``
   without remote code, and vLLM / llama.cpp's converter take it like the base model.
-* ``heterogeneous``: per-layer widths (:mod:`pgprune.slicing`, pgprune's classes, ``trust_remote_code=True``).
+* ``heterogeneous``: per-layer widths (:mod:`pgprune.hf.slicing`, pgprune's classes, ``trust_remote_code=True``).
 
 Mean compensation (``extra_bias``: the removed units' calibration-mean output folded into o_proj/down_proj biases,
-see :func:`pgprune.slicing.slice_model`) needs those biases. ``LlamaConfig`` has them (``attention_bias`` gives
+see :func:`pgprune.hf.slicing.slice_model`) needs those biases. ``LlamaConfig`` has them (``attention_bias`` gives
 q/k/v/o a bias, ``mlp_bias`` gate/up/down; the ones the source lacks are zero). Mistral and Qwen2 have no such
 option: a compensated Mistral/Qwen2 model is saved as ``LlamaForCausalLM`` when that computes the same function
 (no sliding-window attention in a kept layer; Qwen2's q/k/v biases are Llama's ``attention_bias``), and the config
@@ -28,11 +28,11 @@ from pathlib import Path
 
 import torch
 
-from pgprune.adapters import base_model_type, get_adapter
-from pgprune.card import CardFacts, CardInfo, render_card
+from pgprune.core.adapters import base_model_type, get_adapter
+from pgprune.hf.card import CardFacts, CardInfo, render_card
 from pgprune.errors import ConfigError, PgpruneError
-from pgprune.masks import Masks, sparsity_report
-from pgprune.slicing import instantiate, slice_model, sliced_state_dict, write_model_folder
+from pgprune.core.masks import Masks, sparsity_report
+from pgprune.hf.slicing import instantiate, slice_model, sliced_state_dict, write_model_folder
 
 log = logging.getLogger("pgprune")
 
@@ -75,7 +75,7 @@ class ExportResult:
     plan: ExportPlan
     params_before: int
     params_after: int
-    summary: dict  # pgprune.masks.sparsity_report
+    summary: dict  # pgprune.core.masks.sparsity_report
 
 
 # --- widths ----------------------------------------------------------------------------------------------------
@@ -127,7 +127,7 @@ def plan_export(model, masks: Masks, extra_bias: dict | None = None, layout: str
     masks.validate(lay)
     family = base_model_type(model.config)
     o_bias, down_bias = _needs_out_bias(adapter, masks, extra_bias)
-    from pgprune.modeling.modeling_pgprune import PRUNED_CLASSES
+    from pgprune.hf.modeling.modeling_pgprune import PRUNED_CLASSES
 
     hetero = ExportPlan("heterogeneous", family, family, PRUNED_CLASSES[family][1].__name__, o_bias, down_bias)
     if layout == "heterogeneous":
@@ -237,8 +237,8 @@ def save_model(model, masks: Masks, out_dir: str | Path, tokenizer=None, *, extr
     """Build the pruned model of ``model`` under ``masks`` and save a self-contained folder at ``out_dir``.
 
     The folder holds ``config.json`` + ``model.safetensors`` (+ ``generation_config.json``), the tokenizer files,
-    ``README.md`` (the model card, :mod:`pgprune.card`, from ``card``'s fields and the measured counts),
-    ``masks.json`` (:meth:`pgprune.masks.Masks.to_json`, unless ``masks_json`` is False) and, for the
+    ``README.md`` (the model card, :mod:`pgprune.hf.card`, from ``card``'s fields and the measured counts),
+    ``masks.json`` (:meth:`pgprune.core.masks.Masks.to_json`, unless ``masks_json`` is False) and, for the
     heterogeneous layout only, ``modeling_pgprune.py``. It is written atomically and its bytes depend only on
     the inputs. ``layout``: "auto" (uniform when the masks allow it, see :func:`plan_export`), "uniform" (an error
     naming the per-layer widths if they differ) or "heterogeneous". ``save_dtype``: the weights' dtype (default:
@@ -277,7 +277,7 @@ def save_model(model, masks: Masks, out_dir: str | Path, tokenizer=None, *, extr
     if masks_json:
         files["masks.json"] = json.dumps(masks.to_json()) + "\n"
     if plan.layout == "heterogeneous":
-        from pgprune.slicing import MODELING_FILE
+        from pgprune.hf.slicing import MODELING_FILE
 
         files["modeling_pgprune.py"] = MODELING_FILE.read_text(encoding="utf-8")
     path = write_model_folder(pruned, out_dir, tokenizer, files)

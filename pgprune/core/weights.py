@@ -12,7 +12,7 @@ Every decoder layer has a *home*:
   (pinned) buffer: no memory map, so the pages read never count in the process's resident set.
 
 The home follows from where the parameters are (meta: disk; CPU while the compute device is a GPU: cpu; else
-resident) plus the :class:`Placement` that :func:`pgprune.models.load_model` attaches to the model
+resident) plus the :class:`Placement` that :func:`pgprune.hf.loading.load_model` attaches to the model
 (``model.pgprune_placement``: the compute device and the safetensors reader).
 
 A streamed layer runs through a weightless copy of the decoder layer (a *slot*: the module tree with meta
@@ -39,8 +39,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pgprune.adapters import get_adapter
-from pgprune.adapters.base import Adapter, LayerParts
+from pgprune.core.adapters import get_adapter
+from pgprune.core.adapters.base import Adapter, LayerParts
 from pgprune.errors import MissingFileError, PgpruneError
 
 HOMES = ("resident", "cpu", "disk")
@@ -206,7 +206,7 @@ def checkpoint_folder(src: str) -> Path:
 # --- placement attached to a loaded model ---------------------------------------------------------------------
 @dataclass
 class Placement:
-    """What :func:`pgprune.models.load_model` records on a model it loaded for streaming or several devices."""
+    """What :func:`pgprune.hf.loading.load_model` records on a model it loaded for streaming or several devices."""
 
     compute_device: torch.device
     reader: SafetensorsReader | None = None
@@ -274,7 +274,7 @@ def layer_homes(model, adapter: Adapter | None = None, device: torch.device | st
 
 def is_streamed(model) -> bool:
     """True when the model cannot run as one in-memory module: some layer is offloaded or layers are spread over
-    several devices (then use :class:`pgprune.masked_forward.MaskedModel`, which executes layer by layer)."""
+    several devices (then use :class:`pgprune.core.masked_forward.MaskedModel`, which executes layer by layer)."""
     if not isinstance(model, nn.Module) or not hasattr(model, "config"):
         return False
     homes, devices = layer_homes(model)
@@ -364,7 +364,7 @@ class _Loaded:
 
 # --- the per-executor weight source --------------------------------------------------------------------------------
 class WeightSource:
-    """Loads decoder layers for one executor (a :class:`~pgprune.masked_forward.MaskedModel`).
+    """Loads decoder layers for one executor (a :class:`~pgprune.core.masked_forward.MaskedModel`).
 
     ``layer(i, next_i)`` is a context manager giving layer i's LayerParts with real tensors on ``devices[i]`` and
     starting to load ``next_i`` in the background; the tensors of a streamed layer are dropped when it exits.
@@ -382,7 +382,7 @@ class WeightSource:
         self._prefixes = _layer_prefixes(model, self.adapter) if "disk" in self.homes else None
         if "disk" in self.homes and (self.plc is None or self.plc.reader is None):
             raise PgpruneError("the model's decoder layers are on the meta device but it carries no safetensors "
-                               "reader; load it with pgprune.models.load_model(..., offload='disk')")
+                               "reader; load it with pgprune.hf.loading.load_model(..., offload='disk')")
         self._slots: dict[int, _Slot] = {}
         self._resident = {i: self.adapter.parts(i) for i, h in enumerate(self.homes) if h == "resident"}
         self._pending: dict[int, Future] = {}

@@ -1,5 +1,5 @@
 """Mistral (model_type 'mistral'): LLaMA layout with GQA and an optional sliding attention window."""
-from pgprune.adapters.base import Adapter
+from pgprune.core.adapters.base import Adapter
 
 
 class MistralAdapter(Adapter):

@@ -26,7 +26,7 @@ All modes equal the physically sliced model (tests assert it), up to float round
 add exact zeros, but the summation order of the matmuls differs).
 
 Execution is layer-major: every row of every sample (and every calibration batch of a sweep) passes through layer
-i before layer i+1 starts, so a layer streamed from CPU memory or disk (:mod:`pgprune.weights`) is loaded once per
+i before layer i+1 starts, so a layer streamed from CPU memory or disk (:mod:`pgprune.core.weights`) is loaded once per
 step. Layers spread over several devices (``model.device_map: auto``) are followed by moving the hidden states.
 
 Mean compensation (``set_compensation``): the removed inputs of o_proj and down_proj are replaced by their
@@ -46,11 +46,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pgprune.adapters import get_adapter
-from pgprune.adapters.base import Adapter, LayerParts
+from pgprune.core.adapters import get_adapter
+from pgprune.core.adapters.base import Adapter, LayerParts
 from pgprune.errors import PgpruneError
-from pgprune.masks import Masks
-from pgprune.weights import WeightSource
+from pgprune.core.masks import Masks
+from pgprune.core.weights import WeightSource
 
 MODES = ("gather", "multiply")
 SAMPLE_MODES = ("auto", "batched", "separate")
@@ -181,7 +181,7 @@ class MaskedModel:
         self._comp: list[dict[str, torch.Tensor]] | None = None
         self._head_device = self.adapter.lm_head().weight.device
         if self._head_device.type == "meta":
-            raise PgpruneError("lm_head is on the meta device; load the model with pgprune.models.load_model")
+            raise PgpruneError("lm_head is on the meta device; load the model with pgprune.hf.loading.load_model")
 
     @property
     def streamed(self) -> bool:
@@ -561,14 +561,6 @@ class MaskedModel:
                 ids = part[j * batch_size:(j + 1) * batch_size]
                 out.append(self._row_nll(h, ids, 1, chunk))
         return torch.cat(out).cpu()
-
-    def perplexity(self, blocks: torch.Tensor, masks: Masks | None = None, batch_size: int = 8,
-                   sweep_blocks: int | None = None, progress: bool = False) -> dict:
-        """:func:`pgprune.eval.perplexity.perplexity` of the (masked, compensated) model through this executor."""
-        from pgprune.eval.perplexity import perplexity
-
-        return perplexity(self, blocks, batch_size=batch_size, masks=masks, sweep_blocks=sweep_blocks,
-                          progress=progress)
 
     @torch.no_grad()
     def scan(self, blocks: torch.Tensor, taps: Taps, batch_size: int = 8, sweep_blocks: int | None = None,

@@ -1,5 +1,5 @@
 """Qwen2 / Qwen2.5 (model_type 'qwen2'): LLaMA layout with q/k/v biases and per-layer sliding windows."""
-from pgprune.adapters.base import Adapter
+from pgprune.core.adapters.base import Adapter
 
 
 class Qwen2Adapter(Adapter):

@@ -1,5 +1,5 @@
 """LLaMA-1/2/3 and Vicuna (model_type 'llama'): no biases, RoPE, MHA or GQA."""
-from pgprune.adapters.base import Adapter
+from pgprune.core.adapters.base import Adapter
 
 
 class LlamaAdapter(Adapter):

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pgprune.adapters.base import Layout
+from pgprune.core.adapters.base import Layout
 from pgprune.errors import BudgetError, PgpruneError
 
 GROUPS = ("heads", "channels", "layers")

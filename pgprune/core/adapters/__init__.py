@@ -1,10 +1,10 @@
 """Model-family adapters. ``get_adapter(model)`` picks one by ``config.model_type``."""
 from __future__ import annotations
 
-from pgprune.adapters.base import Adapter, LayerParts, Layout
-from pgprune.adapters.llama import LlamaAdapter
-from pgprune.adapters.mistral import MistralAdapter
-from pgprune.adapters.qwen2 import Qwen2Adapter
+from pgprune.core.adapters.base import Adapter, LayerParts, Layout
+from pgprune.core.adapters.llama import LlamaAdapter
+from pgprune.core.adapters.mistral import MistralAdapter
+from pgprune.core.adapters.qwen2 import Qwen2Adapter
 from pgprune.errors import UnsupportedArchitectureError
 
 ADAPTERS: dict[str, type[Adapter]] = {}

@@ -35,7 +35,7 @@ class CardInfo:
     ``base_model``: the model that was pruned (a Hub id goes into the metadata; a local folder only into the text);
     ``method``: a method name of :mod:`pgprune.methods` (its label is shown) or free text; ``sparsity``: the
     requested sparsity; ``calibration``: a description of the calibration data (e.g. "wikitext2 train, 128 blocks
-    of 2048 tokens"); ``evaluation``: results in the shape of :func:`pgprune.workflow.evaluate` (``{"ppl":
+    of 2048 tokens"); ``evaluation``: results in the shape of :func:`pgprune.eval.evaluate.evaluate` (``{"ppl":
     {corpus: value}, "zero_shot": {"average", "metric", "tasks": {task: value}}, "tokens_per_s": x}``), optionally
     with the dense model's results of the same shape under ``"dense"``; ``command``: the exact command that made
     the model; ``repo_id``: how users will name the folder in ``from_pretrained`` (a Hub id or a path; default a
@@ -69,7 +69,7 @@ class CardInfo:
 @dataclass
 class CardFacts:
     """What the export measured. ``widths``: (original layer index, KV groups, MLP channels) of every layer, with
-    (i, 0, 0) for a dropped layer; ``summary``: :func:`pgprune.masks.sparsity_report` of the masks."""
+    (i, 0, 0) for a dropped layer; ``summary``: :func:`pgprune.core.masks.sparsity_report` of the masks."""
 
     layout: str  # "uniform" | "heterogeneous"
     architecture: str  # saved class name
@@ -262,7 +262,7 @@ def render_card(info: CardInfo | dict | None, facts: CardFacts) -> str:
                   "call, also the tokenizer's (lm-eval: `--model_args pretrained=...,trust_remote_code=True`).", ""]
     lines += ["## Per-layer widths", "", *_width_rows(facts), "",
               "`masks.json` lists the kept units of the base model (KV-head groups and MLP channels by index per "
-              "layer, kept layers) and can be applied to the base model again with `pgprune.masks.Masks.from_json`.",
+              "layer, kept layers) and can be applied to the base model again with `pgprune.core.masks.Masks.from_json`.",
               "", "## How it was made", ""]
     lines += (["```bash", info.command, "```"] if info.command else
               ["The command was not recorded (pruned with the Python API)."])

@@ -1,8 +1,8 @@
 """Placing a model over several devices, and splitting a step's samples over devices.
 
 * :func:`auto_device_map`: accelerate's ``infer_auto_device_map`` on the weightless model (the decoder layer class
-  is never split), resolved to one home per module: a GPU, ``cpu`` or ``disk``. :func:`pgprune.models.load_model`
-  materialises each layer where its home is; the executor (:class:`pgprune.masked_forward.MaskedModel`) runs a GPU
+  is never split), resolved to one home per module: a GPU, ``cpu`` or ``disk``. :func:`pgprune.hf.loading.load_model`
+  materialises each layer where its home is; the executor (:class:`pgprune.core.masked_forward.MaskedModel`) runs a GPU
   layer where it is, streams ``cpu``/``disk`` layers to the compute device, and moves the hidden states along.
 * :func:`replicate` and :class:`ParallelSampleLosses`: data parallelism over the K samples of a search step. One
   replica (and executor) per device, the K masks are split into contiguous chunks, each device evaluates its chunk
@@ -15,9 +15,9 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from torch import nn
 
-from pgprune.adapters import get_adapter
+from pgprune.core.adapters import get_adapter
 from pgprune.errors import PgpruneError
-from pgprune.masks import Masks
+from pgprune.core.masks import Masks
 
 
 def _resolve_devices_key(key):
@@ -66,7 +66,7 @@ def replicate(model: nn.Module, device: str | torch.device) -> nn.Module:
     """The model on ``device`` without touching the original: the model itself when it is already there (or
     streamed: a streamed model's replica shares the weights' home and only runs elsewhere), else a copy made
     tensor by tensor (no intermediate full copy on the source device)."""
-    from pgprune.weights import Placement, attach, meta_clone, normalize_device, placement
+    from pgprune.core.weights import Placement, attach, meta_clone, normalize_device, placement
 
     device = torch.device(device)
     plc = placement(model)
@@ -115,7 +115,7 @@ class ParallelSampleLosses:
 
     @classmethod
     def from_model(cls, model: nn.Module, devices: list[str], **kwargs) -> "ParallelSampleLosses":
-        from pgprune.masked_forward import MaskedModel
+        from pgprune.core.masked_forward import MaskedModel
 
         if not devices:
             raise PgpruneError("search.devices is empty; give at least one device (e.g. ['cuda:0', 'cuda:1'])")

@@ -110,12 +110,12 @@ def load_model(path_or_source: str | Path, dtype: str = "float32", device: str =
     they run). ``device_map: auto``: accelerate places the decoder layers over the visible GPUs, then CPU memory,
     then disk (``max_memory`` as accelerate takes it, e.g. {'0': '20GiB', 'cpu': '60GiB'}); embeddings/lm_head stay
     on a GPU (``device`` when accelerate offloads them). Such a model runs through
-    :class:`pgprune.masked_forward.MaskedModel` (search, scorers' statistics, perplexity), not its own forward.
+    :class:`pgprune.core.masked_forward.MaskedModel` (search, scorers' statistics, perplexity), not its own forward.
     """
     from transformers import AutoTokenizer
 
     if str(path_or_source) in EMBEDDED:
-        raise PgpruneError(f"{path_or_source} must be prepared first: pgprune.models.prepare_model(...) "
+        raise PgpruneError(f"{path_or_source} must be prepared first: pgprune.hf.loading.prepare_model(...) "
                            "(the `model` stage of dvc.yaml)")
     src = resolve(path_or_source)
     try:
@@ -139,7 +139,7 @@ def load_weights(path_or_source: str | Path, dtype: str = "float32", device: str
                  device_map: str = "none", max_memory: dict | None = None):
     """The model of :func:`load_model` without its tokenizer (checkpoints without one: benchmarks, plans)."""
     if str(path_or_source) in EMBEDDED:
-        raise PgpruneError(f"{path_or_source} must be prepared first: pgprune.models.prepare_model(...) "
+        raise PgpruneError(f"{path_or_source} must be prepared first: pgprune.hf.loading.prepare_model(...) "
                            "(the `model` stage of dvc.yaml)")
     if offload not in OFFLOADS:
         raise PgpruneError(f"offload={offload!r} is not allowed; allowed: {OFFLOADS}")
@@ -149,7 +149,7 @@ def load_weights(path_or_source: str | Path, dtype: str = "float32", device: str
         raise PgpruneError(f"offload={offload!r} and device_map={device_map!r} both place the layers; use one "
                            "(device_map auto already sends what does not fit the GPUs to cpu, then disk)")
     src = resolve(path_or_source)
-    from pgprune.weights import normalize_device
+    from pgprune.core.weights import normalize_device
 
     dev = normalize_device(device)
     if offload == "disk" or device_map == "auto":
@@ -172,14 +172,14 @@ def _load_full(src: str, dtype: str):
     except OSError as e:
         raise PgpruneError(f"could not load model {src!r}: {e}. Offline, a hub id works only when it is already in "
                            "the Hugging Face cache; otherwise point model.source at a local folder.") from e
-    from pgprune.adapters import adapter_class
+    from pgprune.core.adapters import adapter_class
 
     adapter_class(model.config)  # unsupported architectures fail here, with the list of supported ones
     return model
 
 
 def _layer_param_ids(model) -> set[int]:
-    from pgprune.adapters import get_adapter
+    from pgprune.core.adapters import get_adapter
 
     return {id(t) for layer in get_adapter(model).layers() for t in layer.parameters()}
 
@@ -198,7 +198,7 @@ def _set_tensor(model, name: str, t: torch.Tensor, buffer: bool = False) -> None
 def _outside_layers(model):
     """(name, tensor, is_buffer) of every parameter/buffer outside the decoder layers (tied ones once)."""
     layer_ids = _layer_param_ids(model)
-    from pgprune.adapters import get_adapter
+    from pgprune.core.adapters import get_adapter
 
     layer_buf = {id(b) for layer in get_adapter(model).layers() for b in layer.buffers()}
     for n, p in model.named_parameters():
@@ -210,7 +210,7 @@ def _outside_layers(model):
 
 
 def _retie(model) -> None:
-    from pgprune.adapters import get_adapter
+    from pgprune.core.adapters import get_adapter
 
     if getattr(model.config, "tie_word_embeddings", False) or getattr(
             getattr(model.config, "get_text_config", lambda: model.config)(), "tie_word_embeddings", False):
@@ -220,7 +220,7 @@ def _retie(model) -> None:
 
 def _offload_to_cpu(model, device: torch.device) -> None:
     """offload: cpu: everything outside the decoder layers to ``device``, the layers stay in (pinned) CPU memory."""
-    from pgprune.weights import Placement, attach
+    from pgprune.core.weights import Placement, attach
 
     for n, t, is_buf in list(_outside_layers(model)):
         _set_tensor(model, n, t.detach().to(device), is_buf)
@@ -243,9 +243,9 @@ def _load_skeleton(src: str, dtype: torch.dtype, device: torch.device, offload: 
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from pgprune.adapters import adapter_class, get_adapter
-    from pgprune.placement import auto_device_map, home_device, home_of
-    from pgprune.weights import Placement, SafetensorsReader, attach, checkpoint_folder
+    from pgprune.core.adapters import adapter_class, get_adapter
+    from pgprune.core.placement import auto_device_map, home_device, home_of
+    from pgprune.core.weights import Placement, SafetensorsReader, attach, checkpoint_folder
 
     try:
         config = AutoConfig.from_pretrained(src, trust_remote_code=True)
@@ -303,3 +303,16 @@ def _load_skeleton(src: str, dtype: torch.dtype, device: torch.device, offload: 
     attach(model, Placement(device, reader, plc_map, device.type == "cuda"))
     model.pgprune_weights_digest = reader.digest()  # layers on meta: the files identify the weights
     return model
+
+
+def save_tokenizer(model_dir: str | Path, out_dir: str | Path) -> Path:
+    """Save the base model's tokenizer on its own (the data stage depends on it, not on the weights)."""
+    from transformers import AutoTokenizer
+
+    from pgprune.io import atomic_dir
+    from pgprune.hf.loading import resolve
+
+    tok = AutoTokenizer.from_pretrained(resolve(model_dir))
+    with atomic_dir(out_dir) as tmp:
+        tok.save_pretrained(tmp)
+    return Path(out_dir)

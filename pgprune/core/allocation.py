@@ -28,9 +28,9 @@ from dataclasses import dataclass
 
 import torch
 
-from pgprune.adapters.base import Layout
+from pgprune.core.adapters.base import Layout
 from pgprune.errors import BudgetError, PgpruneError
-from pgprune.masks import Masks, segments
+from pgprune.core.masks import Masks, segments
 from pgprune.search.projection import select_top_k
 
 ALLOCATIONS = ("global", "uniform")

@@ -85,7 +85,7 @@ def _config(source_or_config):
         return source_or_config
     from transformers import AutoConfig
 
-    from pgprune.models import resolve
+    from pgprune.hf.loading import resolve
 
     try:
         return AutoConfig.from_pretrained(resolve(source_or_config), trust_remote_code=True)
@@ -99,7 +99,7 @@ def weight_sizes(source_or_config, dtype: str = "bfloat16") -> dict:
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
-    from pgprune.adapters import adapter_class, get_adapter
+    from pgprune.core.adapters import adapter_class, get_adapter
 
     if dtype not in DTYPE_BYTES:
         raise PgpruneError(f"dtype={dtype!r} is not allowed; allowed: {sorted(DTYPE_BYTES)}")
@@ -143,7 +143,7 @@ def plan(source_or_config, dtype: str = "bfloat16", offload: str = "none", devic
     and ``rows``: one per placement (offload none, cpu, disk, and device_map auto over ``gpus`` GPUs), each with
     ``device_peak`` (per GPU), ``host`` and ``disk`` bytes and ``fits`` (device_peak <= ``gpu_memory``, when
     given). ``selected`` names the row of the given ``offload`` / ``device_map``."""
-    from pgprune.models import DEVICE_MAPS, OFFLOADS
+    from pgprune.hf.loading import DEVICE_MAPS, OFFLOADS
 
     if offload not in OFFLOADS:
         raise PgpruneError(f"offload={offload!r} is not allowed; allowed: {OFFLOADS}")

@@ -1,0 +1,149 @@
+"""Run a pruning method at one sparsity: the scores it needs, its masks (a metric baseline's allocation or one
+policy-gradient search per seed) and the compensation biases of the pruned model.
+
+The stages, ``pgprune prune`` and :func:`pgprune.prune` all call :func:`method_masks`; its result
+(:class:`~pgprune.core.handoff.MethodResult`) is what :func:`~pgprune.core.handoff.save_masks` writes.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from pgprune.core.allocation import masks_from_scores
+from pgprune.core.handoff import MethodResult
+from pgprune.core.masks import Masks
+from pgprune.errors import PgpruneError
+from pgprune.methods import get_method
+
+if TYPE_CHECKING:
+    from pgprune.config import Params
+
+log = logging.getLogger("pgprune")
+
+
+CHECKPOINT_DIR_ENV = "PGPRUNE_CHECKPOINT_DIR"
+
+DEFAULT_CHECKPOINT_DIR = "artifacts/checkpoints"
+
+def setup_torch(params: Params) -> None:
+    if params.model.threads:
+        torch.set_num_threads(params.model.threads)
+
+def checkpoint_dir(default: str | Path = DEFAULT_CHECKPOINT_DIR) -> Path:
+    """Where search checkpoints live: $PGPRUNE_CHECKPOINT_DIR, else ``default`` (never a DVC output)."""
+    return Path(os.environ.get(CHECKPOINT_DIR_ENV) or default)
+
+def compute_all_scores(params: Params, model, calib: torch.Tensor, scorers=None, progress: bool = True
+                       ) -> tuple[dict, dict]:
+    """{scorer: its importance scores} for ``scorers`` (default init.scorers), and the seconds each took."""
+    from pgprune.scorers import compute_scores
+
+    n = min(params.init.nsamples, calib.shape[0])
+    scores, timing = {}, {}
+    for name in scorers or params.init.scorers:
+        t0 = time.perf_counter()
+        opts = {"seed": params.init.seed} if name == "random" else {}
+        if name == "flap":
+            opts["bias_compensation"] = params.init.flap_bias_compensation
+        opts["progress"] = progress
+        scores[name] = compute_scores(name, model, calib[:n], batch_size=params.init.batch_size, **opts)
+        timing[name] = time.perf_counter() - t0
+        log.info("scorer %s: %.1fs", name, timing[name])
+    return scores, timing
+
+def scorers_needed(method: str, params: Params) -> list[str]:
+    """The scorers a method needs: its own metric, or the search's init metric (+ flap for compensation)."""
+    m = get_method(method)
+    need = [m.scorer] if m.kind == "metric" else [params.search.init]
+    if (m.kind == "search" and params.search.bias_compensation) or (m.compensated and
+                                                                      params.init.flap_bias_compensation):
+        need.append("flap")
+    return list(dict.fromkeys(need))
+
+def compensation_biases(model, masks: Masks, flap_scores: dict) -> dict[int, dict[str, torch.Tensor]]:
+    """FLAP bias compensation for ``masks``: {layer: {"o_proj"|"down_proj": bias to add}}."""
+    from pgprune.scorers.flap import as_extra_bias, flap_compensation_biases
+
+    if "bias" not in flap_scores:
+        raise PgpruneError("FLAP scores were computed without bias compensation; set init.flap_bias_compensation")
+    return as_extra_bias(flap_compensation_biases(model, masks, flap_scores))
+
+def search_compensation(params: Params, all_scores: dict) -> dict | None:
+    """The calibration means the search compensates with (None when search.bias_compensation is off)."""
+    if not params.search.bias_compensation:
+        return None
+    flap = all_scores.get("flap", {})
+    if "bias" not in flap:
+        raise PgpruneError("search.bias_compensation needs the flap scorer's calibration means (init scores "
+                           "computed with init.flap_bias_compensation: true); rerun the init stage")
+    return flap["bias"]
+
+def metric_masks(method: str, layout, scores: dict, sparsity: float, params: Params,
+                 layout_kind: str = "heterogeneous", round_to: int = 1) -> Masks:
+    """Masks of a metric baseline at ``sparsity``, by the registry's scorer/allocation/granularity."""
+    m = get_method(method)
+    if m.kind != "metric":
+        raise PgpruneError(f"{method!r} is a search method, not a metric baseline")
+    if m.scorer not in scores:
+        raise PgpruneError(f"method {method!r} needs the scorer {m.scorer!r}; scores exist for {sorted(scores)}")
+    return masks_from_scores(layout, scores[m.scorer], sparsity, allocation=m.allocation, granularity=m.granularity,
+                             min_heads_per_layer=params.search.min_heads_per_layer,
+                             layout_kind=layout_kind if m.granularity != ("layers",) else "heterogeneous",
+                             round_to=round_to)
+
+def method_masks(method: str, model, calib: torch.Tensor, scores: dict, params: Params, sparsity: float, *,
+                 seeds: list[int] | None = None, layout_kind: str | None = None, round_to: int = 1,
+                 checkpoint_root: str | Path | None = None, progress: bool = True) -> MethodResult:
+    """Masks (and compensation) of ``method`` at ``sparsity``. Search methods run one search per seed (default
+    search.seeds; the first seed's masks are the result). ``layout_kind`` overrides the method's layout (the
+    `pgprune prune --layout` option); ``round_to`` rounds a uniform metric layout's channels."""
+    from pgprune.core.adapters import get_adapter
+    from pgprune.pruning.pg import run_pg_search
+
+    m = get_method(method)
+    layout = get_adapter(model).layout()
+    kind = layout_kind or m.layout
+    t0 = time.perf_counter()
+    if m.kind == "metric":
+        masks = metric_masks(method, layout, scores, sparsity, params, kind, round_to)
+        extra, means = None, None
+        if m.compensated and params.init.flap_bias_compensation:
+            extra = compensation_biases(model, masks, scores["flap"])
+            means = scores["flap"]["bias"]
+        return MethodResult(method, sparsity, masks, extra, {"time_s": time.perf_counter() - t0, "layout": kind},
+                            compensation_means=means)
+    p = params.search.at(sparsity, kind)
+    comp = search_compensation(params, scores)
+    if p.init not in scores:
+        raise PgpruneError(f"search.init={p.init!r} scores are missing; computed scorers: {sorted(scores)}")
+    seeds = list(seeds or p.seeds)
+    # the settings this cell ran with (search.at_sparsity resolved), less the knobs that only place the work
+    settings = p.model_dump(mode="json", exclude={"seeds", "at_sparsity", "devices", "sample_mode",
+                                                   "checkpoint_every"})
+    outcomes, info = [], {"seeds": {}, "layout": kind, "device": params.model.device, "settings": settings}
+    for i, seed in enumerate(seeds):
+        out = run_pg_search(model, calib, scores[p.init], p, sparsity=sparsity, layout=kind, seed=seed,
+                            checkpoint_dir=checkpoint_root, device=params.model.device, progress=progress,
+                            compensation=comp, record_trajectory=i == 0)
+        r = out.result
+        info["seeds"][str(seed)] = {
+            "time_s": r.elapsed_s, "resumed_from_step": r.resumed_from, "steps": r.steps_done,
+            "forward_passes": r.forward_passes, "best_step": r.best_step,
+            "best_val_loss": min((v["val_loss"] for v in r.validation), default=None),
+            "init_val_loss": r.validation[0]["val_loss"] if r.validation else None}
+        outcomes.append(out)
+    per_seed = {o.seed: (o.masks, compensation_biases(model, o.masks, scores["flap"]) if comp is not None else None)
+                for o in outcomes}
+    main = outcomes[0]
+    info["time_s"] = sum(v["time_s"] for v in info["seeds"].values())
+    info["trajectory_s"] = [t["elapsed_s"] for t in main.trajectory]
+    return MethodResult(method, sparsity, main.masks, per_seed[main.seed][1], info, history=main.result.history,
+                        seeds=per_seed, trajectory=main.trajectory, compensation_means=comp)
+
+
+__all__ = ['CHECKPOINT_DIR_ENV', 'DEFAULT_CHECKPOINT_DIR', 'setup_torch', 'checkpoint_dir', 'compute_all_scores', 'scorers_needed', 'compensation_biases', 'search_compensation', 'metric_masks', 'method_masks']
