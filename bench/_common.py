@@ -1,4 +1,6 @@
-"""Shared set-up for the benchmarks: the embedded (or a given) model, random 50% masks, timing helpers."""
+"""Shared set-up for the benchmarks: the embedded (or a given) model, random 50% masks, timing helpers, and the
+``--smoke`` mode every benchmark has (a tiny synthetic model, 1-2 steps: seconds on a CPU; tests/test_bench_smoke.py
+runs it and checks the ``RESULT`` lines each module promises in its ``SMOKE`` table)."""
 from __future__ import annotations
 
 import argparse
@@ -27,7 +29,23 @@ def parser(doc: str) -> argparse.ArgumentParser:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--synthetic", choices=sorted(SYNTHETIC), default=None,
                     help="a randomly initialised model of a larger LLaMA shape instead of --model")
+    add_smoke(ap)
     return ap
+
+
+def add_smoke(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--smoke", action="store_true",
+                    help="smoke test: the tiny synthetic model, 1-2 steps, float32 (seconds on a CPU; the numbers "
+                         "mean nothing, the code path is the real one)")
+
+
+def smoke(args, **settings) -> None:
+    """With ``--smoke``: the tiny synthetic float32 model, one repeat, and the module's own small ``settings``
+    (attribute: value) in place of whatever was given."""
+    if not getattr(args, "smoke", False):
+        return
+    for k, v in {"synthetic": SMOKE_SHAPE, "dtype": "float32", "repeats": 1, **settings}.items():
+        setattr(args, k, v)
 
 
 # LLaMA shapes for benchmarks that need a bigger model than the embedded one (random weights: speed and
@@ -39,7 +57,11 @@ SYNTHETIC = {
                              num_key_value_heads=32, vocab_size=32000),
     "llama-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                      num_key_value_heads=32, vocab_size=32000),
+    # --smoke: two layers, 4 query heads in 2 KV groups, 4 channel blocks of 64 (the default channel_group)
+    "tiny": dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=256),
 }
+SMOKE_SHAPE = "tiny"
 
 
 def synthetic_config(name: str):
@@ -124,8 +146,8 @@ def preimport(checkpoint) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     import pgprune.core.masked_forward  # noqa: F401
-    import pgprune.hf.loading  # noqa: F401
     import pgprune.core.placement  # noqa: F401
+    import pgprune.hf.loading  # noqa: F401
     import pgprune.pruning.pg  # noqa: F401
 
     cfg = AutoConfig.from_pretrained(pgprune.hf.loading.resolve(str(checkpoint)))
@@ -163,8 +185,15 @@ def timeit(fn, device: str, repeats: int, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
+def self_timed(fn):
+    """Mark ``fn`` as returning its own time in seconds (for :func:`interleaved`)."""
+    fn.self_timed = True
+    return fn
+
+
 def interleaved(fns: dict, device: str, repeats: int, warmup: int = 1) -> dict:
-    """Median seconds of each function, runs interleaved (a, b, a, b, ...) so drifts hit both alike."""
+    """Median seconds of each function, runs interleaved (a, b, a, b, ...) so drifts hit both alike. A function
+    marked :func:`self_timed` times itself: its return value is its time (e.g. seconds per search step)."""
     for f in fns.values():
         for _ in range(warmup):
             f()
@@ -173,7 +202,7 @@ def interleaved(fns: dict, device: str, repeats: int, warmup: int = 1) -> dict:
         for k, f in fns.items():
             sync(device)
             t0 = time.perf_counter()
-            f()
+            own = f()
             sync(device)
-            times[k].append(time.perf_counter() - t0)
+            times[k].append(float(own) if getattr(f, "self_timed", False) else time.perf_counter() - t0)
     return {k: statistics.median(v) for k, v in times.items()}

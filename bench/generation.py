@@ -2,13 +2,20 @@
 
 Both models generate the same number of tokens greedily from the same random prompts, interleaved; several
 batch sizes (decode at batch 1 is memory/overhead bound, larger batches are compute bound).
+
+    python -m bench.generation
+    python -m bench.generation --synthetic tinyllama-1.1b --device cuda --batches 1 16 64 --new-tokens 64
+    python -m bench.generation --smoke     # seconds on a CPU
 """
 import torch
 
-from bench._common import load, parser, uniform_masks
+from bench._common import load, parser, smoke, uniform_masks
 from pgprune.core.adapters import get_adapter
 from pgprune.eval.speed import generation_speed
 from pgprune.hf.slicing import slice_model
+
+# --smoke: extra arguments -> the RESULT lines they must print (tests/test_bench_smoke.py)
+SMOKE = {"": ["generation_speedup_batch1", "generation_speedup_batch2"]}
 
 
 def main():
@@ -18,6 +25,7 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--layers", action="store_true", help="prune whole layers (layer drop) instead of heads+channels")
     args = ap.parse_args()
+    smoke(args, batches=[1, 2], prompt_len=8, new_tokens=4)
     model, tok = load(args)
     layout = get_adapter(model).layout()
     if args.layers:

@@ -3,11 +3,18 @@
 Prints the median time of: HF dense forward, our dense functional forward, the gather fast path and the
 multiply path under random 50% head+channel masks; ratios are vs our dense forward (same loss computation).
 The decoder-only lines time the decoder layers alone (no lm_head / loss), the part that pruning shrinks.
+
+    python -m bench.masked_forward
+    python -m bench.masked_forward --synthetic tinyllama-1.1b --device cuda --batch 8 --seq-len 512
+    python -m bench.masked_forward --smoke     # seconds on a CPU
 """
 import torch
 
-from bench._common import interleaved, load, parser, uniform_masks
+from bench._common import interleaved, load, parser, smoke, uniform_masks
 from pgprune.core.masked_forward import MaskedModel
+
+# --smoke: extra arguments -> the RESULT lines they must print (tests/test_bench_smoke.py)
+SMOKE = {"": ["masked_forward_ratio", "masked_decoder_ratio"]}
 
 
 def main():
@@ -15,6 +22,7 @@ def main():
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=128)
     args = ap.parse_args()
+    smoke(args, batch=2, seq_len=16)
     model, _ = load(args)
     mm = MaskedModel(model)
     masks = uniform_masks(mm.layout, args.sparsity)

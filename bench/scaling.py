@@ -4,13 +4,15 @@ Rows: the embedded SmolLM2-135M (models/base, when prepared), a synthetic TinyLl
 offload disk, and a synthetic LLaMA-7B shape (hidden 4096, ffn 11008, 32 layers, 32 heads) with offload disk.
 Synthetic checkpoints (random weights: speed and memory only) are written as safetensors to ``--workdir`` (reused
 when present; a temporary folder deleted at the end by default). Every row runs in a fresh child process: it loads
-the model, runs one warm-up step, then ``--steps`` timed search steps (K samples of ``--batch`` x ``--seq-len``
-tokens, mean compensation, the pipeline's default init), and reports the peak (CUDA max allocated, or peak RSS
+the model, runs one search of 1 + ``--steps`` steps through the library's driver (pgprune.pruning.pg.run_pg_search,
+as bench.search_cost; K samples of ``--batch`` x ``--seq-len`` tokens, mean compensation, the pipeline's default
+init), times the steps after the first (its warm-up), and reports the peak (CUDA max allocated, or peak RSS
 growth over the process before loading) and the time per step. The defaults are small for a 2-core CPU; on a GPU
 use e.g. ``--device cuda --batch 8 --seq-len 128 --samples 4 --steps 5``.
 
     python -m bench.scaling
     python -m bench.scaling --rows tinyllama-1.1b:none llama-7b:disk --device cuda --batch 8 --seq-len 128
+    python -m bench.scaling --smoke        # the tiny synthetic shape in memory and from disk: seconds on a CPU
 """
 from __future__ import annotations
 
@@ -25,17 +27,22 @@ from pathlib import Path
 
 import torch
 
-from bench._common import BASE, SYNTHETIC, preimport, write_synthetic_checkpoint
+from bench._common import BASE, SMOKE_SHAPE, SYNTHETIC, add_smoke, preimport, write_synthetic_checkpoint
 
 DEFAULT_ROWS = ["embedded:none", "tinyllama-1.1b:none", "tinyllama-1.1b:disk", "llama-7b:disk"]
+# --smoke: extra arguments -> the RESULT lines they must print (tests/test_bench_smoke.py)
+SMOKE = {"": [f"scaling_{SMOKE_SHAPE}_none_steps_per_s", f"scaling_{SMOKE_SHAPE}_none_peak_vs_weights",
+              f"scaling_{SMOKE_SHAPE}_disk_steps_per_s", f"scaling_{SMOKE_SHAPE}_disk_peak_vs_weights"]}
+SMOKE_SETTINGS = dict(rows=[f"{SMOKE_SHAPE}:none", f"{SMOKE_SHAPE}:disk"], dtype="float32", batch=1,
+                      seq_len=16, samples=2, steps=1)
 
 
 def child(args) -> dict:
     preimport(args.checkpoint)  # libraries are not the search's memory
     from bench.search_cost import random_inputs, search_runner
     from pgprune.core.masked_forward import MaskedModel
-    from pgprune.hf.memory import current_memory, peak_memory, reset_peak_memory
     from pgprune.hf.loading import load_weights
+    from pgprune.hf.memory import current_memory, peak_memory, reset_peak_memory
 
     cuda = args.device.startswith("cuda")
     if args.threads:
@@ -49,23 +56,12 @@ def child(args) -> dict:
     load_s = time.perf_counter() - t0
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     params = sum(p.numel() for p in model.parameters())
-    mm = MaskedModel(model)
-    scores, means, calib = random_inputs(mm, model.config.vocab_size, args)
-    mm.set_compensation(means)
-    steps = args.steps
-    args.steps = 1
-    search_runner(mm, scores, calib, args, args.sample_mode)()  # warm-up
-    args.steps = steps
-    run = search_runner(mm, scores, calib, args, args.sample_mode)
+    scores, means, calib = random_inputs(MaskedModel(model), model.config.vocab_size, args)
+    args.steps += 1  # the first step is the warm-up: search_runner times the steps after it
+    run = search_runner(model, scores, means, calib, args, args.sample_mode)
     if not cuda:
         reset_peak_memory("cpu")
-    if cuda:
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    run()
-    if cuda:
-        torch.cuda.synchronize()
-    step_s = (time.perf_counter() - t0) / steps
+    step_s = run()
     peak = peak_memory(args.device) if cuda else peak_memory("cpu") - before
     return {"params": params, "weights": weights, "peak": peak, "step_s": step_s, "load_s": load_s,
             "kind": "CUDA max allocated" if cuda else "peak RSS growth"}
@@ -99,10 +95,14 @@ def main():
     ap.add_argument("--sample-mode", default="auto", choices=["auto", "batched", "separate"])
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--workdir", default=None, help="keep synthetic checkpoints here (default: a temporary folder)")
+    add_smoke(ap)
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--checkpoint", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--offload", default="none", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.smoke:
+        for k, v in SMOKE_SETTINGS.items():
+            setattr(args, k, v)
     if args.child:
         print(json.dumps(child(args)))
         return

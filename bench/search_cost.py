@@ -1,7 +1,9 @@
 """Search cost: step time and peak memory of the policy-gradient search, measured side by side in one run.
 
-Step time: real search steps (sample K masks, evaluate them, estimator, projection; mean compensation on, the
-pipeline's default init) timed per step, interleaved with:
+Step time: real search steps, run by the library's own driver (pgprune.pruning.pg.run_pg_search: groups, channel
+blocks, init, the pipeline's loss function; sample K masks, evaluate them, estimator, projection; mean compensation
+on, the pipeline's default settings but no validation), timed per step from the second step on (the first step of
+every run is its warm-up), interleaved with:
 * K dense forwards of the same batch (RESULT search_step_vs_K_dense);
 * with ``--sample-mode batched|separate``: the other sample mode (RESULT batched_vs_separate_step_time: one forward
   over K*B rows vs K gathered forwards; GPU target <= 0.6 at K=4);
@@ -15,6 +17,7 @@ search state). A --synthetic model is first written to a temporary folder as saf
 
     python -m bench.search_cost --synthetic tinyllama-1.1b --offload disk
     python -m bench.search_cost --synthetic tinyllama-1.1b --sample-mode batched
+    python -m bench.search_cost --smoke --offload disk --sample-mode batched   # seconds on a CPU
 """
 from __future__ import annotations
 
@@ -23,23 +26,31 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
 
-from bench._common import BASE, interleaved, parser, preimport, write_synthetic_checkpoint
+from bench._common import BASE, interleaved, parser, preimport, self_timed, smoke, write_synthetic_checkpoint
 from pgprune.config import SearchParams
 from pgprune.core.masked_forward import MaskedModel
-from pgprune.hf.memory import current_memory, peak_memory, reset_peak_memory
 from pgprune.hf.loading import load_weights, prepare_model
-from pgprune.pruning.pg import build_search, make_losses_fn
+from pgprune.hf.memory import current_memory, peak_memory, reset_peak_memory
+from pgprune.pruning.pg import run_pg_search
+
+# --smoke: extra arguments -> the RESULT lines they must print (tests/test_bench_smoke.py)
+SMOKE = {"--offload disk --sample-mode batched": ["search_step_vs_K_dense", "batched_vs_separate_step_time",
+                                                  "streamed_vs_inmemory_step_time",
+                                                  "search_peak_memory_vs_weights"]}
+SMOKE_SETTINGS = dict(batch=2, seq_len=16, samples=2, steps=2)
 
 
 def add_args(ap):
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=64)
     ap.add_argument("--samples", type=int, default=None, help="K (default 2; 4 with --sample-mode)")
-    ap.add_argument("--steps", type=int, default=2, help="search steps per timed run")
+    ap.add_argument("--steps", type=int, default=2, help="search steps per timed run (>= 2: the first of each run "
+                    "is not timed)")
     ap.add_argument("--offload", choices=["none", "cpu", "disk"], default="none")
     ap.add_argument("--sample-mode", choices=["auto", "batched", "separate"], default="auto")
     ap.add_argument("--checkpoint", default=None, help="internal: the checkpoint folder")
@@ -64,13 +75,17 @@ def random_inputs(masked: MaskedModel, vocab: int, args, seed: int = 0):
     return scores, means, calib
 
 
-def search_runner(masked: MaskedModel, scores, calib, args, mode: str):
+def search_runner(model, scores, means, calib, args, mode: str):
+    """A function running one search of ``args.steps`` steps through the library's driver (run_pg_search) and
+    returning the mean seconds of its steps after the first (set-up, the first step and the final masks excluded)."""
     p = search_params(args, mode)
-    losses_fn = make_losses_fn(masked, calib, args.batch, args.device, mode)
 
-    def run():
-        search, _, _ = build_search(masked, scores, p, args.sparsity, seed=0)
-        search.run(losses_fn, progress=False)
+    @self_timed
+    def run() -> float:
+        ends = []
+        run_pg_search(model, calib, scores, p, sparsity=args.sparsity, seed=0, device=args.device, progress=False,
+                      compensation=means, on_step=lambda entry: ends.append(time.perf_counter()))
+        return (ends[-1] - ends[0]) / (len(ends) - 1)
 
     return run
 
@@ -104,10 +119,8 @@ def memory_child(args) -> dict:
     release_unused_memory()
     resident = (current_memory("cpu") - before) / 2 ** 20
     weights = sum(p.numel() * p.element_size() for p in model.parameters()) / 2 ** 20
-    mm = MaskedModel(model)
-    scores, means, calib = random_inputs(mm, model.config.vocab_size, args)
-    mm.set_compensation(means)
-    run = search_runner(mm, scores, calib, args, args.sample_mode)
+    scores, means, calib = random_inputs(MaskedModel(model), model.config.vocab_size, args)
+    run = search_runner(model, scores, means, calib, args, args.sample_mode)
     if not cuda:
         reset_peak_memory("cpu")
     run()
@@ -135,6 +148,9 @@ def main():
     ap = parser(__doc__)
     add_args(ap)
     args = ap.parse_args()
+    smoke(args, **SMOKE_SETTINGS)
+    if args.steps < 2:
+        ap.error("--steps must be >= 2 (the first step of each run is not timed)")
     if args.samples is None:
         args.samples = 4 if args.sample_mode != "auto" else 2
     if args.memory_child:
@@ -150,24 +166,21 @@ def main():
         mm.set_compensation(means)
         ids = calib[: args.batch].to(args.device)
         mode = args.sample_mode
-        fns = {"search step": search_runner(mm, scores, calib, args, mode)}
+        fns = {"search step": search_runner(model, scores, means, calib, args, mode)}
         dense_key = f"{args.samples} dense forwards"
 
-        def dense_forwards():
-            for _ in range(args.steps):
-                for _ in range(args.samples):
-                    mm.loss(ids)
+        def dense_forwards():  # K forwards of one batch: the dense cost of one step
+            for _ in range(args.samples):
+                mm.loss(ids)
 
         fns[dense_key] = dense_forwards
         other = {"batched": "separate", "separate": "batched"}.get(mode)
         if other:
-            fns[f"search step {other}"] = search_runner(mm, scores, calib, args, other)
+            fns[f"search step {other}"] = search_runner(model, scores, means, calib, args, other)
         if args.offload != "none":
-            streamed = MaskedModel(load_weights(folder, args.dtype, args.device, offload=args.offload))
-            streamed.set_compensation(means)
-            fns["search step streamed"] = search_runner(streamed, scores, calib, args, mode)
+            streamed = load_weights(folder, args.dtype, args.device, offload=args.offload)
+            fns["search step streamed"] = search_runner(streamed, scores, means, calib, args, mode)
         t = interleaved(fns, args.device, args.repeats)
-        t = {k: v / args.steps for k, v in t.items()}
         print(f"model {args.synthetic or args.model} dtype {args.dtype} device {args.device} batch "
               f"{args.batch}x{args.seq_len} K={args.samples} sparsity {args.sparsity} sample mode {mode} "
               f"offload {args.offload} threads {torch.get_num_threads()}")
@@ -184,6 +197,8 @@ def main():
             print(f"RESULT streamed_vs_inmemory_step_time={t['search step streamed'] / t['search step']:.3f} "
                   f"(offload {args.offload})")
         del fns, mm, model
+        if args.offload != "none":
+            del streamed
         out = subprocess.run(child_args(args, folder), capture_output=True, text=True)
         if out.returncode:
             raise SystemExit(f"memory child failed:\n{out.stderr[-4000:]}")

@@ -9,6 +9,10 @@ lines with the ratio of the mean perplexity to the init metric's (first corpus).
     python -m bench.search_quality --sparsity 0.5 --set init_free_heads=0 --set init_free_heads=0.5
     python -m bench.search_quality --sparsity 0.5 --layout uniform --seeds 42 43 44
     python -m bench.search_quality --sparsity 0.5 --seeds 42 --set steps=800 --curve-every 50   # within one run
+    python -m bench.search_quality --smoke   # no prepared inputs: the tiny random model, random tokens, 2 steps
+
+With ``--smoke`` the model is the tiny synthetic one and calibration and evaluation blocks are random tokens (init
+scores computed on them by the search's init scorer): the same code path in seconds, meaningless numbers.
 """
 from __future__ import annotations
 
@@ -16,16 +20,23 @@ import json
 import statistics
 import time
 
-from bench._common import parser
+import torch
+
+from bench._common import SMOKE_SHAPE, parser, synthetic_model
 from pgprune.config import load_params
-from pgprune.errors import ConfigError, PgpruneError
-from pgprune.io import load_tensors
 from pgprune.core.masked_forward import MaskedModel
-from pgprune.hf.loading import load_model
-from pgprune.pruning.pg import run_pg_search
-from pgprune.eval.evaluate import curve_points, masked_ppl
 from pgprune.data.prepare import load_calibration, load_eval_data
+from pgprune.errors import ConfigError, PgpruneError
+from pgprune.eval.evaluate import curve_points, masked_ppl
+from pgprune.hf.loading import load_model
+from pgprune.io import load_tensors
+from pgprune.pruning.pg import run_pg_search
 from pgprune.pruning.run import metric_masks, search_compensation, setup_torch
+from pgprune.scorers import compute_all_scores
+
+# --smoke: extra arguments -> the RESULT lines they must print, as regular expressions (tests/test_bench_smoke.py)
+SMOKE = {"": [r"pg_vs_\w+_ppl\[params\.yaml\]"]}
+SMOKE_SEARCH = dict(steps=2, batch_size=2, val_blocks=2, validate_every=1)
 
 
 def overrides(items: list[str], search) -> dict:
@@ -38,6 +49,19 @@ def overrides(items: list[str], search) -> dict:
             raise ConfigError(f"--set {item!r}: expected search.<key>=<value> with key one of {sorted(fields)}")
         out[key] = json.loads(value) if value[:1] in "[{" or value in ("true", "false", "null") else value
     return type(search).model_validate({**search.model_dump(), **out}).model_dump(include=set(out))
+
+
+def smoke_inputs(params, device: str):
+    """--smoke: the tiny synthetic model, random calibration (12 x 16) and evaluation (4 x 16) blocks, and the init
+    scores the search needs computed on them."""
+    model, tok = synthetic_model(SMOKE_SHAPE, "float32", device)
+    g = torch.Generator().manual_seed(0)
+    vocab = model.config.vocab_size
+    calib = torch.randint(0, vocab, (12, 16), generator=g)
+    evals = {"random": torch.randint(0, vocab, (4, 16), generator=g)}
+    need = list(dict.fromkeys([params.search.init] + (["flap"] if params.search.bias_compensation else [])))
+    scores, _ = compute_all_scores(params.init, model, calib, scorers=need, progress=False)
+    return model, tok, calib, evals, scores
 
 
 def main() -> None:
@@ -55,10 +79,14 @@ def main() -> None:
     args = ap.parse_args()
     params = load_params(args.params)
     setup_torch(params)
-    model, tok = load_model(args.model, params.model.dtype, args.device)
-    calib = load_calibration("data/prepared")
-    evals, _ = load_eval_data("data/prepared", tok, params)
-    scores = load_tensors("artifacts/init/scores.safetensors", "init scores (run the init stage)")
+    if args.smoke:
+        model, tok, calib, evals, scores = smoke_inputs(params, args.device)
+        args.seeds = args.seeds or [params.search.seeds[0]]
+    else:
+        model, tok = load_model(args.model, params.model.dtype, args.device)
+        calib = load_calibration("data/prepared")
+        evals, _ = load_eval_data("data/prepared", tok, params)
+        scores = load_tensors("artifacts/init/scores.safetensors", "init scores (run the init stage)")
     comp = search_compensation(params, scores)
     masked = MaskedModel(model)
     masked.set_compensation(comp)
@@ -79,6 +107,8 @@ def main() -> None:
         upd = overrides([s for s in spec.split(",") if s], params.search)
         if args.steps:
             upd["steps"] = args.steps
+        if args.smoke:
+            upd.update(SMOKE_SEARCH)
         # the settings of this sparsity (search.at_sparsity), then the variant's values on top
         sp = params.search.without_rules_for(upd).at(args.sparsity, args.layout).model_copy(update=upd)
         values, runs = [], []

@@ -14,7 +14,7 @@ result.save("smollm2-pruned")  # weights, config, tokenizer, masks.json and a mo
 # --- example ---
 
 :func:`prune` runs the same library functions as the `pgprune prune` command and the pipeline's stages
-(:func:`pgprune.pruning.run.compute_all_scores` for the scorers the method needs, :func:`pgprune.pruning.run.method_masks`,
+(:func:`pgprune.scorers.compute.compute_all_scores` for the scorers the method needs, :func:`pgprune.pruning.run.method_masks`,
 :func:`pgprune.hf.export.build_model`); its settings are the pipeline's params schema (:mod:`pgprune.config`), given as
 ``config`` (a params.yaml path, a dict or a :class:`~pgprune.config.Params`) and overridden by the keyword
 arguments. Unlike LLM-Pruner's ``hf_prune.py`` or llm-compressor's ``oneshot``, the input model is left unchanged
@@ -37,9 +37,6 @@ from pgprune.errors import ConfigError, PgpruneError
 
 log = logging.getLogger("pgprune")
 
-# keyword arguments of prune() / options of `pgprune prune` -> the params field they set
-OVERRIDES = {"steps": "search.steps", "nsamples": "init.nsamples", "calib_blocks": "data.calib_blocks",
-             "seq_len": "data.seq_len", "round_to": "search.channel_group"}
 
 
 # --- parameters ------------------------------------------------------------------------------------------------
@@ -247,10 +244,11 @@ def run_prune(model, tokenizer, params: Params, *, method: str, sparsity: float,
     checkpoints in ``checkpoint_dir``) and the smaller model (:func:`pgprune.hf.export.build_model`). The command
     line (`pgprune prune`) and :func:`prune` both end here."""
     from pgprune.core.adapters import get_adapter
-    from pgprune.hf.export import build_model, n_params, plan_export
     from pgprune.core.masks import sparsity_report
     from pgprune.core.weights import is_streamed, main_device
-    from pgprune.pruning.run import compute_all_scores, method_masks, scorers_needed, setup_torch
+    from pgprune.hf.export import build_model, n_params, plan_export
+    from pgprune.pruning.run import method_masks, scorers_needed, setup_torch
+    from pgprune.scorers import compute_all_scores
 
     t_start = time.perf_counter()
     sparsity = check_sparsity(sparsity)
@@ -260,12 +258,13 @@ def run_prune(model, tokenizer, params: Params, *, method: str, sparsity: float,
     setup_torch(params)
     needed = scorers_needed(name, params)
     log.info("pruning with %s at sparsity %s (%s layout): scorers %s", name, sparsity, kind, ", ".join(needed))
+    seed = _announce_search(name, params, checkpoint_dir)
     t0 = time.perf_counter()
-    scores, score_times = compute_all_scores(params, model, calib, scorers=needed, progress=progress)
+    scores, score_times = compute_all_scores(params.init, model, calib, scorers=needed, progress=progress)
     t_scores = time.perf_counter() - t0
     t0 = time.perf_counter()
     res = method_masks(name, model, calib, scores, params, sparsity, layout_kind=kind, round_to=round_to or 1,
-                       checkpoint_root=checkpoint_dir, progress=progress)
+                       seeds=None if seed is None else [seed], checkpoint_root=checkpoint_dir, progress=progress)
     t_method = time.perf_counter() - t0
     del scores
     t0 = time.perf_counter()
@@ -286,10 +285,31 @@ def run_prune(model, tokenizer, params: Params, *, method: str, sparsity: float,
         "scorers": needed, "time_s": {"scores": t_scores, "masks": t_method, "build": t_build,
                                       "total": time.perf_counter() - t_start, "per_scorer": score_times},
         "resumed_from_step": max((s.get("resumed_from_step") or 0 for s in seeds.values()), default=0),
+        "search_seed": seed, "seeds_not_run": params.search.seeds[1:] if seed is not None else None,
         "search": seeds or None, "history": res.history, "note": plan.note or None,
     }
     return PruneResult(model=pruned, masks=res.masks, extra_bias=res.extra_bias, info=info, base=model,
                        tokenizer=tokenizer, layout=plan.layout)
+
+
+def _announce_search(method: str, params: Params, checkpoint_dir: str | Path | None) -> int | None:
+    """The one seed a search of ``method`` runs here (the first of search.seeds; None for a metric), logged with
+    the seeds left out, and a log line when ``checkpoint_dir`` holds checkpoints a search may resume."""
+    from pgprune.methods import get_method
+
+    if get_method(method).kind != "search":
+        return None
+    seeds = params.search.seeds
+    if len(seeds) > 1:
+        log.info("search seed %d, the first of search.seeds %s: one prune runs one search (the pipeline runs every "
+                 "seed to measure the spread)", seeds[0], seeds)
+    else:
+        log.info("search seed %d", seeds[0])
+    found = sorted(Path(checkpoint_dir).glob("search-*.ckpt")) if checkpoint_dir is not None else []
+    if found:
+        log.info("resuming: %s holds %d checkpoint(s) of an interrupted search; a search with the same settings "
+                 "continues from its last saved step (other settings start at step 0)", checkpoint_dir, len(found))
+    return seeds[0]
 
 
 def _check_search_blocks(method: str, params: Params, calib: torch.Tensor) -> None:
@@ -306,9 +326,9 @@ def _check_search_blocks(method: str, params: Params, calib: torch.Tensor) -> No
 
 def prune(model, tokenizer=None, *, sparsity: float = 0.3, method: str = "pg", calibration=None,
           layout: str | None = None, round_to: int | None = None, steps: int | None = None,
-          nsamples: int | None = None, seed: int | None = None, config=None, device: str | None = None,
-          compensation: bool | None = None, checkpoint_dir: str | Path | None = None,
-          progress: bool = True) -> PruneResult:
+          nsamples: int | None = None, calib_blocks: int | None = None, seq_len: int | None = None,
+          seed: int | None = None, config=None, device: str | None = None, compensation: bool | None = None,
+          checkpoint_dir: str | Path | None = None, progress: bool = True) -> PruneResult:
     """Prune a loaded LLaMA/Mistral/Qwen2 causal LM; the input ``model`` is not modified.
 
     ``sparsity``: the fraction of decoder-layer linear parameters removed (0 < sparsity < 1). ``method``: ``pg``
@@ -320,24 +340,21 @@ def prune(model, tokenizer=None, *, sparsity: float = 0.3, method: str = "pg", c
     model needs ``trust_remote_code=True``) or ``uniform`` (the same widths in every layer: a stock
     ``LlamaForCausalLM``/``MistralForCausalLM``/``Qwen2ForCausalLM``); None: the method's own. ``round_to``: kept
     MLP channels a multiple of this (the search's ``search.channel_group``; a baseline's uniform layout).
-    ``steps`` (search steps), ``nsamples`` (calibration blocks the metrics use), ``seed`` (the search, the
-    calibration windows and the random scorer), ``compensation`` (mean compensation of removed units) override
-    ``config`` (a params.yaml path, a dict or :class:`pgprune.config.Params`, the pipeline's schema). ``device``:
-    where to compute (the model is moved there for the call and moved back). ``checkpoint_dir``: search
-    checkpoints (a rerun of the same call resumes), None for none.
+    ``steps`` (search steps), ``nsamples`` (calibration blocks the metrics use), ``calib_blocks`` and ``seq_len``
+    (the calibration windows cut from text), ``seed`` (the search, the calibration windows and the random scorer),
+    ``compensation`` (mean compensation of removed units) override ``config`` (a params.yaml path, a dict or
+    :class:`pgprune.config.Params`, the pipeline's schema; None: its defaults, params.yaml's values); the params
+    keys each sets are :data:`pgprune.options.OPTIONS`'s, as for `pgprune prune`. A search runs the first of
+    ``search.seeds`` only (``info["search_seed"]``). ``device``: where to compute (the model is moved there for the
+    call and moved back). ``checkpoint_dir``: search checkpoints (a rerun of the same call resumes), None for none.
     """
     from pgprune.core.weights import is_streamed
+    from pgprune.options import overrides
 
-    dev = device or _device_of(model)
-    overrides = {OVERRIDES["steps"]: steps, OVERRIDES["nsamples"]: nsamples, "model.device": dev}
-    if round_to is not None and _is_search(method):
-        overrides[OVERRIDES["round_to"]] = round_to
-    if seed is not None:
-        overrides.update({"search.seeds": [int(seed)], "data.seed": int(seed), "init.seed": int(seed)})
-    if compensation is not None:
-        overrides.update({"search.bias_compensation": bool(compensation),
-                          "init.flap_bias_compensation": bool(compensation)})
-    params = build_params(config, overrides)
+    given = {"calibration": calibration, "round_to": round_to, "steps": steps, "nsamples": nsamples,
+             "calib_blocks": calib_blocks, "seq_len": seq_len, "seed": seed, "compensation": compensation,
+             "device": device or _device_of(model)}
+    params = build_params(config, overrides("prune", given, search=_is_search(method)))
     calib, desc = calibration_from(calibration, tokenizer, params)
     home = _device_of(model)
     move = device is not None and str(device) != home and not is_streamed(model)

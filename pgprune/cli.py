@@ -38,13 +38,6 @@ LAYOUTS = ("heterogeneous", "uniform")
 # Python package -> the pgprune extra that installs it
 EXTRA_OF = {"datasets": "eval", "lm_eval": "eval", "accelerate": "scale", "gguf": "embedded",
             "sentencepiece": "embedded", "dvc": "pipeline", "matplotlib": "report"}
-# params field -> the option that sets it (error messages name both)
-OPTION_OF = {"search.steps": "--steps", "init.nsamples": "--nsamples", "data.calib_blocks": "--calib-blocks",
-             "data.seq_len": "--seq-len", "search.channel_group": "--round-to", "search.seeds": "--seed",
-             "model.device": "--device", "model.dtype": "--dtype", "model.threads": "--threads",
-             "model.offload": "--offload", "model.device_map": "--device-map", "eval.ppl_seq_len": "--seq-len",
-             "eval.ppl_blocks": "--blocks", "eval.ppl_batch_size": "--batch-size",
-             "eval.zero_shot_limit": "--limit"}
 
 
 class UsageError(Exception):
@@ -63,10 +56,33 @@ def _one_line(msg) -> str:
     return lines[0] + (" " + "; ".join(lines[1:]) if len(lines) > 1 else "") if lines else ""
 
 
-def _name_options(msg: str) -> str:
-    for key, opt in OPTION_OF.items():
+def _name_options(msg: str, command: str) -> str:
+    """``msg`` with each params key that an option of ``command`` sets followed by that option (the table of
+    :mod:`pgprune.options`)."""
+    from pgprune.options import flag_of
+
+    for key, opt in flag_of(command).items():
         msg = msg.replace(f"{key}:", f"{key} ({opt}):")
     return msg
+
+
+def _params(a, command: str, search: bool = True):
+    """The params of ``command``: --config (or the defaults, params.yaml's values) with the options of the table
+    of :mod:`pgprune.options` given on the command line; errors name the key and its option."""
+    from pgprune.api import build_params
+    from pgprune.options import overrides
+
+    try:
+        return build_params(a.config, overrides(command, vars(a), search=search, cli=True), _where(a))
+    except ConfigError as e:
+        raise ConfigError(_name_options(str(e), command)) from None
+
+
+def default_device() -> str:
+    """cuda when a CUDA device is visible, else cpu."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _setup_logging(quiet: bool) -> None:
@@ -109,8 +125,13 @@ def model_folder(source: str) -> str:
                           "hub id")
     folder = embedded_cache(source)
     if not (folder / "config.json").exists():
-        from pgprune.hf.loading import prepare_model
+        from pgprune.hf.loading import gguf_path, prepare_model
 
+        try:
+            gguf_path(source)
+        except MissingFileError as e:
+            raise MissingFileError(f"{source} is not prepared ({folder} has no config.json) and cannot be converted: "
+                                   f"{_one_line(e)}; then any pgprune command converts it once") from None
         log.info("converting %s into %s (once)", source, folder)
         prepare_model(source, folder, dtype="float32")
     return str(folder)
@@ -192,29 +213,9 @@ def _missing_extra(e: ModuleNotFoundError) -> str:
 
 
 # --- prune -----------------------------------------------------------------------------------------------------
-def _prune_overrides(a, is_search: bool) -> dict:
-    o = {"model.dtype": a.dtype, "model.device": a.device, "model.threads": a.threads, "model.offload": a.offload,
-         "model.device_map": a.device_map, "data.calib_blocks": a.calib_blocks, "data.seq_len": a.seq_len,
-         "init.nsamples": a.nsamples, "search.steps": a.steps}
-    if a.model is not None:
-        o["model.source"] = a.model
-    if a.calibration is not None:
-        from pgprune.data.sources import CALIBRATION_SOURCES
-
-        if a.calibration in CALIBRATION_SOURCES:
-            o["data.calibration"] = a.calibration
-    if a.round_to is not None and is_search:
-        o["search.channel_group"] = a.round_to
-    if a.seed is not None:
-        o.update({"search.seeds": [a.seed], "data.seed": a.seed, "init.seed": a.seed})
-    if a.no_compensation:
-        o.update({"search.bias_compensation": False, "init.flap_bias_compensation": False})
-    return o
-
-
 def _perplexities(names, tok, params, model, pruned, progress: bool) -> dict:
-    from pgprune.eval import perplexity
     from pgprune.data.sources import eval_blocks
+    from pgprune.eval import perplexity
 
     ev: dict = {"ppl": {}, "dense": {"ppl": {}}}
     for name in names:
@@ -230,15 +231,11 @@ def _perplexities(names, tok, params, model, pruned, progress: bool) -> dict:
 def cmd_prune(a, argv: list[str]) -> int:
     import signal
 
-    from pgprune.api import build_params, check_sparsity, resolve_method, run_prune
+    from pgprune.api import check_sparsity, resolve_method, run_prune
     from pgprune.methods import get_method
 
     t_start = time.perf_counter()
-    is_search = get_method(a.method).kind == "search"
-    try:
-        params = build_params(a.config, _prune_overrides(a, is_search), _where(a))
-    except ConfigError as e:
-        raise ConfigError(_name_options(str(e))) from None
+    params = _params(a, "prune", search=get_method(a.method).kind == "search")
     sparsity = check_sparsity(a.sparsity)
     method, kind, _ = resolve_method(a.method, a.layout, a.round_to)
     source = params.model.source
@@ -275,9 +272,8 @@ def cmd_prune(a, argv: list[str]) -> int:
                                calibration=calib_desc, layout=a.layout, round_to=a.round_to,
                                checkpoint_dir=ckpt if searching else None, progress=not a.quiet, base_model=source)
         except KeyboardInterrupt:
-            if searching:
-                print(f"pgprune: interrupted; the search checkpoint in {ckpt} lets the same command resume",
-                      file=sys.stderr)
+            if searching:  # main() prints it, once: "pgprune: interrupted; <this>"
+                raise KeyboardInterrupt(f"the search checkpoint in {ckpt} lets the same command resume") from None
             raise
         finally:
             signal.signal(signal.SIGTERM, old)
@@ -309,6 +305,7 @@ def _print_summary(a, result, saved, ckpt: Path, evaluation, elapsed: float) -> 
         "architecture": saved.plan.architecture, "trust_remote_code": trc, "params": p,
         "compensated": info["compensated"], "calibration": info["calibration"],
         "resumed_from_step": info["resumed_from_step"], "checkpoint_dir": str(ckpt) if info["search"] else None,
+        "search_seed": info.get("search_seed"), "seeds_not_run": info.get("seeds_not_run"),
         "time_s": {"total": elapsed, **{k: v for k, v in t.items() if k not in ("total", "per_scorer")}},
         "evaluation": evaluation, "saved_params": saved.params_after,
     }
@@ -329,7 +326,10 @@ def _print_summary(a, result, saved, ckpt: Path, evaluation, elapsed: float) -> 
     ]
     if info["search"]:
         r = info["resumed_from_step"]
-        rows.append(("search", f"resumed from step {r} (checkpoint in {ckpt})" if r else "ran from step 0"))
+        left = info.get("seeds_not_run")
+        seed = f"seed {info.get('search_seed')}" + (f" (the first of search.seeds; {left} not run)" if left else "")
+        rows.append(("search", f"{seed}, " + (f"resumed from step {r} (checkpoint in {ckpt})" if r else
+                                             "ran from step 0")))
     for name, v in (evaluation or {}).get("ppl", {}).items():
         rows.append((f"perplexity {name}", f"{v:.3f} (dense {evaluation['dense']['ppl'][name]:.3f})"))
     rows += [("saved to", f"{a.out} ({saved.plan.architecture}; model card README.md, masks.json)"),
@@ -344,17 +344,19 @@ def _print_summary(a, result, saved, ckpt: Path, evaluation, elapsed: float) -> 
 def load_for_eval(path: str, dtype: str, device: str):
     """(model, tokenizer) of a saved folder (trust_remote_code only when its config maps classes to bundled code:
     ``auto_map``) or a cached hub id."""
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pgprune.hf.loading import torch_dtype
+    from pgprune.core.weights import normalize_device
+    from pgprune.hf.loading import check_model_files, torch_dtype
 
+    dev = normalize_device(device)  # an unknown or absent device fails before loading
     p = Path(path)
     if p.is_dir():
         cfg_file = p / "config.json"
         if not cfg_file.exists():
             raise MissingFileError(f"model folder {path!r} has no config.json; give a folder written by `pgprune "
                                    "prune` (or any transformers checkpoint folder)")
+        check_model_files(p)  # a damaged config.json / *.safetensors: one line naming the file
         trc = "auto_map" in json.loads(cfg_file.read_text(encoding="utf-8"))
     elif p.exists() or path.startswith((".", "/", "~")) or path.count("/") != 1:
         raise MissingFileError(f"model folder {path!r} not found; give a folder written by `pgprune prune` (or any "
@@ -368,32 +370,25 @@ def load_for_eval(path: str, dtype: str, device: str):
         raise PgpruneError(f"could not load {path!r}: {_one_line(e)}") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    return model.to(torch.device(device)).eval(), tok, trc
+    return model.to(dev).eval(), tok, trc
 
 
 def cmd_eval(a, argv: list[str]) -> int:
-    from pgprune.api import build_params
-
     tasks = [t.strip() for t in (a.tasks or "").split(",") if t.strip()]
     if not a.ppl and not tasks:
         raise ConfigError("nothing to evaluate; give --ppl (wikitext2, c4, ptb, local, licenses or a text file) "
                           "and/or --tasks (lm-eval task names, comma-separated)")
-    o = {"eval.ppl_seq_len": a.seq_len, "eval.ppl_blocks": a.blocks, "eval.ppl_batch_size": a.batch_size,
-         "model.device": a.device, "model.dtype": a.dtype, "eval.zero_shot_limit": a.limit}
-    try:
-        params = build_params(a.config, o, _where(a))
-    except ConfigError as e:
-        raise ConfigError(_name_options(str(e))) from None
+    params = _params(a, "eval")
     _check_eval_sources(a.ppl, "--ppl")
     if tasks:
         import importlib.util
 
         if importlib.util.find_spec("lm_eval") is None:
             raise ModuleNotFoundError("lm_eval is not installed", name="lm_eval")
-    model, tok, trc = load_for_eval(a.model, params.model.dtype, params.model.device)
+    model, tok, trc = load_for_eval(model_folder(a.model), params.model.dtype, params.model.device)
+    from pgprune.data.sources import eval_blocks
     from pgprune.eval import perplexity
     from pgprune.hf.export import n_params
-    from pgprune.data.sources import eval_blocks
 
     res: dict = {"model": a.model, "architecture": type(model).__name__, "params": n_params(model),
                  "trust_remote_code": trc, "ppl": {}, "ppl_blocks": {}, "zero_shot": None}
@@ -460,26 +455,23 @@ def cmd_run(a, argv: list[str]) -> int:
     args = ["repro", *(["--force"] if a.force else []), *(["--dry"] if a.dry else []), *a.stages]
     print(f"pgprune run: {shlex.join(['dvc', *args])} (in {root})", file=sys.stderr)
     cmd = [*dvc, *args]
-    return subprocess.call(cmd, cwd=root)
+    # the stages run `python -m stages.x`: this interpreter's environment must come first on PATH, or a fresh clone's
+    # stages would run the system python (no torch) when the venv is not activated
+    env = {**os.environ, "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
+    return subprocess.call(cmd, cwd=root, env=env)
 
 
 # --- plan ------------------------------------------------------------------------------------------------------
 def cmd_plan(a, argv: list[str]) -> int:
-    from pgprune.api import build_params
-
-    try:
-        params = build_params(a.config, {"model.source": a.model, "model.dtype": a.dtype, "model.offload": a.offload,
-                                         "model.device_map": a.device_map}, _where(a))
-    except ConfigError as e:
-        raise ConfigError(_name_options(str(e))) from None
+    params = _params(a, "plan")
     from pgprune.hf.memory import format_plan, plan
 
-    src = model_folder(params.model.source)
+    src = params.model.source  # the config only: embedded:... is read from its GGUF header, not converted
     p = params.search
-    device = a.device or (params.model.device if a.config else "cuda")
+    device = a.device or (params.model.device if a.config else default_device())
     d = plan(src, params.model.dtype, offload=params.model.offload, device_map=params.model.device_map,
-             batch=a.batch or p.batch_size, seq_len=a.seq_len or params.data.seq_len, samples=a.samples or p.samples,
-             sample_mode=a.sample_mode or p.sample_mode, device=device, gpus=a.devices, gpu_memory=a.gpu_memory)
+             batch=p.batch_size, seq_len=params.data.seq_len, samples=p.samples, sample_mode=p.sample_mode,
+             device=device, gpus=a.devices, gpu_memory=a.gpu_memory)
     if a.json:
         print(json.dumps(d, default=str))
     else:
@@ -518,7 +510,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--seq-len", type=int, metavar="N", help="tokens per calibration block (data.seq_len)")
     pr.add_argument("--steps", type=int, metavar="N",
                     help="search steps (search.steps, default 200); longer searches can gain at high sparsity but "
-                         "not reliably: README 'Search quality vs cost'")
+                         "not reliably: docs/defaults.md")
     pr.add_argument("--seed", type=int, help="seed of the search, the calibration windows and the random scorer")
     pr.add_argument("--device", help="cpu, cuda, cuda:N or mps (model.device)")
     pr.add_argument("--dtype", choices=DTYPES, help="dtype the model is loaded and pruned in (model.dtype)")
@@ -543,7 +535,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="perplexity and zero-shot accuracy of a saved model",
                         description="Evaluate a model folder: perplexity on named corpora or text files, lm-eval "
                                     "tasks by name.")
-    ev.add_argument("model", metavar="DIR", help="model folder (written by `pgprune prune`, or any checkpoint)")
+    ev.add_argument("model", metavar="DIR", help="model folder (written by `pgprune prune`, or any checkpoint), a "
+                    "hub id or embedded:smollm2-135m")
     ev.add_argument("--ppl", nargs="+", metavar="CORPUS",
                     help="wikitext2 | c4 | ptb (test split; needs the eval extra) | local | licenses | a text file")
     ev.add_argument("--tasks", help="lm-eval task names, comma-separated (e.g. arc_easy,piqa; needs the eval extra)")
@@ -553,11 +546,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seq-len", type=int, help="tokens per perplexity block (eval.ppl_seq_len, default 128)")
     ev.add_argument("--blocks", type=int, help="perplexity blocks per corpus (eval.ppl_blocks, default 256)")
     ev.add_argument("--batch-size", type=int, help="perplexity batch size (eval.ppl_batch_size)")
-    ev.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps")
-    ev.add_argument("--dtype", choices=DTYPES, default="float32")
+    ev.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (model.device, default cpu)")
+    ev.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype the model is loaded and evaluated in "
+                    "(model.dtype, default float32)")
     ev.add_argument("--config", metavar="PARAMS_YAML", help="settings (data.data_files for offline corpora, eval.*)")
     ev.add_argument("--json", action="store_true", help="print the results as one JSON line")
-    ev.add_argument("-q", "--quiet", action="store_true")
+    ev.add_argument("-q", "--quiet", action="store_true", help="no progress bars or log lines")
     ev.set_defaults(func=cmd_eval)
 
     rn = sub.add_parser("run", help="run the DVC pipeline of this checkout (dvc repro)",
@@ -571,18 +565,23 @@ def build_parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plan", help="memory a search needs, from the config alone (no weights are loaded)",
                         description="Estimate the device and host memory of a search for each placement.")
     pl.add_argument("--model", help="hub id, folder or embedded:smollm2-135m (default: the config's model.source)")
-    pl.add_argument("--config", metavar="PARAMS_YAML")
-    pl.add_argument("--dtype", choices=DTYPES)
-    pl.add_argument("--offload", choices=("none", "cpu", "disk"))
-    pl.add_argument("--device-map", choices=("none", "auto"))
+    pl.add_argument("--config", metavar="PARAMS_YAML", help="settings in the pipeline's params.yaml schema (model.*, "
+                    "search.*, data.seq_len); the options here override them")
+    pl.add_argument("--dtype", choices=DTYPES, help="dtype of the weights (model.dtype)")
+    pl.add_argument("--offload", choices=("none", "cpu", "disk"), help="the placement marked selected "
+                    "(model.offload)")
+    pl.add_argument("--device-map", choices=("none", "auto"), help="auto marks the device_map row selected "
+                    "(model.device_map)")
     pl.add_argument("--batch", type=int, help="calibration blocks per search step (search.batch_size)")
     pl.add_argument("--seq-len", type=int, help="tokens per block (data.seq_len)")
     pl.add_argument("--samples", type=int, help="masks sampled per step (search.samples)")
-    pl.add_argument("--sample-mode", choices=("auto", "batched", "separate"))
-    pl.add_argument("--device", help="compute device (default cuda)")
+    pl.add_argument("--sample-mode", choices=("auto", "batched", "separate"), help="batched: one forward for all "
+                    "sampled masks; separate: one per mask (search.sample_mode)")
+    pl.add_argument("--device", help="compute device (model.device; default: the config's, else cuda when a CUDA "
+                    "device is visible, else cpu)")
     pl.add_argument("--devices", type=int, default=1, metavar="N", help="GPUs for the device_map row")
     pl.add_argument("--gpu-memory", help="memory per GPU, e.g. 80GiB (marks which placements fit)")
-    pl.add_argument("--json", action="store_true")
+    pl.add_argument("--json", action="store_true", help="print the plan as one JSON line")
     pl.set_defaults(func=cmd_plan, quiet=False)
     return ap
 
@@ -606,8 +605,8 @@ def main(argv: list[str] | None = None) -> int:
     except ModuleNotFoundError as e:
         print(f"pgprune: error: {_missing_extra(e)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("pgprune: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print("pgprune: interrupted" + (f"; {e}" if str(e) else ""), file=sys.stderr)
         return 130
 
 

@@ -1,18 +1,19 @@
 """The one validated schema of params.yaml. Errors name the key, the bad value and what is allowed."""
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from pgprune.errors import ConfigError
+from pgprune.errors import ConfigError, format_validation, validation_messages
 from pgprune.methods import METHOD_ORDER, METHODS, METRIC_METHODS, SEARCH_METHODS
-from pgprune.scorers import SCORERS
-from pgprune.search.policy import SearchSettings
+from pgprune.scorers.registry import SCORER_NAMES
+from pgprune.search.settings import SearchSettings
 
-Scorer = Literal[tuple(SCORERS)]  # type: ignore[valid-type]  # the scorer registry, pgprune/scorers
+Scorer = Literal[SCORER_NAMES]  # type: ignore[valid-type]  # the scorer registry, pgprune/scorers
 MethodName = Literal[METHOD_ORDER]  # type: ignore[valid-type]  # the registry, pgprune/methods.py
 SearchMethodName = Literal[SEARCH_METHODS]  # type: ignore[valid-type]
 MetricMethodName = Literal[METRIC_METHODS]  # type: ignore[valid-type]
@@ -81,7 +82,7 @@ class DataParams(_Strict):
 class InitParams(_Strict):
     nsamples: int = Field(64, ge=1, description="calibration blocks used by the metrics")
     batch_size: int = Field(8, ge=1)
-    scorers: list[Scorer] = list(SCORERS)
+    scorers: list[Scorer] = list(SCORER_NAMES)
     flap_bias_compensation: bool = True
     seed: int = 0
 
@@ -131,8 +132,9 @@ class SearchParams(SearchSettings):
     validate_every: int = Field(10, ge=0, description="steps between hard-mask validations (0: start and end only)")
     val_blocks: int = Field(32, ge=0, description="calibration blocks held back to validate hard masks (0: off)")
     select: Literal["best", "last"] = Field("best", description="final mask: best validated, or the last probs")
-    seeds: list[int] = Field([42], min_length=1, description="one search per seed; the first seed's masks are the "
-                             "method's result, the others measure the spread")
+    seeds: list[int] = Field([42, 43, 44], min_length=1, description="one search per seed; the first seed's masks "
+                             "are the method's result, the others measure the spread (the pipeline runs them all; "
+                             "`pgprune prune` and pgprune.prune() run the first)")
     sample_mode: Literal["auto", "batched", "separate"] = Field(
         "auto", description="batched: one forward evaluates all K sampled masks (weights read once per step); "
         "separate: one gathered forward per mask; auto: batched on GPUs, separate on CPU")
@@ -142,7 +144,8 @@ class SearchParams(SearchSettings):
         default_factory=list, description="settings by sparsity: a list of {up_to, layouts, set}; a search at "
         "sparsity s in a layout takes the `set` values of every rule with s <= up_to that lists its layout (later "
         "rules win); a search.* value given explicitly (CLI option, API argument, build_params override) wins over "
-        "the rules")
+        "the rules. Left out of the params: DEFAULT_SEARCH_RULES (params.yaml's); a SearchParams built alone has "
+        "none")
 
     @model_validator(mode="after")
     def _check(self):
@@ -172,8 +175,7 @@ class SearchParams(SearchSettings):
                 self._merged(rule.set)
             except ValidationError as e:
                 raise ValueError(f"search.at_sparsity[{i}] (up_to {rule.up_to}) gives invalid search settings: "
-                                 + "; ".join(f"{'.'.join(map(str, x['loc'])) or '(root)'}: {x['msg']}"
-                                             for x in e.errors())) from None
+                                 f"{format_validation(e)}") from None
         return self
 
     def _merged(self, update: dict) -> "SearchParams":
@@ -194,8 +196,7 @@ class SearchParams(SearchSettings):
             return self._merged(update)
         except ValidationError as e:  # each rule is valid alone (checked on load); their combination is not
             raise ConfigError(f"search.at_sparsity at sparsity {sparsity} ({layout}) combines {update} into invalid "
-                              "search settings: " + "; ".join(f"{'.'.join(map(str, x['loc'])) or '(root)'}: "
-                                                              f"{x['msg']}" for x in e.errors())) from None
+                              f"search settings: {format_validation(e)}") from None
 
     def without_rules_for(self, keys) -> "SearchParams":
         """A copy whose ``at_sparsity`` rules no longer set ``keys`` (values given explicitly win over the rules);
@@ -204,6 +205,13 @@ class SearchParams(SearchSettings):
         rules = [r.model_copy(update={"set": {k: v for k, v in r.set.items() if k not in keys}})
                  for r in self.at_sparsity]
         return self.model_copy(update={"at_sparsity": [r for r in rules if r.set]})
+
+
+# the search section's default rules (params.yaml's, docs/defaults.md): up to 30% in the heterogeneous layout
+# the units policy on single channels, with the channels at the init metric's mask, measured better than widths
+DEFAULT_SEARCH_RULES = ({"up_to": 0.3, "layouts": ["heterogeneous"],
+                         "set": {"policy": "units", "channel_group": 1, "init_free_channels": 0.0,
+                                 "lr_channels": 0.02}},)
 
 
 class SpeedParams(_Strict):
@@ -261,11 +269,20 @@ class Params(_Strict):
     model: ModelParams = ModelParams()
     data: DataParams = DataParams()
     init: InitParams = InitParams()
-    search: SearchParams = SearchParams()
+    search: SearchParams = Field(default_factory=lambda: SearchParams(
+        at_sparsity=copy.deepcopy(list(DEFAULT_SEARCH_RULES))))
     eval: EvalParams = EvalParams()
     compare: CompareParams = CompareParams()
     export: ExportParams = ExportParams()
     report: ReportParams = ReportParams()
+
+    @field_validator("search", mode="before")
+    @classmethod
+    def _default_rules(cls, v):
+        """A search section without ``at_sparsity`` takes DEFAULT_SEARCH_RULES, like every other key not given."""
+        if isinstance(v, dict) and "at_sparsity" not in v:
+            return {**v, "at_sparsity": copy.deepcopy(list(DEFAULT_SEARCH_RULES))}
+        return v
 
     @model_validator(mode="after")
     def _cross(self):
@@ -292,13 +309,9 @@ class Params(_Strict):
 
 
 def format_validation_error(err: ValidationError, source: str) -> str:
-    lines = [f"invalid parameters in {source}:"]
-    for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "(root)"
-        val = e.get("input")
-        shown = "" if isinstance(val, dict) else f" (got {val!r})"
-        lines.append(f"  {key}: {e['msg']}{shown}")
-    return "\n".join(lines)
+    """The errors of ``source``'s parameters, one "key: message (got value)" line each."""
+    return "\n".join([f"invalid parameters in {source}:",
+                      *(f"  {line}" for line in validation_messages(err, show_input=True))])
 
 
 def parse_params(data: dict | None, source: str = "params") -> Params:
@@ -335,7 +348,7 @@ def _leaf_fields(model: type[BaseModel], prefix: str = ""):
 def params_reference(dvc_yaml: dict | None = None) -> str:
     """Markdown table of every params.yaml key: default, meaning (the schema's descriptions) and, with the parsed
     dvc.yaml, the stages whose cached results it invalidates directly (DVC then reruns everything downstream of
-    them). ``python -m pgprune.config`` prints it for the repository's dvc.yaml; the README's copy is tested."""
+    them). ``python -m pgprune.config`` prints it for the repository's dvc.yaml; docs/parameters.md is that text (tested)."""
     import re
 
     stages = (dvc_yaml or {}).get("stages") or {}
@@ -348,9 +361,12 @@ def params_reference(dvc_yaml: dict | None = None) -> str:
             names.append("which cells exist" if key.startswith("compare.") else "export's inputs")
         return ", ".join(f"`{n}`" if " " not in n else n for n in names) or "–"
 
+    defaults = Params().model_dump(mode="json")
     lines = ["| key | default | what it does | invalidates |", "|---|---|---|---|"]
     for key, f in _leaf_fields(Params):
-        default = f.default_factory() if f.default_factory is not None else f.default
+        default = defaults
+        for part in key.split("."):
+            default = default[part]
         desc = (f.description or "").replace("|", "\\|")
         if not desc:
             desc = _DESCRIPTIONS.get(key, "")

@@ -193,13 +193,13 @@ def pgprune_units(methods: Sequence[str], sparsities: Sequence[float], evaluate_
         from pathlib import Path
 
         from pgprune.config import parse_params
-        from pipeline.dvcgraph import expand_stages, load_dvc_yaml, load_params_yaml
+        from pipeline.dvcgraph import load_params_yaml, stage_graph
 
-        base, spec = load_params_yaml(Path(root)), load_dvc_yaml(Path(root))
+        base = load_params_yaml(Path(root))
         for u in units:
             params = apply_overrides(base, u["overrides"])
             parse_params(params, f"params.yaml with {' '.join(u['overrides'])}")  # ConfigError naming the key
-            missing = [t for t in u["targets"] if t not in expand_stages(spec, params)]
+            missing = [t for t in u["targets"] if t not in stage_graph(Path(root), params)]
             if missing:
                 raise ValueError(f"stage(s) {missing} do not exist in {root}/dvc.yaml for {' '.join(u['overrides'])}")
     return units

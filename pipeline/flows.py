@@ -13,8 +13,8 @@ inputs did not change is skipped by DVC ("Stage 'x' didn't change, skipping"), n
     python -m pipeline.flows --sweep "search.steps=100" "search.steps=300"   # or per set of -S overrides
     python -m pipeline.flows --dry-run             # print the stage order and the commands, run nothing
 
-Stages are the ones DVC runs: ``foreach``/``matrix`` groups are expanded with params.yaml (pipeline/dvcgraph.py),
-so the flow has one task per cell (``search@pg-0.3``), each waiting for the tasks of the stages whose outputs it
+Stages and their graph are DVC's own (``Repo(root).index``, pipeline/dvcgraph.py): ``foreach``/``matrix`` groups
+are expanded with params.yaml, so the flow has one task per cell (``search@pg-0.3``), each waiting for the tasks of the stages whose outputs it
 reads (``wait_for``): the Prefect UI draws dvc.yaml's DAG, and a failed stage leaves what depends on it NotReady
 while independent stages still run. They run one at a time (a one-thread task runner, submitted in DAG order):
 DVC holds a repository lock. Sweeps over many machines: pipeline/workpool.py.
@@ -39,11 +39,8 @@ from prefect.task_runners import ThreadPoolTaskRunner  # noqa: E402
 
 from pgprune.errors import PgpruneError  # noqa: E402
 from pipeline.commands import StageFailed, capture_command, dvc_executable, run_command  # noqa: E402,F401
-from pipeline.dvcgraph import (expand_stages, load_params_yaml, select, selected_upstream,  # noqa: E402,F401
-                               stage_graph, stage_order)
-from pipeline.dvcgraph import load_dvc_yaml as _load_dvc_yaml  # noqa: E402
-from pipeline.experiments import (experiment_names, normalise_unit, summarise_experiments,  # noqa: E402,F401
-                                  stages_in_output)
+from pipeline.dvcgraph import load_params_yaml, plan, selected_upstream, stage_graph, stage_order  # noqa: E402,F401
+from pipeline.experiments import experiment_names, normalise_unit, stages_in_output, summarise_experiments  # noqa: E402,F401
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TASK_OPTIONS = dict(retries=1, retry_delay_seconds=5, log_prints=True, cache_policy=NO_CACHE, persist_result=False)
@@ -52,10 +49,6 @@ TASK_OPTIONS = dict(retries=1, retry_delay_seconds=5, log_prints=True, cache_pol
 # --- where and what to run --------------------------------------------------------------------------------------
 def repo_root() -> Path:
     return Path(os.environ.get("PGPRUNE_REPO_ROOT") or REPO_ROOT)
-
-
-def load_dvc_yaml(root: Path | None = None) -> dict:
-    return _load_dvc_yaml(root or repo_root())
 
 
 def repro_command(stage: str, force: bool = False) -> list[str]:
@@ -71,11 +64,9 @@ def exp_run_command(overrides: Sequence[str], queue: bool = False, name: str | N
 
 
 def pipeline_plan(root: Path, stages: Sequence[str] | None = None) -> tuple[list[str], dict[str, list[str]]]:
-    """(stages to run in DAG order, {stage: the stages among them it waits for}), from root's dvc.yaml with its
-    params.yaml expanding foreach/matrix groups."""
-    graph = stage_graph(load_dvc_yaml(root), load_params_yaml(root))
-    order = select(graph, stages)
-    return order, selected_upstream(graph, order)
+    """(stages to run in DAG order, {stage: the stages among them it waits for}), from DVC's index of root (its
+    dvc.yaml with its params.yaml expanding foreach/matrix groups)."""
+    return plan(root, stages)
 
 
 def sparsity_unit(sparsity: float) -> list[str]:

@@ -39,11 +39,28 @@ os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 from prefect import flow, get_run_logger  # noqa: E402
 
 from pipeline.commands import capture_command, dvc_executable  # noqa: E402
-from pipeline.dvcgraph import expand_stages, load_dvc_yaml, load_params_yaml  # noqa: E402
-from pipeline.experiments import (apply_overrides, check_override, check_sweep_id, experiment_name,  # noqa: E402
-                                  grid_units, normalise_unit, parse_value, pgprune_units, summarise_experiments)
-from pipeline.unit import (GIT_REMOTE, UNIT_RETRIES, artifact_key, prepare_clone, remote_experiments,  # noqa: E402
-                           resolve_baseline, resolve_repo_url, work_dir)
+from pipeline.dvcgraph import load_params_yaml, stage_outs  # noqa: E402
+from pipeline.experiments import (  # noqa: E402
+    apply_overrides,
+    check_override,
+    check_sweep_id,
+    experiment_name,
+    grid_units,
+    normalise_unit,
+    parse_value,
+    pgprune_units,
+    summarise_experiments,
+)
+from pipeline.unit import (  # noqa: E402
+    GIT_REMOTE,
+    UNIT_RETRIES,
+    artifact_key,
+    prepare_clone,
+    remote_experiments,
+    resolve_baseline,
+    resolve_repo_url,
+    work_dir,
+)
 
 UNIT_DEPLOYMENT = "pgprune-unit/unit"
 
@@ -123,14 +140,14 @@ def gather(repo_url: str, baseline: str, units: dict[str, dict], sweep_id: str, 
     capture_command([dvc_executable(), "exp", "pull", "--no-cache", GIT_REMOTE, *sorted(present)], clone)
     show = json.loads(capture_command([dvc_executable(), "exp", "show", "--json", "--no-pager"], clone) or "[]")
     records = {r["name"]: r for r in summarise_experiments(show) if r["name"] in present}
-    spec, base = load_dvc_yaml(clone), load_params_yaml(clone)
+    base = load_params_yaml(clone)
     for name, rec in records.items():
         targets = units[name]["targets"]
         if not targets:
             continue
-        stages = expand_stages(spec, apply_overrides(base, units[name]["overrides"]))
-        files = {p for st, node in stages.items() for t in targets if st == t or st.split("@")[0] == t
-                 for p in node["outs"]}
+        outs = stage_outs(clone, apply_overrides(base, units[name]["overrides"]))
+        files = {p for st, paths in outs.items() for t in targets if st == t or st.split("@")[0] == t
+                 for p in paths}
         rec["target_metrics"] = {k.split(":", 1)[1]: v for k, v in rec["metrics"].items()
                                  if k.split(":", 1)[0] in files}
     return records

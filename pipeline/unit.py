@@ -46,8 +46,13 @@ from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 
 from pipeline.commands import StageFailed, capture_command, dvc_executable, run_command  # noqa: E402
-from pipeline.experiments import (experiment_name, normalise_unit, parse_exp_refs, stages_in_output,  # noqa: E402
-                                  summarise_experiments)
+from pipeline.experiments import (  # noqa: E402
+    experiment_name,
+    normalise_unit,
+    parse_exp_refs,
+    stages_in_output,
+    summarise_experiments,
+)
 
 UNIT_RETRIES = int(os.environ.get("PGPRUNE_UNIT_RETRIES", "2"))
 TASK = dict(cache_policy=NO_CACHE, persist_result=False, log_prints=True)

@@ -6,7 +6,7 @@
     python -m pipeline.workpool worker --gpus 0 1 2 3      # on each GPU box: one worker per GPU
     python -m pipeline.workpool worker --queue sweeps -n 1 # somewhere: runs sweeps submitted from the UI
     python -m pipeline.workpool sweep --grid 'search.sparsity=[0.2, 0.4]' --grid 'search.method=[pg, flap]'
-    python -m pipeline.workpool bench --units 3 --workers 1 2   # the mini DVC project, 1 vs 2 local workers
+    python -m pipeline.workpool bench --units 3 --workers 1 2   # the mini DVC project, 1 vs 2 local workers (bench/)
 
 ``setup`` creates the process work pool (queues ``units`` and ``sweeps``), registers the deployments
 ``pgprune-unit/unit`` and ``pgprune-sweep/sweep`` from this checkout (or ``--source <git url>``: each flow run then
@@ -25,7 +25,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from datetime import timedelta
@@ -287,64 +286,6 @@ def sweep_parameters(args: argparse.Namespace) -> dict:
     return {k: v for k, v in p.items() if v is not None}
 
 
-# --- benchmark ------------------------------------------------------------------------------------------------------
-def bench(units: int, worker_counts: Sequence[int], steps: int, work: int, threads: int, keep: Path | None,
-          step_seconds: float = 0.0, repeat: int = 1) -> dict:
-    """Wall time of one sweep of ``units`` units of the mini DVC project (pipeline/demo.py) with each number of
-    local workers, on one local server: rounds interleaved (1, 2, 1, 2, ... workers) ``repeat`` times, the median
-    per worker count. Each round uses its own ``search.seed`` so no round reuses another's run cache; the clock runs
-    from the sweep's start to its comparison table (submission, clones, pulls, runs, pushes, gathering). ``work``
-    makes a unit CPU-bound (matrix products); ``step_seconds`` makes it wait (like a unit whose work runs on a
-    GPU). Worker start-up is outside the clock (workers are started and online before)."""
-    import statistics
-
-    from pipeline.demo import make_demo_project
-    from pipeline.sweep import sweep as sweep_flow
-
-    tmp = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="pgprune-bench-"))
-    tmp.mkdir(parents=True, exist_ok=True)
-    try:
-        make_demo_project(tmp / "seed", tmp / "origin.git", tmp / "dvcstore",
-                          params={"search": {"steps": steps, "work": work, "step_seconds": step_seconds}})
-        times: dict[int, list[float]] = {n: [] for n in worker_counts}
-        from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
-
-        with local_server(tmp / "prefect") as api, \
-                temporary_settings(updates={PREFECT_API_URL: api, PREFECT_HOME: str(tmp / "prefect")}):
-            # the workers (subprocesses) read these; this process's prefect reads the temporary settings
-            os.environ.update(PREFECT_API_URL=api, PREFECT_HOME=str(tmp / "prefect"),
-                              PREFECT_WORKER_QUERY_SECONDS="1", PGPRUNE_WORK_DIR=str(tmp / "controller"))
-            setup(POOL, str(ROOT), None, str(tmp / "origin.git"), str(tmp / "dvcstore"), heartbeat_window_s=180)
-            for r, n in ((r, n) for r in range(repeat) for n in worker_counts):
-                names = [f"bench-r{r}-w{n}-{i}" for i in range(n)]
-                procs = [start_worker(nm, worker_env(tmp / "machine", threads=threads,
-                                                     extra={"PREFECT_WORKER_QUERY_SECONDS": "1"}),
-                                      tmp / "logs" / f"{nm}.log") for nm in names]
-                try:
-                    wait_for_workers(POOL, names)
-                    seed = r * 1000 + n
-                    grid = {"search.sparsity": [round(0.1 + 0.2 * i, 2) for i in range(units)],
-                            "search.seed": [seed]}
-                    t0 = time.perf_counter()
-                    rows = sweep_flow(grid=grid, sweep_id=f"bench-r{r}-w{n}", poll_seconds=0.5)
-                    times[n].append(time.perf_counter() - t0)
-                    assert all(row["state"] == "completed" for row in rows), rows
-                    print(f"round {r}: {n} worker(s): {times[n][-1]:.1f} s", flush=True)
-                finally:
-                    for p in procs:
-                        stop_group(p)
-            results = {f"sweep_wall_s_workers{n}": statistics.median(t) for n, t in times.items()}
-            from prefect.events.worker import EventsWorker
-            from prefect.logging.handlers import APILogWorker
-
-            APILogWorker.drain_all(timeout=10)  # this process's flow-run logs and events, before the server stops
-            EventsWorker.drain_all(timeout=10)
-    finally:
-        if not keep:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return results
-
-
 def _interrupt(signum, frame):  # noqa: ARG001
     raise KeyboardInterrupt
 
@@ -447,7 +388,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 fr = run_deployment(SWEEP_DEPLOYMENT, parameters=params, timeout=0)
                 print(f"submitted sweep flow run {fr.name} ({fr.id})")
                 return 0
-            from pipeline.sweep import UnitsFailed, markdown_table, sweep as sweep_flow
+            from pipeline.sweep import UnitsFailed, markdown_table
+            from pipeline.sweep import sweep as sweep_flow
 
             try:
                 rows = sweep_flow(**params)
@@ -456,6 +398,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return 1
             print(markdown_table(rows))
         elif args.cmd == "bench":
+            from bench.workpool import bench  # test/benchmark code lives in bench/
+
             res = bench(args.units, args.workers, args.steps, args.work, args.threads, args.keep, args.step_seconds,
                         args.repeat)
             for k, v in res.items():

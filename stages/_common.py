@@ -24,9 +24,10 @@ def parse(description: str, extra=None, argv=None) -> tuple[Params, argparse.Nam
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     params = load_params(args.params)
-    from pgprune.pruning.run import setup_torch
+    if params.model.threads:
+        import torch
 
-    setup_torch(params)
+        torch.set_num_threads(params.model.threads)
     return params, args
 
 

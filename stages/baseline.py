@@ -1,10 +1,10 @@
 """Stage `baseline@<method>-<sparsity>`: the masks of one metric baseline (pgprune/methods.py) at one sparsity,
 from the init stage's scores; writes the masks hand-off (masks.json, compensation)."""
 from pgprune.core.adapters import get_adapter
-from pgprune.io import load_tensors
-from pgprune.hf.loading import load_model
-from pgprune.pruning.run import method_masks
 from pgprune.core.handoff import save_masks
+from pgprune.hf.loading import load_model
+from pgprune.io import load_tensors
+from pgprune.pruning.run import method_masks
 from stages._common import parse, run
 
 

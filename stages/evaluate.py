@@ -2,10 +2,10 @@
 their compensation biases) and measure perplexity on every evaluation corpus, zero-shot accuracy and generation
 speed; for a search, also the perplexity of every seed's masks and of its validated masks over the search (quality
 vs cost). A streamed model (model.offload) gets perplexity only. Writes one JSON (metrics, kept in git)."""
-from pgprune.io import write_json
-from pgprune.hf.loading import load_configured
-from pgprune.eval.evaluate import evaluate_masks
 from pgprune.data.prepare import load_eval_data
+from pgprune.eval.evaluate import evaluate_masks
+from pgprune.hf.loading import load_configured
+from pgprune.io import write_json
 from stages._common import parse, run
 
 

@@ -4,11 +4,11 @@ per-layer widths with trust_remote_code otherwise)."""
 from pathlib import Path
 
 from pgprune.core.adapters import get_adapter
+from pgprune.core.handoff import load_masks
 from pgprune.hf.card import CardInfo
 from pgprune.hf.export import save_model
-from pgprune.io import read_json
 from pgprune.hf.loading import load_model, resolve
-from pgprune.core.handoff import load_masks
+from pgprune.io import read_json
 from stages._common import parse, run
 
 

@@ -1,8 +1,8 @@
 """Stage `init`: importance scores of every scorer in init.scorers (the search's init and the baselines)."""
-from pgprune.io import save_tensors, write_json
-from pgprune.hf.loading import load_configured
-from pgprune.pruning.run import compute_all_scores
 from pgprune.data.prepare import load_calibration
+from pgprune.hf.loading import load_configured
+from pgprune.io import save_tensors, write_json
+from pgprune.scorers import compute_all_scores
 from stages._common import parse, run
 
 
@@ -15,7 +15,7 @@ def main(argv=None):
 
     params, a = parse(__doc__, args, argv)
     model, _ = load_configured(a.model, params.model)
-    scores, timing = compute_all_scores(params, model, load_calibration(a.data))
+    scores, timing = compute_all_scores(params.init, model, load_calibration(a.data))
     save_tensors(a.out, scores)
     write_json(a.timing, {"time_s": timing})
 

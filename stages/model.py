@@ -1,7 +1,6 @@
 """Stage `model`: materialise the base model in model.dtype (the embedded default is converted once to
 safetensors; a hub id or local folder is recorded, not copied) and its tokenizer."""
-from pgprune.hf.loading import prepare_model
-from pgprune.hf.loading import save_tokenizer
+from pgprune.hf.loading import prepare_model, save_tokenizer
 from stages._common import parse, run
 
 

@@ -7,10 +7,18 @@ from pgprune.errors import require_file
 from pgprune.io import read_json, write_text
 from pgprune.methods import METHODS
 from pgprune.report import collect_results, search_summary, sparsity_tag
-from pgprune.report.plots import (plot_kept_per_layer, plot_ppl_vs_sparsity, plot_quality_vs_cost,
-                                  plot_search_curve)
-from pgprune.report.tables import (csv_text, kept_per_layer_rows, markdown_report, ppl_points, ppl_vs_sparsity_rows,
-                                   quality_vs_cost_rows, quality_vs_cost_table, read_history_csv, search_loss_rows)
+from pgprune.report.plots import plot_kept_per_layer, plot_ppl_vs_sparsity, plot_quality_vs_cost, plot_search_curve
+from pgprune.report.tables import (
+    csv_text,
+    kept_per_layer_rows,
+    markdown_report,
+    ppl_points,
+    ppl_vs_sparsity_rows,
+    quality_vs_cost_rows,
+    quality_vs_cost_table,
+    read_history_csv,
+    search_loss_rows,
+)
 from stages._common import parse, run
 
 log = logging.getLogger("pgprune.report")

@@ -2,11 +2,11 @@
 sparsity, one search per seed in search.seeds; writes the masks hand-off (masks.json, compensation, history).
 Checkpoints ($PGPRUNE_CHECKPOINT_DIR or artifacts/checkpoints, never a DVC output) let a killed run resume."""
 from pgprune.core.adapters import get_adapter
-from pgprune.io import load_tensors, write_json
-from pgprune.hf.loading import load_configured
-from pgprune.pruning.run import checkpoint_dir, method_masks
-from pgprune.data.prepare import load_calibration
 from pgprune.core.handoff import save_masks
+from pgprune.data.prepare import load_calibration
+from pgprune.hf.loading import load_configured
+from pgprune.io import load_tensors, write_json
+from pgprune.pruning.run import checkpoint_dir, method_masks
 from stages._common import parse, run
 
 

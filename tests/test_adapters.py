@@ -1,12 +1,12 @@
 """Unit enumeration, parameter accounting (the paper's convention and the total) and unsupported models."""
 import pytest
 import torch
+from conftest import make_tiny_model
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from conftest import make_tiny_model
 from pgprune.core.adapters import get_adapter
-from pgprune.errors import UnsupportedArchitectureError
 from pgprune.core.masks import Masks, sparsity_report
+from pgprune.errors import UnsupportedArchitectureError
 
 
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])

@@ -1,12 +1,20 @@
 """Budgets are exact; global vs uniform allocation; minimum heads per layer; layer dropping."""
 import pytest
 import torch
-
 from conftest import make_tiny_model
+
 from pgprune.core.adapters import get_adapter
-from pgprune.core.allocation import (UnitBlocks, boundary_init, keep_count, keep_counts, masks_from_scores, ramp_init,
-                                select_units,
-                                uniform_quota, uniform_widths)
+from pgprune.core.allocation import (
+    UnitBlocks,
+    boundary_init,
+    keep_count,
+    keep_counts,
+    masks_from_scores,
+    ramp_init,
+    select_units,
+    uniform_quota,
+    uniform_widths,
+)
 from pgprune.errors import BudgetError, PgpruneError
 
 

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_TEXT, make_tiny_model
 
 import pgprune
-from conftest import TINY_TEXT, make_tiny_model
 from pgprune.errors import ConfigError, PgpruneError
 
 SMALL = {"data": {"seq_len": 16, "calib_blocks": 24, "seed": 0}, "init": {"nsamples": 8, "batch_size": 4},
@@ -91,7 +91,7 @@ def test_uniform_layout_is_a_stock_model_equal_to_the_masked_forward(tiny_tokeni
 
     from pgprune.api import build_params, calibration_from
     from pgprune.core.masked_forward import MaskedModel
-    from pgprune.pruning.run import compute_all_scores
+    from pgprune.scorers import compute_all_scores
 
     model = make_tiny_model("qwen2")
     result = pgprune.prune(model, tiny_tokenizer, sparsity=0.3, calibration=TINY_TEXT, layout="uniform",
@@ -101,7 +101,7 @@ def test_uniform_layout_is_a_stock_model_equal_to_the_masked_forward(tiny_tokeni
     assert type(result.model).__name__ == "LlamaForCausalLM" and result.info["compensated"]
     params = build_params(SMALL)
     calib, _ = calibration_from(TINY_TEXT, tiny_tokenizer, params)
-    scores, _ = compute_all_scores(params, model, calib, scorers=["flap"])
+    scores, _ = compute_all_scores(params.init, model, calib, scorers=["flap"])
     mm = MaskedModel(model)
     mm.set_compensation(scores["flap"]["bias"])
     ids = torch.randint(0, 300, (2, 10), generator=torch.Generator().manual_seed(0))

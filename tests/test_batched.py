@@ -1,11 +1,11 @@
 """All K samples of a step in one forward: batched losses == separate masked forwards == sliced models."""
 import pytest
 import torch
-
 from conftest import make_tiny_model
-from pgprune.errors import PgpruneError
+
 from pgprune.core.masked_forward import MaskedModel
 from pgprune.core.masks import Masks
+from pgprune.errors import PgpruneError
 from pgprune.hf.slicing import slice_model
 
 CASES = {
@@ -65,8 +65,8 @@ def test_batched_equals_separate(case, compensation):
 
 def test_batched_logits_equal_sliced_model_with_compensation():
     """Each sample's loss in a batch == the loss of the physically sliced, bias-compensated model."""
-    from pgprune.scorers import compute_scores
     from pgprune.pruning.run import compensation_biases
+    from pgprune.scorers import compute_scores
 
     model = make_tiny_model("qwen2", n_heads=4, n_kv=2)
     calib = torch.randint(0, 300, (6, 16), generator=torch.Generator().manual_seed(0))

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
 from conftest import TINY_TEXT, make_tiny_config, make_tiny_model
+
 from pgprune import __version__, cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -121,9 +121,9 @@ def test_eval_folder_on_a_text_file_matches_the_library(work, pg_run, capsys):
 
 def test_eval_zero_shot_tasks_by_name(work, pg_run, capsys):
     pytest.importorskip("lm_eval")
-    from pgprune.eval import write_local_tasks
-
     import random
+
+    from pgprune.eval import write_local_tasks
 
     rng, words = random.Random(0), sorted(set(TINY_TEXT.replace(".", "").replace(",", "").split()))
     paras = [" ".join(" ".join(rng.choice(words) for _ in range(rng.randint(8, 16))).capitalize() + "."
@@ -142,11 +142,11 @@ def _masked_logits(work: Path, masks_file: Path, ids: torch.Tensor, compensated:
     command computed (same params, same calibration text, same library calls)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pgprune.core.adapters import get_adapter
     from pgprune.api import build_params, calibration_from
+    from pgprune.core.adapters import get_adapter
     from pgprune.core.masked_forward import MaskedModel
     from pgprune.core.masks import Masks
-    from pgprune.pruning.run import compute_all_scores
+    from pgprune.scorers import compute_all_scores
 
     base = AutoModelForCausalLM.from_pretrained(work / "base", dtype=torch.float32).eval()
     mm = MaskedModel(base)
@@ -154,7 +154,7 @@ def _masked_logits(work: Path, masks_file: Path, ids: torch.Tensor, compensated:
         tok = AutoTokenizer.from_pretrained(work / "base")
         params = build_params(work / "small.yaml")
         calib, _ = calibration_from(str(work / "calib.txt"), tok, params)
-        scores, _ = compute_all_scores(params, base, calib, scorers=["flap"])
+        scores, _ = compute_all_scores(params.init, base, calib, scorers=["flap"])
         mm.set_compensation(scores["flap"]["bias"])
     return mm.logits(ids, Masks.load(masks_file, get_adapter(base).layout()))
 
@@ -277,7 +277,7 @@ def test_version_and_run_help():
 
 def test_run_finds_the_checkout_and_dvc(tmp_path, monkeypatch, capsys):
     calls = []
-    monkeypatch.setattr(subprocess, "call", lambda cmd, cwd=None: calls.append((cmd, cwd)) or 0)
+    monkeypatch.setattr(subprocess, "call", lambda cmd, cwd=None, env=None: calls.append((cmd, cwd, env)) or 0)
     monkeypatch.chdir(tmp_path)
     _fails(capsys, ["run"], "not in a pgprune checkout")
     monkeypatch.chdir(ROOT / "stages")  # a folder inside the checkout
@@ -285,7 +285,10 @@ def test_run_finds_the_checkout_and_dvc(tmp_path, monkeypatch, capsys):
     _fails(capsys, ["run"], "dvc is not installed", "pgprune[pipeline]")
     monkeypatch.setattr(cli, "dvc_command", lambda: ["dvc"])
     assert cli.main(["run", "export", "report", "--force"]) == 0
-    assert calls == [(["dvc", "repro", "--force", "export", "report"], ROOT)]
+    (cmd, cwd, env), = calls
+    assert (cmd, cwd) == (["dvc", "repro", "--force", "export", "report"], ROOT)
+    # the stages' `python` is this interpreter's even when its venv is not activated
+    assert env["PATH"].split(os.pathsep)[0] == str(Path(sys.executable).parent)
 
 
 def test_plan_wraps_the_memory_plan(tmp_path, capsys):
@@ -304,3 +307,85 @@ def test_plan_wraps_the_memory_plan(tmp_path, capsys):
     assert cli.main([str(a) for a in argv + ["--offload", "disk"]]) == 0
     text = capsys.readouterr().out
     assert "| offload disk (selected) |" in text and "device_map auto (2 GPUs)" in text
+
+
+# --- one house: friction of eval / plan / prune -------------------------------------------------------------------
+class _Called(Exception):
+    pass
+
+
+def test_eval_resolves_the_embedded_model_like_prune(tmp_path, monkeypatch, capsys):
+    """`pgprune eval embedded:smollm2-135m` evaluates the converted folder `prune --model embedded:...` uses; not
+    prepared and not convertible, the message says how to get it."""
+    monkeypatch.setenv("PGPRUNE_CACHE", str(tmp_path / "cache"))
+    folder = cli.embedded_cache("embedded:smollm2-135m")
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text("{}")
+    assert cli.model_folder("embedded:smollm2-135m") == str(folder)
+
+    def fake_load(path, dtype, device):
+        raise _Called(path)
+
+    monkeypatch.setattr(cli, "load_for_eval", fake_load)
+    with pytest.raises(_Called) as called:
+        cli.main(["eval", "embedded:smollm2-135m", "--ppl", "local", "-q"])
+    assert called.value.args[0] == str(folder)
+
+    (folder / "config.json").unlink()
+    from pgprune.hf import loading
+
+    monkeypatch.setitem(loading.EMBEDDED, "embedded:smollm2-135m", ("no_such_package_pgprune", "x.gguf"))
+    err = _fails(capsys, ["eval", "embedded:smollm2-135m", "--ppl", "local"], "embedded:smollm2-135m is not prepared",
+                 "pip install")
+    assert "model folder" not in err
+
+
+@pytest.mark.parametrize("cuda, want", [(False, "cpu"), (True, "cuda")])
+def test_plan_defaults_to_cpu_without_cuda(tmp_path, monkeypatch, cuda, want):
+    from pgprune.hf import memory
+
+    make_tiny_config("llama", layers=2, hidden=64, ffn=128, vocab=200).save_pretrained(tmp_path / "cfg")
+    monkeypatch.setattr("torch.cuda.is_available", lambda: cuda)
+
+    def fake_plan(src, dtype, **kw):
+        raise _Called(kw["device"])
+
+    monkeypatch.setattr(memory, "plan", fake_plan)
+    with pytest.raises(_Called) as called:
+        cli.main(["plan", "--model", str(tmp_path / "cfg")])
+    assert called.value.args[0] == want
+
+
+def test_interrupted_prune_says_so_once(work, monkeypatch, capsys):
+    def interrupted(*args, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("pgprune.api.run_prune", interrupted)
+    assert cli.main([str(a) for a in prune_args(work, "stopped", "-q")]) == 130
+    err = capsys.readouterr().err
+    assert err.count("pgprune: interrupted") == 1 and "lets the same command resume" in err, err
+    assert not (work / "stopped.checkpoints").exists()  # nothing to resume: the empty folder is removed
+
+
+def test_a_search_says_its_seed_and_a_resume_at_the_start(work, pg_run, tmp_path, caplog):
+    from pgprune.api import _announce_search, build_params
+
+    _, summary, _ = pg_run
+    assert summary["search_seed"] == 42 and summary["seeds_not_run"] == [43, 44]  # the first of search.seeds only
+    (tmp_path / "search-0123456789abcdef0123.ckpt").write_bytes(b"x")
+    with caplog.at_level("INFO", logger="pgprune"):
+        assert _announce_search("pg", build_params(), tmp_path) == 42
+        assert _announce_search("flap", build_params(), tmp_path) is None
+    text = caplog.text
+    assert "the first of search.seeds [42, 43, 44]" in text and "resuming" in text and str(tmp_path) in text
+
+
+def test_every_option_has_help():
+    """Every option of every subcommand (help and version aside) says what it does in --help."""
+    parser = cli.build_parser()
+    sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+    for name, p in sub.choices.items():
+        for act in p._actions:
+            if act.__class__.__name__ in ("_HelpAction", "_VersionAction"):
+                continue
+            assert (act.help or "").strip(), f"pgprune {name} {'/'.join(act.option_strings) or act.dest} has no help"

@@ -38,8 +38,8 @@ def test_cross_field_checks():
 
 def test_search_settings_are_checked_where_they_are_declared():
     """The pipeline's search section is the search's own settings class: one declaration, one validation."""
-    from pgprune.search import SearchSettings
     from pgprune.config import SearchParams
+    from pgprune.search import SearchSettings
 
     assert issubclass(SearchParams, SearchSettings)
     with pytest.raises(ConfigError, match=r"samples=1: estimator 'loo' needs samples >= 2"):

@@ -6,11 +6,10 @@ import os
 
 import pytest
 import torch
+from conftest import TINY_TEXT
 
 from pgprune.data import calibration_blocks, load_hub_documents, load_hub_text, tokenize_blocks, tokenize_stream
 from pgprune.errors import PgpruneError
-
-from conftest import TINY_TEXT
 
 
 def _jsonl(path, field, values):
@@ -92,7 +91,7 @@ def test_tokenize_blocks(tiny_tokenizer):
 
 
 def test_tokenize_blocks_errors(tiny_tokenizer):
-    with pytest.raises(PgpruneError, match=r"tokens, fewer than seq_len=4096"):
+    with pytest.raises(PgpruneError, match=r"tokens, fewer than the 4096 that seq_len=4096 needs"):
         tokenize_blocks("a short text", tiny_tokenizer, 4096)
     with pytest.raises(PgpruneError, match="seq_len"):
         tokenize_blocks(TINY_TEXT, tiny_tokenizer, 1)

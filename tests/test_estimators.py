@@ -7,8 +7,16 @@ import pytest
 import torch
 
 from pgprune.errors import ConfigError
-from pgprune.search import (advance_baseline, estimate_gradient, init_probs, lr_factor, make_lr_schedule,
-                            penalty_gradient, penalty_weight, sample_weights)
+from pgprune.search import (
+    advance_baseline,
+    estimate_gradient,
+    init_probs,
+    lr_factor,
+    make_lr_schedule,
+    penalty_gradient,
+    penalty_weight,
+    sample_weights,
+)
 
 S = torch.tensor([0.3, 0.6, 0.8, 0.15], dtype=torch.float64)
 C = torch.tensor([1.0, -2.0, 0.5, 3.0], dtype=torch.float64)

@@ -11,13 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import make_tiny_model
-from pgprune.hf.export import (LayoutError, build_model, is_uniform, kept_widths, plan_export, save_model,
-                            uniform_widths)
+
 from pgprune.core.masked_forward import MaskedModel
-from pgprune.errors import PgpruneError
 from pgprune.core.masks import Masks, sparsity_report
+from pgprune.errors import PgpruneError
+from pgprune.hf.export import LayoutError, build_model, is_uniform, kept_widths, plan_export, save_model, uniform_widths
 
 ROOT = Path(__file__).resolve().parents[1]
 CASES = [("llama", 4, 4), ("llama", 4, 2), ("mistral", 4, 2), ("qwen2", 4, 2)]
@@ -333,7 +332,8 @@ def test_tokenizer_loads_without_prompt(saved_pair):
                 "print('TOKENS', t('the quick brown fox')['input_ids'])")
         rc, out, took = _run_in_pty(code)
         assert rc == 0 and "TOKENS [" in out, out[-2000:]
-        assert "[y/N]" not in out and took < 14, (layout, took, out[-2000:])
+        # the prompt prints "[y/N]" and waits 15 s for an answer; its text is the evidence (no timing assertion)
+        assert "[y/N]" not in out, (layout, took, out[-2000:])
         config = json.loads((saved_pair[layout] / "tokenizer_config.json").read_text())
         assert config["tokenizer_class"]
 
@@ -341,6 +341,7 @@ def test_tokenizer_loads_without_prompt(saved_pair):
 @pytest.mark.parametrize("layout", ["uniform", "heterogeneous"])
 def test_lm_eval_cli_runs_on_the_saved_model(layout, saved_pair, tmp_path):
     from conftest import TINY_TEXT
+
     from pgprune.data.local_tasks import write_local_tasks
 
     tasks = write_local_tasks({"tiny": TINY_TEXT}, tmp_path / "tasks", n_items=4, n_choices=2, variants=("cloze",))

@@ -1,4 +1,4 @@
-"""Prefect flows over the DVC pipeline: the stage graph (foreach/matrix expanded, checked against DVC's own), a real
+"""Prefect flows over the DVC pipeline: the stage graph (DVC's own, with experiment params too), a real
 ephemeral run over a toy copy of the pipeline (tasks wired like dvc.yaml's DAG), the local sweep, the runner, the
 deployment, the CLI. No model needed. Expected stages and edges come from dvc.yaml via DVC, not from lists here."""
 from __future__ import annotations
@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from toy_dvc import DVC, ROOT, dvc, make_toy_repo, ran_stages, set_param, sh
 
 pytestmark = pytest.mark.skipif(not Path(DVC).exists(), reason="dvc is not installed next to this Python")
@@ -132,55 +131,55 @@ def test_stage_graph_of_the_real_dvc_yaml_is_dvcs():
     assert {s: set(u) for s, u in upstream.items()} == graph
 
 
-def test_foreach_and_matrix_names_follow_dvc(tmp_path):
-    """The naming rules (foreach over a list, a dict, a list of dicts; matrix with scalars, booleans and list
-    values; ${item.x}/${key} in paths) against `dvc stage list` on the same dvc.yaml."""
-    from pipeline.dvcgraph import expand_stages, stage_graph
+def test_overridden_params_give_the_stages_dvc_lists_for_them(tmp_path):
+    """With params other than params.yaml (an experiment's overrides), the stages and edges are the ones DVC lists
+    for a checkout whose params.yaml holds them (foreach and matrix groups, ${key}/${item.x} in paths)."""
+    from pipeline.dvcgraph import stage_graph, stage_outs
 
     spec = {"vars": [{"root": "out"}], "stages": {
         "a": {"foreach": "${xs}", "do": {"cmd": "echo ${item}", "outs": ["${root}/a-${item}"]}},
         "b": {"foreach": {"left": 1, "right": 2}, "do": {"cmd": "echo ${key} ${item}", "outs": ["out/b-${key}"]}},
-        "c": {"foreach": [{"n": 1}, {"n": 2}], "do": {"cmd": "echo ${item.n}", "deps": ["out/a-0.5"],
-                                                          "outs": ["out/c${item.n}"]}},
-        "d": {"matrix": {"m": ["p", "q"], "s": "${xs}", "f": [True, False], "l": [[1, 2]]},
+        "d": {"matrix": {"m": ["p", "q"], "s": "${xs}", "f": [True, False]},
               "cmd": "echo ${item.m} ${item.s}", "deps": ["out/a-${item.s}"],
               "outs": ["out/d-${item.m}-${item.s}-${item.f}"]},
         "e": {"cmd": "echo e", "deps": ["out"], "outs": ["e.txt"]}}}
-    params = {"xs": [0.5, 2]}
     (tmp_path / "dvc.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"xs": [0.5]}))
+    params = {"xs": [0.5, 2]}
+    graph = stage_graph(tmp_path, params)
+    assert (tmp_path / "params.yaml").read_text() == yaml.safe_dump({"xs": [0.5]})  # the checkout is untouched
+    assert stage_outs(tmp_path, params)["a@2"] == ["out/a-2"]
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     sh(["git", "init", "-q"], tmp_path)
     dvc("init", "-q", cwd=tmp_path)
-    listed = dvc("stage", "list", "--name-only", cwd=tmp_path).stdout.split()
-    assert list(expand_stages(spec, params)) == listed
-    assert {s: set(u) for s, u in stage_graph(spec, params).items()} == dvc_graph(tmp_path)
+    assert list(graph) == dvc("stage", "list", "--name-only", cwd=tmp_path).stdout.split()
+    assert {s: set(u) for s, u in graph.items()} == dvc_graph(tmp_path)
 
 
-def test_stage_order_selection_and_errors():
-    from pipeline.flows import stage_graph, stage_order
+def test_stage_order_selection_and_errors(tmp_path):
+    from pipeline.dvcgraph import stage_graph, stage_order
 
     params = {**PARAMS, "compare": {**PARAMS["compare"], **{k.split(".")[1]: v for k, v in TOY_GRID.items()}}}
-    order = stage_order(DVC_YAML, params=params)
-    assert stage_order(DVC_YAML, ["report", "init", "data"], params) == ["data", "init", "report"]
+    order = stage_order(ROOT, params=params)
+    assert stage_order(ROOT, ["report", "init", "data"], params) == ["data", "init", "report"]
     cells = [s for s in order if s.startswith("search@")]
-    assert cells and stage_order(DVC_YAML, ["search"], params) == cells  # a group name means all its cells
+    assert cells and stage_order(ROOT, ["search"], params) == cells  # a group name means all its cells
     one = cells[-1]
-    assert stage_order(DVC_YAML, ["report", one, "model"], params) == ["model", one, "report"]
+    assert stage_order(ROOT, ["report", one, "model"], params) == ["model", one, "report"]
     with pytest.raises(ValueError, match="unknown stage"):
-        stage_order(DVC_YAML, ["nope"], params)
+        stage_order(ROOT, ["nope"], params)
     with pytest.raises(ValueError, match="unknown stage"):
-        stage_order(DVC_YAML, ["search@nope-0.9"], params)
-    # without params the groups stay single nodes (a ${...} path component matches any)
-    groups = stage_order(DVC_YAML)
-    assert sorted(groups) == sorted(DVC_YAML["stages"])
-    assert groups.index("search") < groups.index("evaluate_search") < groups.index("export") < groups.index("report")
+        stage_order(ROOT, ["search@nope-0.9"], params)
     # the order comes from the data flow, not from where a stage is written
-    shuffled = {**DVC_YAML, "stages": dict(reversed(list(DVC_YAML["stages"].items())))}
-    reordered = stage_order(shuffled, params=params)
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({**DVC_YAML, "stages": dict(reversed(list(
+        DVC_YAML["stages"].items())))}, sort_keys=False))
+    reordered = stage_order(tmp_path, params=params)
     assert sorted(reordered) == sorted(order) and reordered != order
-    assert is_topological(reordered, {s: set(u) for s, u in stage_graph(DVC_YAML, params).items()})
-    cyclic = {"stages": {"a": {"cmd": "x", "deps": ["b.txt"], "outs": ["a.txt"]},
-                         "b": {"cmd": "y", "deps": ["a.txt"], "outs": ["b.txt"]}}}
+    assert is_topological(reordered, {s: set(u) for s, u in stage_graph(ROOT, params).items()})
+    cyclic = tmp_path / "cyclic"
+    cyclic.mkdir()
+    (cyclic / "dvc.yaml").write_text(yaml.safe_dump({"stages": {
+        "a": {"cmd": "x", "deps": ["b.txt"], "outs": ["a.txt"]}, "b": {"cmd": "y", "deps": ["a.txt"], "outs": ["b.txt"]}}}))
     with pytest.raises(ValueError, match="cycle"):
         stage_order(cyclic)
 

@@ -7,13 +7,13 @@ import warnings
 
 import pytest
 import torch
-
 from conftest import make_tiny_model
-from pgprune.core.masked_forward import MaskedModel
-from pgprune.hf.memory import peak_memory, plan, reset_peak_memory
-from pgprune.hf.loading import load_model
-from pgprune.core.weights import layer_homes
 from test_batched import random_means, sample_masks
+
+from pgprune.core.masked_forward import MaskedModel
+from pgprune.core.weights import layer_homes
+from pgprune.hf.loading import load_model
+from pgprune.hf.memory import peak_memory, plan, reset_peak_memory
 
 pytestmark = pytest.mark.gpu
 VOCAB = 300
@@ -126,3 +126,30 @@ def test_plan_bounds_the_measured_cuda_peak(checkpoint, tmp_path):
         est = plan(folder, "float32", offload=offload, batch=4, seq_len=64, samples=4, device="cuda")
         assert measured <= est["rows"][f"offload {offload}"]["device_peak"], (offload, measured, est)
         del mm, model
+
+
+def pg_search_on(device: str, mode: str):
+    """The library's search driver (what the pipeline and the benchmarks run) on ``device``: channel blocks of 8
+    (the blocks are expanded to channels before the masked forward), mean compensation, validation."""
+    from pgprune.config import SearchParams
+    from pgprune.pruning.pg import run_pg_search
+
+    model = make_tiny_model("llama", n_heads=4, n_kv=2, ffn=48).to(device)
+    lay = MaskedModel(model).layout
+    g = torch.Generator().manual_seed(0)
+    scores = {"heads": torch.rand(lay.n_units["heads"], generator=g),
+              "channels": torch.rand(lay.n_units["channels"], generator=g)}
+    p = SearchParams(steps=2, samples=4, batch_size=2, val_blocks=2, validate_every=1, checkpoint_every=0,
+                     channel_group=8, sample_mode=mode)
+    calib = torch.randint(0, VOCAB, (8, 16), generator=g)
+    out = run_pg_search(model, calib, scores, p, sparsity=0.5, device=device, progress=False,
+                        compensation=random_means(lay, 4))
+    out.masks.validate(lay)
+    return out
+
+
+@pytest.mark.parametrize("mode", ["batched", "separate"])
+def test_pg_search_with_channel_blocks_on_cuda(mode):
+    out = pg_search_on("cuda", mode)
+    assert out.result.steps_done == 2 and out.result.forward_passes > 0
+    assert all(torch.isfinite(torch.tensor(h["loss_mean"])) for h in out.result.history if h["n_valid"])

@@ -1,11 +1,11 @@
 """Masked forward == sliced model == reloaded model, for MHA and GQA tiny configs of every family."""
 import pytest
 import torch
-
 from conftest import make_tiny_model
-from pgprune.errors import BudgetError
+
 from pgprune.core.masked_forward import MaskedModel
 from pgprune.core.masks import Masks
+from pgprune.errors import BudgetError
 from pgprune.hf.slicing import load_pruned, save_pruned, slice_model
 
 CASES = [("llama", 4, 4), ("llama", 4, 2), ("mistral", 4, 2), ("qwen2", 4, 2), ("qwen2", 6, 3)]
@@ -115,8 +115,8 @@ def test_masks_json_round_trip():
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_mean_compensation_masked_equals_sliced(arch):
-    from pgprune.scorers import compute_scores
     from pgprune.pruning.run import compensation_biases
+    from pgprune.scorers import compute_scores
 
     model = make_tiny_model(arch, n_heads=4, n_kv=2, layers=3)
     calib = torch.randint(0, 300, (8, 16), generator=torch.Generator().manual_seed(0))

@@ -1,8 +1,8 @@
 """Memory plan from the config alone (sizes equal the built model's) and the measured-peak helpers."""
 import pytest
 import torch
-
 from conftest import make_tiny_config, make_tiny_model
+
 from pgprune.errors import PgpruneError
 from pgprune.hf.memory import current_memory, format_plan, peak_memory, plan, reset_peak_memory, weight_sizes
 

@@ -6,12 +6,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TINY_TEXT
 
 from pgprune.data import tokenize_blocks
 from pgprune.errors import NaNLossError, PgpruneError
 from pgprune.eval import perplexity, text_perplexity
-
-from conftest import TINY_TEXT
 
 
 @pytest.fixture(scope="module")

@@ -1,20 +1,20 @@
 """The policy-gradient search on a (tiny) model: exact budgets, layer granularity, validation and selection."""
-import pytest
-import torch
-
-from conftest import make_tiny_model
-from pgprune.core.adapters import get_adapter
 from functools import partial
 
+import pytest
+import torch
+from conftest import make_tiny_model
+
 from pgprune.config import SearchParams as _SearchParams
+from pgprune.core.adapters import get_adapter
 
 # the paper's units policy on single channels (the tiny models' MLPs are 48 wide); tests override what they study
 SearchParams = partial(_SearchParams, policy="units", channel_group=1, init_free_channels=0.0, lr_channels=0.02)
-from pgprune.errors import PgpruneError
 from pgprune.core.allocation import masks_from_scores
-from pgprune.core.masks import sparsity_report
-from pgprune.pruning.pg import build_search, hard_masks, run_pg_search
 from pgprune.core.masked_forward import MaskedModel
+from pgprune.core.masks import sparsity_report
+from pgprune.errors import PgpruneError
+from pgprune.pruning.pg import build_search, hard_masks, run_pg_search
 from pgprune.scorers import compute_scores
 
 
@@ -148,7 +148,8 @@ def test_uniform_layout_search_keeps_equal_widths(setup):
     assert groups["channels"].segment_budgets == (6.0,) * 4 and groups["heads"].segment_budgets == (1.0,) * 4
     with pytest.raises(PgpruneError, match="uniform layout searches heads and channels"):
         run_pg_search(model, calib, scores, SearchParams(granularity=["heads", "layers"], layer_sparsity=0.25,
-                                                         init="magnitude", bias_compensation=False),
+                                                         init="magnitude", bias_compensation=False,
+                                                         batch_size=4, val_blocks=4),
                       sparsity=0.5, layout="uniform", progress=False)
 
 

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from toy_dvc import DVC, ROOT, dvc, make_toy_repo, ran_stages, set_param
 
 pytestmark = pytest.mark.skipif(not Path(DVC).exists(), reason="dvc is not installed next to this Python")
@@ -77,16 +76,21 @@ def test_run_cache_is_never_switched_off():
     assert "/artifacts/checkpoints/" in (ROOT / ".gitignore").read_text()
 
 
-def test_params_lists_are_short_and_true():
+def test_params_lists_are_exact_keys():
+    """Sections or exact keys; which keys a stage really reads is checked by running it
+    (tests/test_stages_e2e.py::test_all_stages), this pins the layout."""
     p = {name: st.get("params") for name, st in STAGES.items()}
-    assert p["search"] == ["search", "model.dtype", "model.device"]
-    assert p["baseline"] == ["search.min_heads_per_layer", "init.flap_bias_compensation"]
-    assert p["evaluate_search"] == p["evaluate_baseline"] == p["evaluate_dense"] == ["eval", "model.dtype",
-                                                                                     "model.device"]
-    assert p["export"] == ["export", "data.calibration"]
+    placement = ["model.dtype", "model.device", "model.offload", "model.device_map", "model.max_memory"]
+    assert p["search"] == ["search", *placement]
+    assert p["baseline"] == ["search.min_heads_per_layer", "init.flap_bias_compensation", "model.dtype",
+                             "model.offload"]
+    assert p["evaluate_search"] == p["evaluate_baseline"] == p["evaluate_dense"] == ["eval", "data.evaluation",
+                                                                                     *placement]
+    assert p["export"] == ["export", "model.source", "data.calibration", "data.calib_blocks", "data.seq_len"]
     assert p["model"] == ["model.source", "model.dtype"] and p["data"] == ["data"]
-    assert p["init"] == ["init", "model.dtype", "model.device"]
-    assert all(len(v or []) <= 3 for v in p.values())
+    assert p["init"] == ["init", *placement]
+    assert p["report"] == ["report", "compare", "export", "search.init"]
+    assert not any("model.threads" in (v or []) or "model" in (v or []) for v in p.values())  # operational only
 
 
 def test_plots_columns_are_the_method_registry():
@@ -268,7 +272,7 @@ def test_returning_to_earlier_params_restores_from_the_run_cache(toy):
 
 
 def test_every_parameter_is_documented_with_what_it_invalidates():
-    """README's parameter table is pgprune.config.params_reference() for this dvc.yaml (one declaration each)."""
+    """docs/parameters.md's table is pgprune.config.params_reference() for this dvc.yaml (one declaration each)."""
     from pgprune.config import params_reference
 
     table = params_reference(DVC_YAML)
@@ -277,4 +281,5 @@ def test_every_parameter_is_documented_with_what_it_invalidates():
     assert all(ln.split("|")[3].strip() for ln in rows), "a key without a description"
     assert "| `eval.zero_shot_limit` |" in table and \
         "`evaluate_search`" in table.split("| `eval.zero_shot_limit` |")[1].split("\n")[0]
-    assert table in (ROOT / "README.md").read_text(), "README's parameter table is stale: python -m pgprune.config"
+    assert table in (ROOT / "docs" / "parameters.md").read_text(), \
+        "docs/parameters.md is stale: python docs/make_parameters.py"

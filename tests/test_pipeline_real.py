@@ -20,7 +20,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import make_tiny_model
 from toy_dvc import DVC, ROOT, dvc, set_param, sh
 
@@ -37,7 +36,7 @@ def tiny_params(model_dir: Path) -> dict:
         "data": {"local_sources": ["fortunes"], "evaluation": ["local"], "seq_len": 32, "calib_blocks": 24,
                  "zero_shot_items": 8},
         "init": {"nsamples": 8, "batch_size": 4, "scorers": ["flap", "wanda_sp"]},
-        "search": {"steps": 8, "samples": 2, "batch_size": 4, "checkpoint_every": 2, "val_blocks": 4, "channel_group": 8,
+        "search": {"seeds": [42], "steps": 8, "samples": 2, "batch_size": 4, "checkpoint_every": 2, "val_blocks": 4, "channel_group": 8,
                    "validate_every": 4, "lr_heads": 0.2, "lr_channels": 0.2, "init_free_channels": 0.3},
         "eval": {"ppl_seq_len": 32, "ppl_blocks": 8, "zero_shot": False, "speed": {"enabled": False}},
         "compare": {"sparsities": [0.5], "searches": ["pg"], "baselines": ["flap"]},

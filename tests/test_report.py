@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from fake_artifacts import METHODS, REPORT_ARGS, make_fake_artifacts
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -117,9 +116,8 @@ def test_comparison_rows_conventions_and_speedup(tmp_path):
 
 
 def test_report_without_zero_shot_and_speed(tmp_path):
-    from pgprune.report.tables import markdown_report
-
     from pgprune.report import collect_results
+    from pgprune.report.tables import markdown_report
 
     make_fake_artifacts(tmp_path, sparsities=(0.3,), methods=["pg", "random"], zero_shot=False)
     res = collect_results(tmp_path / "artifacts/eval", tmp_path / "artifacts/timing", [0.3], ["pg", "random"], "flap")

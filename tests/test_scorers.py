@@ -6,14 +6,22 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import make_tiny_config, make_tiny_model
+
 from pgprune.core.adapters import get_adapter
-from pgprune.errors import PgpruneError
 from pgprune.core.masked_forward import MaskedModel
 from pgprune.core.masks import Masks
-from pgprune.scorers import (SCORER_GROUPS, SCORERS, RunningMoments, collect_activation_stats, compute_scores,
-                             flap_compensation_biases, flap_fluctuation, flap_scores)
+from pgprune.errors import PgpruneError
+from pgprune.scorers import (
+    SCORER_GROUPS,
+    SCORERS,
+    RunningMoments,
+    collect_activation_stats,
+    compute_scores,
+    flap_compensation_biases,
+    flap_fluctuation,
+    flap_scores,
+)
 from pgprune.scorers import activations as act_mod
 
 VOCAB = 300

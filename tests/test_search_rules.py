@@ -1,8 +1,8 @@
 """search.at_sparsity: settings by sparsity and layout, resolved where a search meets its sparsity."""
 import pytest
 import torch
-
 from conftest import make_tiny_model
+
 from pgprune.api import build_params
 from pgprune.config import SearchParams
 from pgprune.errors import ConfigError

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import make_tiny_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -33,6 +32,22 @@ def tiny_params(model_dir: Path) -> dict:
                     "baselines": ["wanda_sp", "flap", "magnitude", "taylor", "random", "layer_drop"]},
         "export": {"method": "pg", "sparsity": 0.5, "save_dtype": "float32"},
     }
+
+
+def stage_names(params: dict) -> list[str]:
+    """The dvc.yaml stage (group) of each of stage_commands' entries."""
+    spec = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+    ctx = {k: v for d in spec["vars"] for k, v in d.items()} | params
+    out = []
+    for name, st in spec["stages"].items():
+        n = 1
+        for ref in (st.get("matrix") or {}).values():
+            node = ctx
+            for k in ref.strip("${}").split("."):
+                node = node[k]
+            n *= len(node)
+        out += [name] * n
+    return out
 
 
 def stage_commands(params: dict) -> list[tuple[str, list[str]]]:
@@ -68,6 +83,57 @@ def run_stage(module: str, argv: list[str]) -> None:
     importlib.import_module(module).main(argv)
 
 
+# params that cannot change a stage's outputs, so no stage declares them (torch's thread count)
+OPERATIONAL_PARAMS = {"model.threads"}
+
+
+class ParamsRecorder:
+    """Stands for a Params (or one of its sections) and records every key read through it: a leaf value as
+    ``section.key``, a method or a dump of a section as the whole section (the stage depends on all of it)."""
+
+    def __init__(self, obj, path: str, log: set):
+        object.__setattr__(self, "_obj", obj)
+        object.__setattr__(self, "_path", path)
+        object.__setattr__(self, "_log", log)
+
+    def __getattr__(self, name):
+        from pydantic import BaseModel
+
+        value = getattr(self._obj, name)
+        key = f"{self._path}.{name}" if self._path else name
+        if isinstance(value, BaseModel):
+            return ParamsRecorder(value, key, self._log)
+        self._log.add((self._path or "*") if callable(value) or name.startswith("model_") else key)
+        return value
+
+    def __setattr__(self, name, value):
+        raise AttributeError(f"a stage sets params.{self._path}.{name}")
+
+
+def declared_params(stage: str) -> list[str]:
+    return yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"][stage].get("params") or []
+
+
+def undeclared(read: set, declared: list[str]) -> list[str]:
+    """Keys read that no declared key covers (a declared section covers its keys; a declared key its sub-keys)."""
+    return sorted(k for k in read - OPERATIONAL_PARAMS
+                  if not any(k == d or k.startswith(d + ".") for d in declared))
+
+
+def run_stage_recording(monkeypatch, module: str, argv: list[str]) -> set:
+    """Run a stage with its params behind a ParamsRecorder; returns the keys it read."""
+    from stages import _common
+
+    log: set = set()
+    real = _common.load_params
+    monkeypatch.setattr(_common, "load_params", lambda path: ParamsRecorder(real(path), "", log))
+    try:
+        run_stage(module, argv)
+    finally:
+        monkeypatch.setattr(_common, "load_params", real)
+    return log
+
+
 @pytest.fixture
 def workdir(tmp_path, tiny_tokenizer, monkeypatch):
     model = make_tiny_model("llama", n_heads=4, n_kv=2, layers=4, hidden=32, ffn=48, vocab=len(tiny_tokenizer))
@@ -88,14 +154,20 @@ def _digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def test_all_stages(workdir):
+def test_all_stages(workdir, monkeypatch):
+    """Every stage, in dvc.yaml's order; each reads only the params its dvc.yaml entry declares (else a change of an
+    undeclared key would leave its DVC cache stale)."""
     tmp, params = workdir
     cmds = stage_commands(params)
     names = [m for m, _ in cmds]
     assert names[:3] == ["stages.model", "stages.data", "stages.init"] and names[-2:] == ["stages.export",
                                                                                           "stages.report"]
-    for module, argv in cmds:
-        run_stage(module, argv)
+    bad = {}
+    for (module, argv), stage in zip(cmds, stage_names(params)):
+        extra = undeclared(run_stage_recording(monkeypatch, module, argv), declared_params(stage))
+        if extra:
+            bad.setdefault(stage, set()).update(extra)
+    assert not bad, f"stages read params their dvc.yaml `params` do not declare: {bad}"
     assert json.loads(Path("models/base/pgprune_source.json").read_text())["source"].endswith("tiny")
     assert (Path("models/tokenizer") / "tokenizer.json").exists()
     assert (Path("data/prepared") / "calib.safetensors").exists() and (Path("data/prepared/tasks") /

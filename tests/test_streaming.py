@@ -3,18 +3,18 @@ copied per use (offload cpu), or split over CPU memory and disk by accelerate (d
 losses, scorer statistics, perplexity and sliced weights as the in-memory model; data parallel over samples too."""
 import pytest
 import torch
-
 from conftest import make_tiny_model
-from pgprune.errors import MissingFileError, PgpruneError
-from pgprune.eval.perplexity import perplexity
+from test_batched import random_means, sample_masks
+
 from pgprune.core.masked_forward import MaskedModel
 from pgprune.core.masks import Masks
-from pgprune.hf.loading import load_model
 from pgprune.core.placement import ParallelSampleLosses
-from pgprune.scorers import collect_activation_stats, flap_scores, shortgpt_scores, wanda_sp_scores
-from pgprune.hf.slicing import slice_model
 from pgprune.core.weights import Placement, attach, is_streamed, layer_homes, require_in_memory
-from test_batched import random_means, sample_masks
+from pgprune.errors import MissingFileError, PgpruneError
+from pgprune.eval.perplexity import perplexity
+from pgprune.hf.loading import load_model
+from pgprune.hf.slicing import slice_model
+from pgprune.scorers import collect_activation_stats, flap_scores, shortgpt_scores, wanda_sp_scores
 
 VOCAB = 300
 
@@ -199,9 +199,8 @@ def test_loading_errors(checkpoints, tmp_path, tiny_tokenizer):
 
 def test_tied_embeddings_stream_from_disk(tmp_path, tiny_tokenizer):
     """SmolLM2-style checkpoints tie lm_head to the embeddings (no lm_head tensor in the file)."""
-    from transformers import AutoModelForCausalLM
-
     from conftest import make_tiny_config
+    from transformers import AutoModelForCausalLM
 
     cfg = make_tiny_config("llama", n_heads=4, n_kv=2)
     cfg.tie_word_embeddings = True

@@ -1,6 +1,6 @@
 """Sweeps fanned out to a Prefect work pool, shared through a bare git repository and a local DVC remote.
 
-The end-to-end fixture builds, in a temporary folder: the mini DVC project of pipeline/demo.py (three cheap stages,
+The end-to-end fixture builds, in a temporary folder: the mini DVC project of bench/workpool_demo.py (three cheap stages,
 its ``search`` checkpointing every step into PGPRUNE_CHECKPOINT_DIR; the real pgprune pipeline needs the real model,
 so it is not used here) pushed to a bare git repository and a local DVC remote; a Prefect server (`prefect server
 start` on a free loopback port, sqlite in the temporary folder); ``python -m pipeline.workpool setup``; two process
@@ -92,7 +92,7 @@ def _running_search(units: set[str], min_age_s: float) -> tuple[int, str] | None
 
 @pytest.fixture(scope="module")
 def pool(tmp_path_factory):
-    from pipeline.demo import make_demo_project
+    from bench.workpool_demo import make_demo_project
     from pipeline.workpool import local_server, start_worker, stop_group, worker_env
 
     tmp = tmp_path_factory.mktemp("workpool")
@@ -161,7 +161,7 @@ def _names():
 
 
 def _expected_score(sparsity: float) -> float:
-    from pipeline.demo import PARAMS, expected_metrics
+    from bench.workpool_demo import PARAMS, expected_metrics
 
     params = yaml.safe_load(yaml.safe_dump(PARAMS))
     params["search"].update(DEMO_SEARCH, sparsity=sparsity)
@@ -395,7 +395,7 @@ def test_worker_environment_and_specs(tmp_path):
 
 
 def test_pipeline_imports_no_torch():
-    code = ("import sys; import pipeline.flows, pipeline.unit, pipeline.sweep, pipeline.workpool, pipeline.demo, "
+    code = ("import sys; import pipeline.flows, pipeline.unit, pipeline.sweep, pipeline.workpool, "
             "pipeline.deploy; print('torch' in sys.modules)")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, env=_env())
     assert r.returncode == 0 and r.stdout.strip() == "False", r.stderr
@@ -404,14 +404,14 @@ def test_pipeline_imports_no_torch():
 def test_pgprune_units_narrow_the_comparison_to_one_cell():
     """methods x sparsities on this checkout: each unit's params validate, its target is a stage dvc.yaml generates
     for them, and the stages it would run are that cell's (not the other methods' or sparsities')."""
-    from pipeline.dvcgraph import load_dvc_yaml, load_params_yaml, stage_graph
+    from pipeline.dvcgraph import load_params_yaml, stage_graph
     from pipeline.experiments import apply_overrides, pgprune_units
 
     units = pgprune_units(["pg", "flap"], [0.25], root=ROOT)  # validated against pgprune/config.py and dvc.yaml
     assert [u["targets"] for u in units] == [["evaluate_search@pg-0.25"], ["evaluate_baseline@flap-0.25"]]
-    spec, base = load_dvc_yaml(ROOT), load_params_yaml(ROOT)
+    base = load_params_yaml(ROOT)
     for u in units:
-        graph = stage_graph(spec, apply_overrides(base, u["overrides"]))
+        graph = stage_graph(ROOT, apply_overrides(base, u["overrides"]))
         cells = [s for s in graph if "@" in s]
         assert all(s.endswith("-0.25") for s in cells) and len(cells) == 2  # its masks stage + its evaluation
     assert pgprune_units(["pg"], [0.3], evaluate_only=False)[0]["targets"] == []

@@ -7,9 +7,9 @@ import socket
 
 import pytest
 
+from pgprune.data.local_tasks import LOADER_MODULE, read_items
 from pgprune.errors import PgpruneError
 from pgprune.eval import write_local_tasks, zero_shot
-from pgprune.data.local_tasks import LOADER_MODULE, read_items
 
 _WORDS = ("river stone light garden window morning silver people city market quiet music letter winter road "
           "bridge forest paper yellow table kitchen summer ocean mountain friend teacher story evening harbor "

@@ -29,8 +29,8 @@ from dataclasses import dataclass
 import torch
 
 from pgprune.core.adapters.base import Layout
-from pgprune.errors import BudgetError, PgpruneError
 from pgprune.core.masks import Masks, segments
+from pgprune.errors import BudgetError, PgpruneError
 from pgprune.search.projection import select_top_k
 
 ALLOCATIONS = ("global", "uniform")

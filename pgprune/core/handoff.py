@@ -30,6 +30,7 @@ class MethodResult:
     trajectory: list[dict] = field(default_factory=list)
     compensation_means: dict | None = None
 
+
 def _write_masks(out: Path, masks: Masks, extra) -> None:
     from pgprune.io import save_tensors, write_json
 
@@ -39,6 +40,7 @@ def _write_masks(out: Path, masks: Masks, extra) -> None:
         save_tensors(comp, {f"layers.{i}.{name}": v for i, d in sorted(extra.items()) for name, v in sorted(d.items())})
     elif comp.exists():
         comp.unlink()
+
 
 def save_masks(out_dir: str | Path, result: MethodResult, layout) -> dict:
     """Write masks.json, compensation.safetensors (when compensated), seeds/<seed>/ the same for extra seeds,
@@ -70,6 +72,7 @@ def save_masks(out_dir: str | Path, result: MethodResult, layout) -> dict:
     write_json(out / "summary.json", summary)
     return summary
 
+
 def load_masks(masks_dir: str | Path, layout=None) -> tuple[Masks, dict[int, dict[str, torch.Tensor]] | None]:
     """(masks, compensation biases or None) from a folder written by :func:`save_masks`."""
     from pgprune.io import load_tensors
@@ -86,6 +89,7 @@ def load_masks(masks_dir: str | Path, layout=None) -> tuple[Masks, dict[int, dic
         extra.setdefault(int(i), {})[name] = v
     return masks, extra
 
+
 def load_trajectory(masks_dir: str | Path, layout=None) -> tuple[list[dict], dict | None]:
     """(the search's validated masks over time, {"step", "forward_passes", "val_loss", "masks"}, and the
     calibration means to compensate them with) from a search cell; ([], None) when the cell has none."""
@@ -99,12 +103,14 @@ def load_trajectory(masks_dir: str | Path, layout=None) -> tuple[list[dict], dic
     means = d / "compensation_means.safetensors"
     return points, (load_tensors(means, "compensation means") if means.exists() else None)
 
+
 def seed_results(masks_dir: str | Path, layout=None) -> dict[str, tuple[Masks, dict | None]]:
     """{seed: (masks, compensation)} of the extra seeds of a search (seeds/<seed>/)."""
     d = Path(masks_dir) / "seeds"
     if not d.is_dir():
         return {}
     return {p.name: load_masks(p, layout) for p in sorted(d.iterdir(), key=lambda x: int(x.name)) if p.is_dir()}
+
 
 def history_csv(history: list[dict]) -> str:
     import csv
@@ -118,4 +124,4 @@ def history_csv(history: list[dict]) -> str:
     return buf.getvalue()
 
 
-__all__ = ['MethodResult', 'save_masks', 'load_masks', 'load_trajectory', 'seed_results', 'history_csv']
+__all__ = ["MethodResult", "save_masks", "load_masks", "load_trajectory", "seed_results", "history_csv"]

@@ -48,9 +48,9 @@ import torch.nn.functional as F
 
 from pgprune.core.adapters import get_adapter
 from pgprune.core.adapters.base import Adapter, LayerParts
-from pgprune.errors import PgpruneError
 from pgprune.core.masks import Masks
 from pgprune.core.weights import WeightSource
+from pgprune.errors import PgpruneError
 
 MODES = ("gather", "multiply")
 SAMPLE_MODES = ("auto", "batched", "separate")

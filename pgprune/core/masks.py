@@ -11,11 +11,37 @@ from pgprune.errors import BudgetError, PgpruneError
 GROUPS = ("heads", "channels", "layers")
 
 
+def _check_mask(m, where: str) -> None:
+    if not isinstance(m, torch.Tensor):
+        raise PgpruneError(f"{where} is a {type(m).__name__}; allowed: a 1-D bool tensor (True = keep)")
+    if m.dtype != torch.bool or m.dim() != 1:
+        raise PgpruneError(f"{where} has dtype {str(m.dtype).replace('torch.', '')} and shape {tuple(m.shape)}; "
+                           "allowed: a 1-D bool tensor (True = keep; Masks.from_flat converts 0/1 values)")
+
+
 @dataclass
 class Masks:
     heads: list[torch.Tensor]  # per layer, bool [kv_heads_i]
     channels: list[torch.Tensor]  # per layer, bool [intermediate_i]
     layers: torch.Tensor  # bool [num_layers]
+
+    def __post_init__(self) -> None:
+        self.check_tensors()
+
+    def check_tensors(self) -> None:
+        """Every mask must be a 1-D bool tensor (True = keep), one per layer; raise naming the layer, the group and
+        what was given (int/float 0/1 masks go through :meth:`from_flat`, which converts them)."""
+        for group in ("heads", "channels"):
+            per_layer = getattr(self, group)
+            if not isinstance(per_layer, (list, tuple)):
+                raise PgpruneError(f"Masks.{group} is a {type(per_layer).__name__}; allowed: a list with one 1-D bool "
+                                   "tensor per layer")
+            for i, m in enumerate(per_layer):
+                _check_mask(m, f"layer {i}: {group} mask")
+        _check_mask(self.layers, "layers mask")
+        if not len(self.heads) == len(self.channels) == self.layers.numel():
+            raise PgpruneError(f"masks cover {len(self.heads)} layers (heads), {len(self.channels)} (channels) and "
+                               f"{self.layers.numel()} (layers); allowed: one entry per layer in each")
 
     # --- construction ---------------------------------------------------------------------------------------
     @classmethod
@@ -68,7 +94,8 @@ class Masks:
                 "layers": [int(x) for x in self.layers]}
 
     def validate(self, layout: Layout) -> None:
-        """Check shapes and that no kept layer lost all its KV groups (the reference code allowed that)."""
+        """Check dtypes, shapes and that no kept layer lost all its KV groups (the reference code allowed that)."""
+        self.check_tensors()
         if len(self.heads) != layout.num_layers or len(self.channels) != layout.num_layers:
             raise PgpruneError(f"masks cover {len(self.heads)} layers, the model has {layout.num_layers}")
         if self.layers.numel() != layout.num_layers:
@@ -184,3 +211,36 @@ def sparsity_report(layout: Layout, masks: Masks, out_bias: bool = False) -> dic
         "layers_kept": sum(counts["layers"]), "layers_total": layout.num_layers,
         "per_layer": counts,
     }
+
+
+EXTRA_BIAS_MODULES = ("o_proj", "down_proj")
+
+
+def check_extra_bias(layout: Layout, extra_bias: dict | None) -> None:
+    """``extra_bias`` must be {layer index: {"o_proj"|"down_proj": float tensor [hidden_size]}} (None values
+    allowed); raise naming the layer, the module and the shape expected vs given."""
+    if extra_bias is None:
+        return
+    if not isinstance(extra_bias, dict):
+        raise PgpruneError(f"extra_bias is a {type(extra_bias).__name__}; allowed: {{layer index: {{'o_proj'|"
+                           f"'down_proj': tensor [{layout.hidden_size}]}}}}")
+    for i, per in extra_bias.items():
+        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < layout.num_layers:
+            raise PgpruneError(f"extra_bias has layer {i!r}; allowed: layer indices 0..{layout.num_layers - 1}")
+        if not isinstance(per, dict):
+            raise PgpruneError(f"extra_bias layer {i} is a {type(per).__name__}; allowed: {{'o_proj'|'down_proj': "
+                               f"tensor [{layout.hidden_size}]}}")
+        for name, b in per.items():
+            if name not in EXTRA_BIAS_MODULES:
+                raise PgpruneError(f"extra_bias layer {i} has module {name!r}; allowed: "
+                                   f"{', '.join(EXTRA_BIAS_MODULES)}")
+            if b is None:
+                continue
+            if not isinstance(b, torch.Tensor) or not (b.is_floating_point()):
+                what = f"a {str(b.dtype).replace('torch.', '')} tensor" if isinstance(b, torch.Tensor) else \
+                    f"a {type(b).__name__}"
+                raise PgpruneError(f"extra_bias layer {i} {name} is {what}; allowed: a float tensor of shape "
+                                   f"({layout.hidden_size},)")
+            if tuple(b.shape) != (layout.hidden_size,):
+                raise PgpruneError(f"extra_bias layer {i} {name} has shape {tuple(b.shape)}; expected "
+                                   f"({layout.hidden_size},) (the model's hidden size)")

@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from pgprune.core.adapters import get_adapter
-from pgprune.errors import PgpruneError
 from pgprune.core.masks import Masks
+from pgprune.errors import PgpruneError
 
 
 def _resolve_devices_key(key):

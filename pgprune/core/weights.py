@@ -41,7 +41,7 @@ from torch import nn
 
 from pgprune.core.adapters import get_adapter
 from pgprune.core.adapters.base import Adapter, LayerParts
-from pgprune.errors import MissingFileError, PgpruneError
+from pgprune.errors import ConfigError, MissingFileError, PgpruneError
 
 HOMES = ("resident", "cpu", "disk")
 ATTR = "pgprune_placement"
@@ -225,12 +225,43 @@ def attach(model, plc: Placement) -> None:
     setattr(model, ATTR, plc)
 
 
+def available_devices() -> list[str]:
+    """The compute devices of this machine, as ``model.device`` / ``--device`` take them."""
+    out = ["cpu"]
+    if torch.cuda.is_available():
+        out += ["cuda"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        out.append("mps")
+    return out
+
+
 def normalize_device(device: torch.device | str) -> torch.device:
-    """'cuda' -> 'cuda:<current>' (tensors always carry an index; comparisons need it)."""
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        return torch.device("cuda", torch.cuda.current_device())
-    return device
+    """'cuda' -> 'cuda:<current>' (tensors always carry an index; comparisons need it). A device string torch does
+    not know, or a device this machine lacks, raises ConfigError naming it and the available ones."""
+    given = device
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ConfigError(f"device {given!r} is not a device; allowed on this machine: "
+                          f"{', '.join(available_devices())}") from None
+    if device.type == "meta":  # weightless models (internal)
+        return device
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {str(given)!r} is not available: this machine has no CUDA device (or torch "
+                              f"was built without CUDA); allowed on this machine: {', '.join(available_devices())}")
+        if device.index is None:
+            return torch.device("cuda", torch.cuda.current_device())
+        if device.index >= torch.cuda.device_count():
+            raise ConfigError(f"device {str(given)!r} is not available: this machine has "
+                              f"{torch.cuda.device_count()} CUDA device(s); allowed on this machine: "
+                              f"{', '.join(available_devices())}")
+        return device
+    if device.type == "cpu" or device.type == "mps" and "mps" in available_devices():
+        return device
+    raise ConfigError(f"device {str(given)!r} is not available; allowed on this machine: "
+                      f"{', '.join(available_devices())}")
 
 
 def _device_of(module: nn.Module) -> torch.device:

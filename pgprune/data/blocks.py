@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from pgprune.errors import PgpruneError
+from pgprune.errors import ConfigError, PgpruneError
 
 log = logging.getLogger(__name__)
 
@@ -31,12 +31,26 @@ def tokenize_stream(text: str, tokenizer: Any, *, add_bos: bool = True) -> list[
     return ids
 
 
+# params setting -> the command-line option that sets it (messages name both)
+OPTION_OF = {"data.seq_len": "--seq-len", "eval.ppl_seq_len": "--seq-len"}
+
+
+def _too_short(n_tokens: int, seq_len: int, source: str | None, setting: str | None, what: str) -> ConfigError:
+    src = source or "the text"
+    name = setting or "seq_len"
+    opt = f"{name}={seq_len}" + (f" ({OPTION_OF[name]})" if name in OPTION_OF else "")
+    return ConfigError(f"{src} has {n_tokens} tokens, fewer than the {seq_len} that {opt} needs for {what}; allowed: "
+                       f"a text of at least {seq_len} tokens, or a smaller {name}")
+
+
 def tokenize_blocks(text: str, tokenizer: Any, seq_len: int, *, add_bos: bool = True,
-                    max_blocks: int | None = None) -> torch.Tensor:
+                    max_blocks: int | None = None, source: str | None = None,
+                    setting: str | None = None) -> torch.Tensor:
     """Return a LongTensor ``[n, seq_len]`` of consecutive non-overlapping blocks of the tokenized ``text``.
 
     The text is tokenized once (BOS only at the very start when ``add_bos``); the remainder that does not fill a
-    block is dropped; ``max_blocks`` keeps the first blocks only.
+    block is dropped; ``max_blocks`` keeps the first blocks only. ``source``/``setting`` name the text and the
+    setting of ``seq_len`` in the error a too-short text raises.
     """
     _check_seq_len(seq_len)
     if max_blocks is not None and max_blocks < 1:
@@ -44,25 +58,25 @@ def tokenize_blocks(text: str, tokenizer: Any, seq_len: int, *, add_bos: bool = 
     ids = tokenize_stream(text, tokenizer, add_bos=add_bos)
     n = len(ids) // seq_len
     if n < 1:
-        raise PgpruneError(f"text yields {len(ids)} tokens, fewer than seq_len={seq_len}: not even one block; "
-                           f"give more text or a shorter seq_len")
+        raise _too_short(len(ids), seq_len, source, setting, "one block")
     if max_blocks is not None:
         n = min(n, max_blocks)
     return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
 
 
 def calibration_blocks(text: str, tokenizer: Any, seq_len: int, n: int, seed: int, *,
-                       add_bos: bool = True) -> torch.Tensor:
+                       add_bos: bool = True, source: str | None = None, setting: str | None = None) -> torch.Tensor:
     """Return a LongTensor ``[n, seq_len]`` of ``n`` windows at uniformly random (seeded) offsets of the token stream.
 
-    Windows may overlap each other; the same ``seed`` always gives the same windows.
+    Windows may overlap each other; the same ``seed`` always gives the same windows. ``source``/``setting`` name
+    the text and the setting of ``seq_len`` in the error a too-short text raises.
     """
     _check_seq_len(seq_len)
     if not isinstance(n, int) or n < 1:
         raise PgpruneError(f"n (number of calibration windows) must be an integer >= 1, got {n!r}")
     ids = tokenize_stream(text, tokenizer, add_bos=add_bos)
     if len(ids) < seq_len:
-        raise PgpruneError(f"text yields {len(ids)} tokens, fewer than seq_len={seq_len}: no calibration window fits")
+        raise _too_short(len(ids), seq_len, source, setting, "one calibration window")
     stream = torch.tensor(ids, dtype=torch.long)
     gen = torch.Generator().manual_seed(int(seed))
     starts = torch.randint(0, len(ids) - seq_len + 1, (n,), generator=gen)

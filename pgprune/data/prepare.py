@@ -38,6 +38,7 @@ def corpus_texts(params: Params) -> tuple[str, dict[str, str]]:
                                         max_chars=params.eval.ppl_blocks * d.seq_len * 8 if name == "c4" else None)
     return calib, evals
 
+
 def prepare_data(params: Params, tokenizer, out_dir: str | Path) -> dict:
     """Write calib.safetensors, eval/<corpus>.txt, tasks/ (offline lm-eval tasks over the held-out text) and
     stats.json: everything deterministic, so a rerun gives the same bytes."""
@@ -48,7 +49,8 @@ def prepare_data(params: Params, tokenizer, out_dir: str | Path) -> dict:
     d = params.data
     out = Path(out_dir)
     calib_text, evals = corpus_texts(params)
-    calib = calibration_blocks(calib_text, tokenizer, d.seq_len, d.calib_blocks, d.seed)
+    calib = calibration_blocks(calib_text, tokenizer, d.seq_len, d.calib_blocks, d.seed,
+                               source=f"calibration data.calibration={d.calibration!r}", setting="data.seq_len")
     save_tensors(out / "calib.safetensors", {"blocks": calib})
     stats = {"calibration": {"source": d.calibration, "chars": len(calib_text), "blocks": list(calib.shape)},
              "evaluation": {}}
@@ -63,6 +65,7 @@ def prepare_data(params: Params, tokenizer, out_dir: str | Path) -> dict:
     write_json(out / "stats.json", stats)
     return stats
 
+
 def load_calibration(data_dir: str | Path) -> torch.Tensor:
     """The calibration blocks [n, seq_len] written by the data stage."""
     from pgprune.io import load_tensors
@@ -72,6 +75,7 @@ def load_calibration(data_dir: str | Path) -> torch.Tensor:
         raise PgpruneError(f"calibration blocks in {data_dir} have shape {tuple(blocks.shape)} / {blocks.dtype}; "
                            "expected int64 [n, seq_len]; rerun the data stage")
     return blocks
+
 
 def load_eval_data(data_dir: str | Path, tokenizer, params: Params) -> tuple[dict[str, torch.Tensor], Path]:
     """({eval corpus: blocks of eval.ppl_seq_len tokens (the first eval.ppl_blocks)}, tasks folder)."""
@@ -83,8 +87,9 @@ def load_eval_data(data_dir: str | Path, tokenizer, params: Params) -> tuple[dic
     if not texts:
         raise MissingFileError(f"no held-out evaluation text in {data / 'eval'}; run the data stage")
     evals = {p.stem: tokenize_blocks(p.read_text(encoding="utf-8"), tokenizer, params.eval.ppl_seq_len,
-                                     max_blocks=params.eval.ppl_blocks) for p in texts}
+                                     max_blocks=params.eval.ppl_blocks, source=f"held-out text '{p}'",
+                                     setting="eval.ppl_seq_len") for p in texts}
     return evals, data / "tasks"
 
 
-__all__ = ['corpus_texts', 'prepare_data', 'load_calibration', 'load_eval_data']
+__all__ = ["corpus_texts", "prepare_data", "load_calibration", "load_eval_data"]

@@ -16,11 +16,15 @@ if TYPE_CHECKING:
 
 HUB_TEXTS = ("wikitext2", "c4", "ptb")
 
+
 CALIBRATION_SOURCES = (*HUB_TEXTS, "local")
+
 
 EVAL_SOURCES = (*HUB_TEXTS, "local", "licenses")
 
+
 TEXT_FILE_SUFFIXES = (".txt", ".text", ".md", ".jsonl", ".json")
+
 
 def read_text_file(path: str | Path, field_name: str = "text") -> str:
     """The text of a local file: ``.txt``/``.text``/``.md`` as is; ``.jsonl`` (one JSON record per line) or ``.json``
@@ -33,7 +37,14 @@ def read_text_file(path: str | Path, field_name: str = "text") -> str:
     if suffix not in TEXT_FILE_SUFFIXES:
         raise PgpruneError(f"text file '{p}' has the extension '{suffix or '(none)'}'; allowed: "
                            f"{', '.join(TEXT_FILE_SUFFIXES)} (.jsonl/.json: records with a '{field_name}' field)")
-    raw = p.read_text(encoding="utf-8")
+    try:
+        raw = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise PgpruneError(f"text file '{p}' is not UTF-8 text (byte {e.start} is 0x{e.object[e.start]:02x}); "
+                           "allowed: a UTF-8 text file (.txt/.md, or .jsonl/.json records)") from None
+    if "\x00" in raw:
+        raise PgpruneError(f"text file '{p}' is not UTF-8 text (it holds NUL bytes: a binary file?); allowed: a "
+                           "UTF-8 text file (.txt/.md, or .jsonl/.json records)")
     if suffix not in (".jsonl", ".json"):
         text = raw
     else:
@@ -54,8 +65,10 @@ def read_text_file(path: str | Path, field_name: str = "text") -> str:
         raise PgpruneError(f"text file '{p}' holds no text")
     return text
 
+
 def is_text_file_name(source: str) -> bool:
     return Path(str(source)).suffix.lower() in TEXT_FILE_SUFFIXES
+
 
 def named_text(source: str, params: Params, purpose: str = "calibration") -> tuple[str, str]:
     """(text, description) of a text source for ``purpose`` "calibration" (the train split / calibration part) or
@@ -93,18 +106,24 @@ def named_text(source: str, params: Params, purpose: str = "calibration") -> tup
     raise ConfigError(f"{purpose} source {name!r} is neither a corpus nor a file; allowed: {', '.join(allowed)} or "
                       f"the path of a {'/'.join(TEXT_FILE_SUFFIXES)} file")
 
-def text_calibration_blocks(text: str, tokenizer, params: Params) -> torch.Tensor:
-    """data.calib_blocks random windows of data.seq_len tokens of ``text`` (seed data.seed) [n, seq_len]."""
+
+def text_calibration_blocks(text: str, tokenizer, params: Params, source: str = "the calibration text"
+                            ) -> torch.Tensor:
+    """data.calib_blocks random windows of data.seq_len tokens of ``text`` (seed data.seed) [n, seq_len]. Too
+    short a text raises ConfigError naming ``source``, data.seq_len and both token counts."""
     from pgprune.data import calibration_blocks
 
     d = params.data
-    return calibration_blocks(text, tokenizer, d.seq_len, d.calib_blocks, d.seed)
+    return calibration_blocks(text, tokenizer, d.seq_len, d.calib_blocks, d.seed, source=source,
+                              setting="data.seq_len")
+
 
 def source_calibration(source: str, tokenizer, params: Params) -> tuple[torch.Tensor, str]:
     """(calibration blocks [data.calib_blocks, data.seq_len], description) of a named corpus or text file."""
     text, desc = named_text(source, params, "calibration")
-    blocks = text_calibration_blocks(text, tokenizer, params)
+    blocks = text_calibration_blocks(text, tokenizer, params, source=f"calibration {desc}")
     return blocks, f"{desc}: {blocks.shape[0]} blocks of {blocks.shape[1]} tokens"
+
 
 def eval_blocks(source: str, tokenizer, params: Params) -> tuple[torch.Tensor, str]:
     """(the first eval.ppl_blocks non-overlapping blocks of eval.ppl_seq_len tokens, description) of a named corpus
@@ -112,7 +131,9 @@ def eval_blocks(source: str, tokenizer, params: Params) -> tuple[torch.Tensor, s
     from pgprune.data import tokenize_blocks
 
     text, desc = named_text(source, params, "evaluation")
-    return tokenize_blocks(text, tokenizer, params.eval.ppl_seq_len, max_blocks=params.eval.ppl_blocks), desc
+    return tokenize_blocks(text, tokenizer, params.eval.ppl_seq_len, max_blocks=params.eval.ppl_blocks,
+                           source=f"evaluation {desc}", setting="eval.ppl_seq_len"), desc
 
 
-__all__ = ['HUB_TEXTS', 'CALIBRATION_SOURCES', 'EVAL_SOURCES', 'TEXT_FILE_SUFFIXES', 'read_text_file', 'is_text_file_name', 'named_text', 'text_calibration_blocks', 'source_calibration', 'eval_blocks']
+__all__ = ["HUB_TEXTS", "CALIBRATION_SOURCES", "EVAL_SOURCES", "TEXT_FILE_SUFFIXES", "read_text_file",
+           "is_text_file_name", "named_text", "text_calibration_blocks", "source_calibration", "eval_blocks"]

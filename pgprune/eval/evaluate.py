@@ -23,6 +23,7 @@ def local_task_names(tasks_dir: Path) -> list[str]:
         raise MissingFileError(f"no local zero-shot tasks at {tasks_dir} (data.evaluation must include 'local')")
     return sorted(json.loads(manifest.read_text())["tasks"])
 
+
 def evaluate(model, tokenizer, evals: dict[str, torch.Tensor], tasks_dir: Path | None, params: Params, *,
              zero_shot: bool | None = None, speed: bool | None = None) -> dict:
     """Perplexity on every eval corpus, lm-eval zero-shot average, generation tokens/s (each when enabled)."""
@@ -59,6 +60,7 @@ def evaluate(model, tokenizer, evals: dict[str, torch.Tensor], tasks_dir: Path |
         out["tokens_per_s"] = r["tokens_per_s"]
     return out
 
+
 def evaluate_masks(model, tokenizer, masks_dir: str | Path | None, evals: dict[str, torch.Tensor],
                    tasks_dir: Path | None, params: Params) -> dict:
     """The evaluation of one masks cell (or of the dense model when ``masks_dir`` is None).
@@ -68,16 +70,16 @@ def evaluate_masks(model, tokenizer, masks_dir: str | Path | None, evals: dict[s
     (model.offload / device_map): perplexity through the layer-major executor with the masks and compensation
     means applied (equal to the sliced model's), and no zero-shot or speed (they need the model in memory)."""
     from pgprune.core.adapters import get_adapter
+    from pgprune.core.weights import is_streamed
     from pgprune.eval import perplexity
     from pgprune.hf.slicing import slice_model
-    from pgprune.core.weights import is_streamed
 
     layout = get_adapter(model).layout()
     masks, extra = load_masks(masks_dir, layout) if masks_dir is not None else (Masks.full(layout), None)
     out: dict = {}
     if is_streamed(model):
-        from pgprune.io import load_tensors
         from pgprune.core.masked_forward import MaskedModel
+        from pgprune.io import load_tensors
 
         means = None
         if extra is not None:
@@ -108,6 +110,7 @@ def evaluate_masks(model, tokenizer, masks_dir: str | Path | None, evals: dict[s
             out["curve"] = {"corpus": corpus, "blocks": min(len(blocks), params.eval.curve_blocks), "points": curve}
     return out
 
+
 def masked_ppl(masked, blocks: torch.Tensor, masks, batch_size: int, device: str = "cpu") -> float:
     """exp of the block-mean LM loss of ``masked`` (a MaskedModel) under ``masks`` on ``blocks`` [n, T]."""
     import math
@@ -118,12 +121,14 @@ def masked_ppl(masked, blocks: torch.Tensor, masks, batch_size: int, device: str
         total += masked.loss(ids, masks, validate=False) * ids.shape[0]
     return math.exp(total / blocks.shape[0])
 
+
 def curve_points(points: list[dict], ppl_fn, every: int = 1) -> list[dict]:
     """Quality vs cost records of a search's validated masks (at steps that are multiples of ``every``; 0: none):
     step, sampled-mask forwards, validated loss, seconds when recorded, and ``ppl_fn(masks)``."""
     return [{"step": t["step"], "forward_passes": t["forward_passes"], "val_loss": t["val_loss"]}
             | ({"elapsed_s": t["elapsed_s"]} if "elapsed_s" in t else {}) | {"ppl": ppl_fn(t["masks"])}
             for t in points if every and t["step"] % every == 0]
+
 
 def trajectory_curve(model, masks_dir: str | Path, blocks: torch.Tensor, batch_size: int, device: str = "cpu"
                      ) -> list[dict]:
@@ -137,4 +142,4 @@ def trajectory_curve(model, masks_dir: str | Path, blocks: torch.Tensor, batch_s
     return curve_points(points, lambda m: masked_ppl(masked, blocks, m, batch_size, device))
 
 
-__all__ = ['local_task_names', 'evaluate', 'evaluate_masks', 'masked_ppl', 'curve_points', 'trajectory_curve']
+__all__ = ["local_task_names", "evaluate", "evaluate_masks", "masked_ppl", "curve_points", "trajectory_curve"]

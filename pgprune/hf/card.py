@@ -81,6 +81,7 @@ class CardFacts:
     group_size: int
     head_dim: int
     compensated: bool = False
+    bias_params: int = 0  # o_proj/down_proj compensation biases, counted as kept in ``summary`` (as the CLI does)
     converted_from: str | None = None  # family when a mistral/qwen2 model is saved as LlamaForCausalLM
     layout_note: str = ""
     dtype: str | None = None
@@ -98,10 +99,16 @@ def hub_base_model(name: str | None) -> str | None:
 
 
 def display_name(name: str | None) -> str:
-    """A name without this machine's paths (an absolute path shows only its last part)."""
+    """A name without this machine's paths (an absolute path shows only its last part); the embedded model (or a
+    folder converted from it) by its real name, e.g. "SmolLM2-135M-Instruct (Q4_1 GGUF, de-quantized)"."""
     if not name:
         return "(not recorded)"
+    from pgprune.hf.loading import embedded_name
+
     name = str(name)
+    embedded = embedded_name(name)
+    if embedded:
+        return embedded
     return os.path.basename(name.rstrip("/")) if os.path.isabs(name) else name
 
 
@@ -121,16 +128,34 @@ def _num(x: Any) -> str:
     return str(x)
 
 
-def _method_line(method: str | None) -> str:
+# what a metric baseline's allocation (pgprune.methods.Method.allocation) does, as pgprune.core.allocation runs it
+_ALLOCATION_LINE = {
+    "uniform": "the same fraction of every layer's KV-head groups and of its MLP channels, each layer's count "
+               "rounded (largest remainder), so the counts can differ by one unit between layers",
+    "global": "the top units over all layers together (per-layer widths free)",
+}
+
+
+def _method_line(method: str | None, facts: "CardFacts | None" = None) -> str:
+    """The method's label and what it did: a metric baseline's line says how it allocated the units (the registry's
+    ``allocation``, or one width for every layer in the uniform layout), not only its scorer."""
     if not method:
         return "(not recorded)"
     from pgprune.methods import METHODS
 
     key = str(method).strip().lower().replace("-", "_")
-    if key in METHODS:
-        m = METHODS[key]
-        return f"{m.label} (`{m.name}`): {m.description}" if m.description else f"{m.label} (`{m.name}`)"
-    return str(method)
+    if key not in METHODS:
+        return str(method)
+    m = METHODS[key]
+    head = f"{m.label} (`{m.name}`)"
+    if m.kind != "metric" or m.granularity == ("layers",):
+        return f"{head}: {m.description}" if m.description else head
+    desc = re.sub(r",?\s*(the )?same fraction (per|in every) layer", "", m.description or "").strip(" ,")
+    if facts is not None and facts.layout == "uniform":
+        alloc = "keeps the same number of KV-head groups and MLP channels in every layer"
+    else:
+        alloc = f"keeps {_ALLOCATION_LINE.get(m.allocation, m.allocation)}"
+    return f"{head}: {desc}; {alloc}" if desc else f"{head}: {alloc}"
 
 
 def _width_rows(facts: CardFacts) -> list[str]:
@@ -213,16 +238,18 @@ def render_card(info: CardInfo | dict | None, facts: CardFacts) -> str:
         "| | |",
         "| --- | --- |",
         f"| Base model | `{base}` |",
-        f"| Method | {_method_line(info.method)} |",
+        f"| Method | {_method_line(info.method, facts)} |",
         f"| Layout | {layout_line} |",
     ]
     if info.sparsity is not None:
         lines.append(f"| Requested sparsity | {_pct(float(info.sparsity))} |")
+    counted = (f"; the {_num(facts.bias_params)} o_proj/down_proj compensation biases count as kept"
+               if facts.bias_params else "")
     lines += [
         f"| Sparsity of decoder-layer linear parameters | {_pct(s['prunable_sparsity'])} "
-        f"({_num(s['prunable_params_dense'])} -> {_num(s['prunable_params_kept'])}) |",
+        f"({_num(s['prunable_params_dense'])} -> {_num(s['prunable_params_kept'])}{counted}) |",
         f"| Sparsity of all parameters | {_pct(s['total_sparsity'])} "
-        f"({_num(s['total_params_dense'])} -> {_num(s['total_params_kept'])}) |",
+        f"({_num(s['total_params_dense'])} -> {_num(s['total_params_kept'])}{counted}) |",
         f"| Parameters (model before / saved model) | {_num(facts.params_before)} / {_num(facts.params_after)} |",
         f"| KV-head groups kept | {s['kv_groups_kept']} of {s['kv_groups_total']} "
         f"({facts.group_size} query heads each, head_dim {facts.head_dim}) |",
@@ -244,8 +271,13 @@ def render_card(info: CardInfo | dict | None, facts: CardFacts) -> str:
         notes.append(facts.layout_note)
     if s["total_params_kept"] != facts.params_after:
         extra = facts.params_after - s["total_params_kept"]
-        notes.append(f"The saved model has {_num(facts.params_after)} parameters, {_num(extra)} more than the count "
-                     "above: zero biases that the stock architecture's bias flags add.")
+        if extra > 0:
+            notes.append(f"The saved model has {_num(facts.params_after)} parameters, {_num(extra)} more than the "
+                         "count above: biases that the saved architecture's bias flags add to modules that had "
+                         "none (e.g. q/k/v or gate/up next to a compensated o_proj/down_proj); they are all zero.")
+        else:
+            notes.append(f"The saved model has {_num(facts.params_after)} parameters, {_num(-extra)} fewer than the "
+                         "count above (tied or shared weights are stored once).")
     if notes:
         lines += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
     ev = _eval_rows(info.evaluation) if info.evaluation else []

@@ -29,9 +29,9 @@ from pathlib import Path
 import torch
 
 from pgprune.core.adapters import base_model_type, get_adapter
-from pgprune.hf.card import CardFacts, CardInfo, render_card
+from pgprune.core.masks import Masks, check_extra_bias, sparsity_report
 from pgprune.errors import ConfigError, PgpruneError
-from pgprune.core.masks import Masks, sparsity_report
+from pgprune.hf.card import CardFacts, CardInfo, render_card
 from pgprune.hf.slicing import instantiate, slice_model, sliced_state_dict, write_model_folder
 
 log = logging.getLogger("pgprune")
@@ -125,6 +125,7 @@ def plan_export(model, masks: Masks, extra_bias: dict | None = None, layout: str
     adapter = get_adapter(model)
     lay = adapter.layout()
     masks.validate(lay)
+    check_extra_bias(lay, extra_bias)
     family = base_model_type(model.config)
     o_bias, down_bias = _needs_out_bias(adapter, masks, extra_bias)
     from pgprune.hf.modeling.modeling_pgprune import PRUNED_CLASSES
@@ -261,13 +262,16 @@ def save_model(model, masks: Masks, out_dir: str | Path, tokenizer=None, *, extr
     if tokenizer is None:
         log.warning("save_model: no tokenizer given; %s will have no tokenizer files", out_dir)
     lay = get_adapter(model).layout()
-    summary = sparsity_report(lay, masks)
+    # the summary's convention (pgprune.api.run_prune): the compensation biases count as kept parameters
+    compensated = bool(extra_bias)
+    summary = sparsity_report(lay, masks, out_bias=compensated)
+    bias_params = summary["total_params_kept"] - sparsity_report(lay, masks)["total_params_kept"]
     counts = masks.kept_counts()
     facts = CardFacts(
         layout=plan.layout, architecture=plan.architecture, family=plan.family, summary=summary,
         params_before=n_params(model), params_after=n_params(pruned),
         widths=[(i, counts["heads"][i], counts["channels"][i]) for i in range(lay.num_layers)],
-        group_size=lay.group_size, head_dim=lay.head_dim, compensated=bool(extra_bias),
+        group_size=lay.group_size, head_dim=lay.head_dim, compensated=compensated, bias_params=bias_params,
         converted_from=plan.converted_from, layout_note=plan.note,
         dtype=str(next(pruned.parameters()).dtype).replace("torch.", ""))
     info = CardInfo.coerce(card)

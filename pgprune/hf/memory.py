@@ -81,15 +81,23 @@ def reset_peak_memory(device: str | torch.device = "cpu") -> bool:
 
 # --- plan from the config ----------------------------------------------------------------------------------------
 def _config(source_or_config):
+    """The config only, never the weights: a config object as is; ``embedded:...`` from its GGUF file's header
+    (:func:`pgprune.hf.loading.embedded_config`, nothing converted); a folder or hub id by AutoConfig."""
     if not isinstance(source_or_config, (str, Path)):
         return source_or_config
     from transformers import AutoConfig
 
-    from pgprune.hf.loading import resolve
+    from pgprune.hf.loading import EMBEDDED, embedded_config, resolve, trust_remote_code
 
+    if str(source_or_config).startswith("embedded:"):
+        if str(source_or_config) not in EMBEDDED:
+            raise PgpruneError(f"unknown embedded model {str(source_or_config)!r}; allowed: {', '.join(EMBEDDED)}, "
+                               "a folder or a hub id")
+        return embedded_config(str(source_or_config))
+    src = resolve(source_or_config)
     try:
-        return AutoConfig.from_pretrained(resolve(source_or_config), trust_remote_code=True)
-    except OSError as e:
+        return AutoConfig.from_pretrained(src, trust_remote_code=trust_remote_code(src))
+    except (OSError, ValueError) as e:
         raise PgpruneError(f"could not read the config of {source_or_config!r}: {e}. Offline, a hub id works only "
                            "when its config is in the Hugging Face cache; a local folder needs config.json") from e
 

@@ -16,10 +16,10 @@ from pathlib import Path
 import torch
 
 from pgprune.core.adapters import base_model_type, get_adapter
-from pgprune.errors import PgpruneError
-from pgprune.core.masks import Masks
-from pgprune.hf.modeling import modeling_pgprune as mp
+from pgprune.core.masks import Masks, check_extra_bias
 from pgprune.core.weights import layer_parts
+from pgprune.errors import PgpruneError
+from pgprune.hf.modeling import modeling_pgprune as mp
 
 MODELING_FILE = Path(mp.__file__)
 
@@ -73,6 +73,7 @@ def slice_model(model, masks: Masks, extra_bias: dict[int, dict[str, torch.Tenso
     biases (FLAP's bias compensation); the saved config then gives o_proj/down_proj a bias. ``dtype``: of the new
     model (default: the source's).
     """
+    check_extra_bias(get_adapter(model).layout(), extra_bias)
     cfg = pruned_config(model, masks, out_bias=bool(extra_bias))
     family = base_model_type(model.config)
     _, model_cls = mp.PRUNED_CLASSES[family]
@@ -93,6 +94,7 @@ def sliced_state_dict(model, masks: Masks, extra_bias: dict[int, dict[str, torch
     adapter = get_adapter(model)
     layout = adapter.layout()
     masks.validate(layout)
+    check_extra_bias(layout, extra_bias)
     hd, g = layout.head_dim, layout.group_size
     sd = {}
     dec = adapter.decoder()

@@ -24,12 +24,11 @@ from pathlib import Path
 
 import torch
 
-from pgprune.core.allocation import (UnitBlocks, boundary_init, keep_counts, masks_from_scores, ramp_init,
-                                uniform_widths)
 from pgprune.config import SearchParams
-from pgprune.errors import PgpruneError
+from pgprune.core.allocation import UnitBlocks, boundary_init, keep_counts, masks_from_scores, ramp_init, uniform_widths
 from pgprune.core.masked_forward import MaskedModel
 from pgprune.core.masks import Masks, segments
+from pgprune.errors import ConfigError, PgpruneError
 from pgprune.methods import LAYOUTS
 from pgprune.search import GroupSpec, PolicyGradientSearch, SearchResult
 from pgprune.search.init_map import CLIP_EPS, init_probs
@@ -222,6 +221,21 @@ def make_validate_fn(masked: MaskedModel, val: torch.Tensor, p: SearchParams, sp
     return validate_fn
 
 
+def check_val_blocks(n_calib: int, p: SearchParams) -> None:
+    """The search trains on the calibration blocks less the last search.val_blocks (held back to validate): at
+    least search.batch_size must remain. ConfigError naming both numbers otherwise."""
+    v, b = int(p.val_blocks), int(p.batch_size)
+    if v and v >= n_calib:
+        raise ConfigError(f"search.val_blocks={v} is not less than the {n_calib} calibration blocks "
+                          f"(data.calib_blocks / --calib-blocks): none would be left for the search; allowed: "
+                          f"search.val_blocks <= {max(n_calib - b, 0)} (search.batch_size={b} must remain), 0 to "
+                          "validate nothing, or more calibration blocks")
+    if n_calib - v < b:
+        raise ConfigError(f"search.val_blocks={v} of the {n_calib} calibration blocks (data.calib_blocks / "
+                          f"--calib-blocks) leaves {n_calib - v}, fewer than search.batch_size={b}; allowed: at "
+                          f"least {v + b} calibration blocks, or a smaller search.val_blocks / search.batch_size")
+
+
 def run_pg_search(model, calib: torch.Tensor, init_scores: dict[str, torch.Tensor], p: SearchParams, *,
                   sparsity: float, layout: str = "heterogeneous", seed: int | None = None,
                   checkpoint_dir: str | Path | None = None, device: str = "cpu", progress: bool = True,
@@ -234,6 +248,7 @@ def run_pg_search(model, calib: torch.Tensor, init_scores: dict[str, torch.Tenso
     checkpoints there every ``p.checkpoint_every`` steps and resumes a checkpoint of exactly this search.
     ``p.at_sparsity`` rules are resolved here (:meth:`pgprune.config.SearchParams.at`)."""
     p = p.at(sparsity, layout)
+    check_val_blocks(calib.shape[0], p)
     masked = MaskedModel(model)
     masked.set_compensation(compensation)
     samples = masked
@@ -247,9 +262,6 @@ def run_pg_search(model, calib: torch.Tensor, init_scores: dict[str, torch.Tenso
     validate_fn = None
     train = calib
     if p.val_blocks:
-        if calib.shape[0] <= p.val_blocks:
-            raise PgpruneError(f"search.val_blocks={p.val_blocks} leaves no calibration blocks for the search "
-                               f"(data.calib_blocks gives {calib.shape[0]}); lower it or use more blocks")
         train, val = calib[:-p.val_blocks], calib[-p.val_blocks:]
         validate_fn = make_validate_fn(masked, val, p, sparsity, device, layout, blocks)
     result = search.run(make_losses_fn(samples, train, p.batch_size, device, p.sample_mode, blocks),

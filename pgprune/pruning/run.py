@@ -28,33 +28,21 @@ log = logging.getLogger("pgprune")
 
 CHECKPOINT_DIR_ENV = "PGPRUNE_CHECKPOINT_DIR"
 
+
 DEFAULT_CHECKPOINT_DIR = "artifacts/checkpoints"
 
+
 def setup_torch(params: Params) -> None:
+    """torch's CPU threads from model.threads (0: torch's default). The stages do the same in stages/_common.py,
+    which must not import this package for it (every stage would then depend on the pruning code)."""
     if params.model.threads:
         torch.set_num_threads(params.model.threads)
+
 
 def checkpoint_dir(default: str | Path = DEFAULT_CHECKPOINT_DIR) -> Path:
     """Where search checkpoints live: $PGPRUNE_CHECKPOINT_DIR, else ``default`` (never a DVC output)."""
     return Path(os.environ.get(CHECKPOINT_DIR_ENV) or default)
 
-def compute_all_scores(params: Params, model, calib: torch.Tensor, scorers=None, progress: bool = True
-                       ) -> tuple[dict, dict]:
-    """{scorer: its importance scores} for ``scorers`` (default init.scorers), and the seconds each took."""
-    from pgprune.scorers import compute_scores
-
-    n = min(params.init.nsamples, calib.shape[0])
-    scores, timing = {}, {}
-    for name in scorers or params.init.scorers:
-        t0 = time.perf_counter()
-        opts = {"seed": params.init.seed} if name == "random" else {}
-        if name == "flap":
-            opts["bias_compensation"] = params.init.flap_bias_compensation
-        opts["progress"] = progress
-        scores[name] = compute_scores(name, model, calib[:n], batch_size=params.init.batch_size, **opts)
-        timing[name] = time.perf_counter() - t0
-        log.info("scorer %s: %.1fs", name, timing[name])
-    return scores, timing
 
 def scorers_needed(method: str, params: Params) -> list[str]:
     """The scorers a method needs: its own metric, or the search's init metric (+ flap for compensation)."""
@@ -65,6 +53,7 @@ def scorers_needed(method: str, params: Params) -> list[str]:
         need.append("flap")
     return list(dict.fromkeys(need))
 
+
 def compensation_biases(model, masks: Masks, flap_scores: dict) -> dict[int, dict[str, torch.Tensor]]:
     """FLAP bias compensation for ``masks``: {layer: {"o_proj"|"down_proj": bias to add}}."""
     from pgprune.scorers.flap import as_extra_bias, flap_compensation_biases
@@ -72,6 +61,7 @@ def compensation_biases(model, masks: Masks, flap_scores: dict) -> dict[int, dic
     if "bias" not in flap_scores:
         raise PgpruneError("FLAP scores were computed without bias compensation; set init.flap_bias_compensation")
     return as_extra_bias(flap_compensation_biases(model, masks, flap_scores))
+
 
 def search_compensation(params: Params, all_scores: dict) -> dict | None:
     """The calibration means the search compensates with (None when search.bias_compensation is off)."""
@@ -82,6 +72,7 @@ def search_compensation(params: Params, all_scores: dict) -> dict | None:
         raise PgpruneError("search.bias_compensation needs the flap scorer's calibration means (init scores "
                            "computed with init.flap_bias_compensation: true); rerun the init stage")
     return flap["bias"]
+
 
 def metric_masks(method: str, layout, scores: dict, sparsity: float, params: Params,
                  layout_kind: str = "heterogeneous", round_to: int = 1) -> Masks:
@@ -95,6 +86,7 @@ def metric_masks(method: str, layout, scores: dict, sparsity: float, params: Par
                              min_heads_per_layer=params.search.min_heads_per_layer,
                              layout_kind=layout_kind if m.granularity != ("layers",) else "heterogeneous",
                              round_to=round_to)
+
 
 def method_masks(method: str, model, calib: torch.Tensor, scores: dict, params: Params, sparsity: float, *,
                  seeds: list[int] | None = None, layout_kind: str | None = None, round_to: int = 1,
@@ -146,4 +138,5 @@ def method_masks(method: str, model, calib: torch.Tensor, scores: dict, params: 
                         seeds=per_seed, trajectory=main.trajectory, compensation_means=comp)
 
 
-__all__ = ['CHECKPOINT_DIR_ENV', 'DEFAULT_CHECKPOINT_DIR', 'setup_torch', 'checkpoint_dir', 'compute_all_scores', 'scorers_needed', 'compensation_biases', 'search_compensation', 'metric_masks', 'method_masks']
+__all__ = ["CHECKPOINT_DIR_ENV", "DEFAULT_CHECKPOINT_DIR", "setup_torch", "checkpoint_dir", "scorers_needed",
+           "compensation_biases", "search_compensation", "metric_masks", "method_masks"]

@@ -25,9 +25,9 @@ from __future__ import annotations
 import torch
 
 from pgprune.core.adapters import get_adapter
+from pgprune.core.masks import Masks
 from pgprune.core.weights import layer_parts
 from pgprune.errors import PgpruneError
-from pgprune.core.masks import Masks
 from pgprune.scorers.activations import ActivationStats, collect_activation_stats, head_columns_to_groups
 
 STANDARDIZE = ("layer", "module", "none")

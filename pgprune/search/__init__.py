@@ -1,15 +1,32 @@
-"""Policy-gradient mask search over keep-probabilities (pure torch; knows nothing about models)."""
-from pgprune.search.estimators import (BASELINES, ESTIMATORS, advance_baseline, check_estimator, estimate_gradient,
-                                       penalty_gradient, sample_weights, score)
-from pgprune.search.init_map import INIT_METHODS, init_probs
-from pgprune.search.policy import GroupSpec, PolicyGradientSearch, SearchResult, SearchSettings
-from pgprune.search.projection import project_budget, project_groups, select_top_k
-from pgprune.search.schedules import LR_POLICIES, lr_factor, make_lr_schedule, penalty_weight
+"""Policy-gradient mask search over keep-probabilities (pure torch; knows nothing about models).
 
-__all__ = [
-    "BASELINES", "ESTIMATORS", "INIT_METHODS", "LR_POLICIES",
-    "GroupSpec", "PolicyGradientSearch", "SearchResult", "SearchSettings",
-    "advance_baseline", "check_estimator", "estimate_gradient", "init_probs", "lr_factor", "make_lr_schedule",
-    "penalty_gradient", "penalty_weight", "project_budget", "project_groups", "sample_weights", "score",
-    "select_top_k",
-]
+Names are imported on first use (PEP 562), so that ``pgprune.search.settings`` (the settings schema, no torch)
+can be imported alone.
+"""
+from __future__ import annotations
+
+import importlib
+
+_LAZY = {
+    "BASELINES": "estimators", "ESTIMATORS": "estimators", "advance_baseline": "estimators",
+    "check_estimator": "estimators", "estimate_gradient": "estimators", "penalty_gradient": "estimators",
+    "sample_weights": "estimators", "score": "estimators",
+    "INIT_METHODS": "init_map", "init_probs": "init_map",
+    "GroupSpec": "policy", "PolicyGradientSearch": "policy", "SearchResult": "policy", "SearchSettings": "settings",
+    "project_budget": "projection", "project_groups": "projection", "select_top_k": "projection",
+    "LR_POLICIES": "schedules", "lr_factor": "schedules", "make_lr_schedule": "schedules",
+    "penalty_weight": "schedules",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"pgprune.search.{_LAZY[name]}"), name)
+    raise AttributeError(f"module 'pgprune.search' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted([*globals(), *_LAZY])
+
+
+__all__ = sorted(_LAZY)

@@ -9,18 +9,26 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from tqdm.auto import tqdm
 
 from pgprune.errors import BudgetError, ConfigError, NaNLossError, PgpruneError
 from pgprune.io import write_bytes
-from pgprune.search.estimators import (PAIRED, advance_baseline, antithetic_masks, disarm_gradient, penalty_gradient,
-                                       prefix_score, sample_weights, score)
+from pgprune.search.estimators import (
+    PAIRED,
+    advance_baseline,
+    antithetic_masks,
+    disarm_gradient,
+    penalty_gradient,
+    prefix_score,
+    sample_weights,
+    score,
+)
 from pgprune.search.projection import isotonic_nonincreasing, project_budget, project_segments
 from pgprune.search.schedules import lr_factor, penalty_weight
+from pgprune.search.settings import SearchSettings
 
 CHECKPOINT_FORMAT = "pgprune.search/2"
 CHECKPOINT_MAGIC = b"PGPRUNE-SEARCH-CHECKPOINT/2"
@@ -98,59 +106,6 @@ class GroupSpec:
                 "ordered": bool(self.ordered)}
 
 
-class SearchSettings(BaseModel):
-    """Settings of the mask search itself (validated; unknown fields are rejected). The pipeline's ``search``
-    section (pgprune.config.SearchParams) extends this class with the model-side settings: one declaration each."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-    steps: int = Field(200, ge=1, description="total number of search steps T")
-    samples: int = Field(2, ge=1, description="mask samples K per step")
-    estimator: Literal["exact", "loo", "reference", "disarm"] = Field(
-        "loo", description="loo: exact score, leave-one-out baseline (needs K >= 2); exact: the paper's estimator "
-        "with an EMA baseline; reference: the reference code (sqrt denominator, needs K >= 2); disarm: antithetic "
-        "pairs with the DisARM estimator (needs an even K)")
-    baseline: Literal["ema", "none"] = "ema"
-    ema_window: float = Field(5.0, ge=1.0, description="EMA window W (coefficient 1/W)")
-    lr_schedule: Literal["cosine", "const", "linear", "poly", "exp", "step"] = "cosine"
-    lr_milestones: list[int] = Field(default_factory=list,
-                                     description="lr_schedule: step: steps at which the lr is multiplied by 0.1")
-    lr_power: float = Field(0.9, gt=0, description="lr_schedule: poly: exponent")
-    lr_gamma: float = Field(0.995, gt=0, description="lr_schedule: exp: factor per step")
-    penalty_init: float = Field(-1.0, description="entropy-penalty weight at step 0; < 0 turns it off")
-    penalty_final: float = 0.0
-    eps: float = Field(1e-4, gt=0, lt=0.5, description="clamp of s in the exact score's denominator")
-    checkpoint_every: int = Field(50, ge=0, description="steps between checkpoints (0: only when interrupted)")
-    max_consecutive_nan_steps: int = Field(20, ge=1)
-
-    @model_validator(mode="after")
-    def _consistent(self):
-        if self.estimator in ("loo", "reference") and self.samples < 2:
-            raise ValueError(f"samples={self.samples}: estimator {self.estimator!r} needs samples >= 2 "
-                             "(set samples: 2 or more, or estimator: exact)")
-        if self.estimator == "disarm" and (self.samples < 2 or self.samples % 2):
-            raise ValueError(f"samples={self.samples}: estimator 'disarm' samples antithetic pairs and needs an even "
-                             "number of samples >= 2")
-        if self.lr_schedule == "step":
-            bad = [m for m in self.lr_milestones if not 0 < m < self.steps]
-            if not self.lr_milestones or bad:
-                raise ValueError(f"lr_schedule 'step' needs lr_milestones: a non-empty list of steps in "
-                                 f"(0, steps={self.steps}); got {self.lr_milestones}")
-        elif self.lr_milestones:
-            raise ValueError(f"lr_milestones={self.lr_milestones} is only used by lr_schedule 'step' "
-                             f"(lr_schedule is {self.lr_schedule!r}); remove it")
-        return self
-
-    @classmethod
-    def parse(cls, data: Mapping[str, Any]) -> "SearchSettings":
-        """Validate a mapping, raising ConfigError that names each bad field."""
-        try:
-            return cls.model_validate(dict(data))
-        except ValidationError as e:
-            msgs = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'settings'}: {err['msg']}" for err in e.errors())
-            raise ConfigError(f"invalid search settings: {msgs}") from None
-
-
 @dataclass
 class SearchResult:
     """Final probabilities, per-step history, and how many steps were done (``completed`` if all)."""
@@ -187,6 +142,19 @@ def _digest(payload: bytes) -> str:
 
 class CheckpointDamaged(PgpruneError):
     """A checkpoint file that cannot be trusted (truncated, garbage, flipped bytes, other settings)."""
+
+
+def damaged_name(path: Path) -> Path:
+    """A new name to move a damaged checkpoint aside to: ``<name>.damaged-<UTC time to the microsecond>``, with
+    ``-<n>`` added when that name is taken (two moved aside in the same instant never overwrite each other)."""
+    now = time.time()
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now)) + f".{int(now % 1 * 1e6):06d}Z"
+    aside = path.with_name(f"{path.name}.damaged-{stamp}")
+    n = 1
+    while aside.exists():
+        aside = path.with_name(f"{path.name}.damaged-{stamp}-{n}")
+        n += 1
+    return aside
 
 
 class PolicyGradientSearch:
@@ -277,7 +245,7 @@ class PolicyGradientSearch:
         try:
             return self._load(path)
         except CheckpointDamaged as e:
-            aside = path.with_name(path.name + f".damaged-{int(time.time())}")
+            aside = damaged_name(path)
             path.replace(aside)
             warnings.warn(f"{e}; moved it to '{aside}' and starting the search over", RuntimeWarning, stacklevel=3)
             return self._fresh_state()

@@ -15,8 +15,17 @@ torch. The config adds three lists to the family's own config:
 from __future__ import annotations
 
 from torch import nn
-from transformers import (LlamaConfig, LlamaForCausalLM, LlamaModel, MistralConfig, MistralForCausalLM, MistralModel,
-                          Qwen2Config, Qwen2ForCausalLM, Qwen2Model)
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlamaModel,
+    MistralConfig,
+    MistralForCausalLM,
+    MistralModel,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen2Model,
+)
 
 
 def _resize_layers(decoder, config) -> None:
