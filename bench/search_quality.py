@@ -27,7 +27,8 @@ from pgprune.config import load_params
 from pgprune.core.masked_forward import MaskedModel
 from pgprune.data.prepare import load_calibration, load_eval_data
 from pgprune.errors import ConfigError, PgpruneError
-from pgprune.eval.evaluate import curve_points, masked_ppl
+from pgprune.eval.evaluate import curve_points
+from pgprune.eval.perplexity import perplexity
 from pgprune.hf.loading import load_model
 from pgprune.io import load_tensors
 from pgprune.pruning.pg import run_pg_search
@@ -93,7 +94,8 @@ def main() -> None:
     bs = params.eval.ppl_batch_size
 
     def ppl(masks) -> dict[str, float]:
-        return {c: masked_ppl(masked, b, masks, bs, args.device) for c, b in evals.items()}
+        return {c: perplexity(masked, b, masks=masks, batch_size=bs, device=args.device)["ppl"]
+                for c, b in evals.items()}
 
     init = params.search.init
     base = ppl(metric_masks(init, masked.layout, scores, args.sparsity, params, layout_kind=args.layout,

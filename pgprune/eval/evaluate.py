@@ -111,17 +111,6 @@ def evaluate_masks(model, tokenizer, masks_dir: str | Path | None, evals: dict[s
     return out
 
 
-def masked_ppl(masked, blocks: torch.Tensor, masks, batch_size: int, device: str = "cpu") -> float:
-    """exp of the block-mean LM loss of ``masked`` (a MaskedModel) under ``masks`` on ``blocks`` [n, T]."""
-    import math
-
-    total = 0.0
-    for i in range(0, blocks.shape[0], batch_size):
-        ids = blocks[i:i + batch_size].to(device)  # [b, T]
-        total += masked.loss(ids, masks, validate=False) * ids.shape[0]
-    return math.exp(total / blocks.shape[0])
-
-
 def curve_points(points: list[dict], ppl_fn, every: int = 1) -> list[dict]:
     """Quality vs cost records of a search's validated masks (at steps that are multiples of ``every``; 0: none):
     step, sampled-mask forwards, validated loss, seconds when recorded, and ``ppl_fn(masks)``."""
@@ -135,11 +124,13 @@ def trajectory_curve(model, masks_dir: str | Path, blocks: torch.Tensor, batch_s
     """Quality vs cost of a search: the perplexity on ``blocks`` of each validated mask it recorded, with the
     search's step, sampled-mask forwards and validated loss (mean-compensated like the sliced model)."""
     from pgprune.core.masked_forward import MaskedModel
+    from pgprune.eval.perplexity import perplexity
 
     masked = MaskedModel(model)
     points, means = load_trajectory(masks_dir, masked.layout)
     masked.set_compensation(means)
-    return curve_points(points, lambda m: masked_ppl(masked, blocks, m, batch_size, device))
+    return curve_points(points, lambda m: perplexity(masked, blocks, masks=m, batch_size=batch_size,
+                                                      device=device)["ppl"])
 
 
-__all__ = ["local_task_names", "evaluate", "evaluate_masks", "masked_ppl", "curve_points", "trajectory_curve"]
+__all__ = ["local_task_names", "evaluate", "evaluate_masks", "curve_points", "trajectory_curve"]
