@@ -275,6 +275,7 @@ def run_prune(model, tokenizer, params: Params, *, method: str, sparsity: float,
         pruned = pruned.to(home)
     t_build = time.perf_counter() - t0
     report = sparsity_report(lay, res.masks, out_bias=res.extra_bias is not None)
+    sparsity_note = _uniform_sparsity_note(lay, res.masks, sparsity, kind, name, params, round_to)
     seeds = res.info.get("seeds") or {}
     info = {
         "method": name, "sparsity": sparsity, "layout": plan.layout, "mask_layout": kind,
@@ -287,9 +288,38 @@ def run_prune(model, tokenizer, params: Params, *, method: str, sparsity: float,
         "resumed_from_step": max((s.get("resumed_from_step") or 0 for s in seeds.values()), default=0),
         "search_seed": seed, "seeds_not_run": params.search.seeds[1:] if seed is not None else None,
         "search": seeds or None, "history": res.history, "note": plan.note or None,
+        "sparsity_note": sparsity_note,
     }
     return PruneResult(model=pruned, masks=res.masks, extra_bias=res.extra_bias, info=info, base=model,
                        tokenizer=tokenizer, layout=plan.layout)
+
+
+def _uniform_sparsity_note(lay, masks, sparsity: float, kind: str, method: str, params: Params,
+                           round_to: int | None) -> str | None:
+    """Log what the uniform layout reached (whole KV groups per layer, the MLP channels taking the remainder:
+    :func:`pgprune.core.allocation.uniform_widths`); a warning, returned for the summary, when it is further from
+    the requested sparsity than half a channel group (the channel count hit its bounds)."""
+    from pgprune.core.masks import sparsity_report
+    from pgprune.methods import get_method
+
+    counts = masks.kept_counts()
+    kept = [i for i in range(lay.num_layers) if counts["layers"][i]]
+    if kind != "uniform" or not kept or len(set(lay.kv_heads)) != 1 or len(set(lay.intermediate)) != 1:
+        return None
+    reached = sparsity_report(lay, masks)["prunable_sparsity"]
+    kv, ch = counts["heads"][kept[0]], counts["channels"][kept[0]]
+    log.info("uniform layout: every layer keeps %d of %d KV groups and %d of %d MLP channels: %.2f%% of the "
+             "decoder-layer linear parameters removed (requested %.2f%%)", kv, lay.kv_heads[0], ch,
+             lay.intermediate[0], 100 * reached, 100 * sparsity)
+    group = params.search.channel_group if get_method(method).kind == "search" else (round_to or 1)
+    tol = 0.5 * group * lay.channel_unit_params() / lay.layer_params(lay.kv_heads[0], lay.intermediate[0])
+    if abs(reached - sparsity) <= tol + 1e-9:
+        return None
+    note = (f"the uniform layout reached {100 * reached:.1f}% instead of the requested {100 * sparsity:.1f}%: every "
+            f"layer keeps whole KV groups ({kv} of {lay.kv_heads[0]}) and the MLP channels that make up the rest "
+            f"hit their bound ({ch} of {lay.intermediate[0]})")
+    log.warning(note)
+    return note
 
 
 def _announce_search(method: str, params: Params, checkpoint_dir: str | Path | None) -> int | None:

@@ -316,7 +316,8 @@ def _print_summary(a, result, saved, ckpt: Path, evaluation, elapsed: float) -> 
     rows = [
         ("method", f"{info['method']} ({method_label(info['method'])}), {saved.plan.layout} layout"
                    f"{', mean compensation' if info['compensated'] else ''}"),
-        ("sparsity", f"{_pct(info['sparsity'])} requested"),
+        ("sparsity", f"{_pct(info['sparsity'])} requested"
+                     + (f"; {info['sparsity_note']}" if info.get("sparsity_note") else "")),
         ("decoder-layer linear", f"{dl['before']:,} -> {dl['after']:,} parameters ({_pct(dl['sparsity'])} removed)"),
         ("all parameters", f"{tot['before']:,} -> {tot['after']:,} ({_pct(tot['sparsity'])} removed; the saved "
                            f"{saved.plan.architecture} has {saved.params_after:,})"),
@@ -332,6 +333,8 @@ def _print_summary(a, result, saved, ckpt: Path, evaluation, elapsed: float) -> 
                                              "ran from step 0")))
     for name, v in (evaluation or {}).get("ppl", {}).items():
         rows.append((f"perplexity {name}", f"{v:.3f} (dense {evaluation['dense']['ppl'][name]:.3f})"))
+    if saved.plan.note:
+        rows.append(("note", saved.plan.note))
     rows += [("saved to", f"{a.out} ({saved.plan.architecture}; model card README.md, masks.json)"),
              ("load it", load)]
     width = max(len(k) for k, _ in rows)

@@ -13,6 +13,7 @@ from pgprune.core.allocation import (
     ramp_init,
     select_units,
     uniform_quota,
+    uniform_sparsity,
     uniform_widths,
 )
 from pgprune.errors import BudgetError, PgpruneError
@@ -99,10 +100,14 @@ def test_one_rounding_rule_for_every_method():
 def test_uniform_layout_widths_are_equal_and_rounded(layout):
     w = uniform_widths(layout, 0.5, round_to=4)
     assert w == {"heads": 2, "channels": 20}
-    assert uniform_widths(layout, 0.3, round_to=8) == {"heads": 3, "channels": 32}  # 40/8 = 5 blocks * 0.7 = 3.5 -> 4
+    # heads round to 3 of 4 KV groups (75% kept); the channels take the remainder so the layer keeps ~70%:
+    # 24 of 40 channels (3 blocks of 8) is the nearest whole block
+    assert uniform_widths(layout, 0.3, round_to=8) == {"heads": 3, "channels": 24}
+    w3 = uniform_widths(layout, 0.3, round_to=8)
+    assert abs(uniform_sparsity(layout, w3) - 0.3) <= 0.5 * 8 * layout.channel_unit_params() / layout.layer_params(4, 40)
     scores = {"heads": torch.rand(16), "channels": torch.rand(160)}
     m = masks_from_scores(layout, scores, 0.3, layout_kind="uniform", round_to=8)
-    assert m.is_uniform() and m.kept_counts()["heads"] == [3] * 4 and m.kept_counts()["channels"] == [32] * 4
+    assert m.is_uniform() and m.kept_counts()["heads"] == [3] * 4 and m.kept_counts()["channels"] == [24] * 4
     with pytest.raises(BudgetError, match="channel_group=3 does not divide the MLP widths"):
         uniform_widths(layout, 0.3, round_to=3)
     with pytest.raises(BudgetError, match="cannot also drop layers"):

@@ -145,6 +145,13 @@ def test_listed_code_deps_exist_and_are_used(stage):
     files = closure(stage_entry(body))
     unused = [d for d in deps if not any(covered(f, [d]) for f in files)]
     assert not unused, f"dvc.yaml stage {stage!r} lists code it never imports (edits rerun it for nothing): {unused}"
+    # a folder is listed only when the stage imports every module in it (else list the files: a new module in the
+    # folder must not rerun the stage)
+    broad = {d: sorted(f.relative_to(ROOT).as_posix() for f in (ROOT / d).rglob("*.py")
+                       if f.relative_to(ROOT).as_posix() not in files)
+             for d in deps if (ROOT / d).is_dir()}
+    broad = {d: rest for d, rest in broad.items() if rest}
+    assert not broad, f"dvc.yaml stage {stage!r} lists folders holding modules it never imports: {broad}"
 
 
 def test_the_closure_follows_imports_inside_functions_and_packages():

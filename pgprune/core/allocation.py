@@ -11,8 +11,9 @@ Allocation of a budget over layers:
 * ``uniform``: every layer keeps the same fraction, the exact total split by largest remainder
   (:func:`uniform_quota`; FLAP's UL-UM, Wanda-sp, LLM-Pruner);
 * the ``uniform`` *layout* (:func:`uniform_widths`): every kept layer keeps exactly the same number of KV groups
-  and of channels, so the pruned model is a stock architecture; the count is rounded per layer, so the total can
-  differ from the exact budget by less than one unit per layer.
+  and of channels, so the pruned model is a stock architecture. KV groups are rounded per layer (keep_count(kv, r))
+  and the MLP channels take the remainder, so the decoder-layer linear sparsity is within half a channel group of
+  the target (unlike the other allocations, heads and channels then keep different fractions).
 
 Channel blocks (:class:`UnitBlocks`): with ``channel_group`` g > 1 each layer's channels are ranked by a metric
 and cut into blocks of g consecutive ranks; a block is kept or removed as a whole, so kept widths are multiples
@@ -97,8 +98,13 @@ def uniform_quota(sizes: list[int], k: int, minimum: int = 0) -> list[int]:
 def uniform_widths(layout: Layout, sparsity: float, *, round_to: int = 1, min_heads: int = 1) -> dict[str, int]:
     """The uniform layout: KV groups and channels every layer keeps, {"heads": q_h, "channels": q_c}.
 
-    q_h = keep_count(kv, r) clipped to [min_heads, kv]; q_c = round_to * keep_count(inter / round_to, r), at least
-    round_to. Needs the same widths in every layer (a stock model) and ``round_to`` dividing the intermediate size.
+    q_h = keep_count(kv, r) clipped to [min_heads, kv]. Whole KV groups are coarse (SmolLM2-135M has 3 per layer:
+    at 50% it keeps 2, i.e. 67% of the attention), so the MLP channels take the remainder: q_c is the multiple of
+    ``round_to`` nearest to the channel count that brings the layer's decoder linear parameters
+    (:meth:`Layout.layer_params`) to r times the dense layer's, clipped to [round_to, inter]. The achieved sparsity
+    (:func:`uniform_sparsity`) is then within half a channel group of ``sparsity`` unless the clip binds (very high
+    or very low sparsity with few KV groups), which the prune summary reports (:mod:`pgprune.api`). Needs the same
+    widths in every layer (a stock model) and ``round_to`` dividing the intermediate size.
     """
     _check_fraction("sparsity", sparsity)
     if len(set(layout.kv_heads)) != 1 or len(set(layout.intermediate)) != 1:
@@ -108,8 +114,18 @@ def uniform_widths(layout: Layout, sparsity: float, *, round_to: int = 1, min_he
     check_channel_group(layout, round_to)
     r = 1.0 - sparsity
     heads = min(kv, max(min_heads, keep_count(kv, r)))
-    channels = round_to * max(1, keep_count(inter // round_to, r))
+    target = r * layout.layer_params(kv, inter)  # this layer's kept decoder linear parameters at exactly r
+    room = target - heads * layout.head_unit_params() - layout.layer_fixed_params()  # left for the channels
+    groups = int(math.floor(room / (layout.channel_unit_params() * round_to) + 0.5))  # nearest whole group
+    channels = round_to * min(inter // round_to, max(1, groups))
     return {"heads": heads, "channels": channels}
+
+
+def uniform_sparsity(layout: Layout, widths: dict[str, int]) -> float:
+    """The decoder-layer linear sparsity of keeping ``widths`` (:func:`uniform_widths`) in every layer (the
+    summary's ``prunable_sparsity``, without compensation biases)."""
+    kv, inter = layout.kv_heads[0], layout.intermediate[0]
+    return 1.0 - layout.layer_params(widths["heads"], widths["channels"]) / layout.layer_params(kv, inter)
 
 
 def check_channel_group(layout: Layout, group: int) -> None:

@@ -1,19 +1,29 @@
 """Build and save a pruned model in one of two layouts, with its model card, masks and tokenizer.
 
-* ``uniform``: every kept layer keeps the same number of KV groups ``k`` and MLP channels ``c``. The model is the
-  family's own stock class (``LlamaForCausalLM`` / ``MistralForCausalLM`` / ``Qwen2ForCausalLM``) with
-  ``num_key_value_heads = k``, ``num_attention_heads = k * G`` (G query heads per KV group), an explicit
-  ``head_dim`` (hidden_size / heads no longer gives it), ``intermediate_size = c`` and ``num_hidden_layers`` = kept
-  layers (``layer_types`` cut to the kept ones). It loads with ``AutoModelForCausalLM.from_pretrained(dir)``
-  without remote code, and vLLM / llama.cpp's converter take it like the base model.
+* ``uniform``: every kept layer keeps the same number of KV groups ``k`` and MLP channels ``c``. The model is a
+  stock transformers class (normally the family's own: ``LlamaForCausalLM`` / ``MistralForCausalLM`` /
+  ``Qwen2ForCausalLM``) with ``num_key_value_heads = k``, ``num_attention_heads = k * G`` (G query heads per KV
+  group), an explicit ``head_dim`` (hidden_size / heads no longer gives it), ``intermediate_size = c`` and
+  ``num_hidden_layers`` = kept layers (``layer_types`` cut to the kept ones). It loads with
+  ``AutoModelForCausalLM.from_pretrained(dir)`` without remote code.
 * ``heterogeneous``: per-layer widths (:mod:`pgprune.hf.slicing`, pgprune's classes, ``trust_remote_code=True``).
 
 Mean compensation (``extra_bias``: the removed units' calibration-mean output folded into o_proj/down_proj biases,
 see :func:`pgprune.hf.slicing.slice_model`) needs those biases. ``LlamaConfig`` has them (``attention_bias`` gives
 q/k/v/o a bias, ``mlp_bias`` gate/up/down; the ones the source lacks are zero). Mistral and Qwen2 have no such
-option: a compensated Mistral/Qwen2 model is saved as ``LlamaForCausalLM`` when that computes the same function
+option: a compensated Mistral/Qwen2 model is saved as a Llama layer when that computes the same function
 (no sliding-window attention in a kept layer; Qwen2's q/k/v biases are Llama's ``attention_bias``), and the config
 says so in ``pgprune_converted_from``; otherwise the uniform layout is refused with the reason.
+
+``LlamaConfig`` refuses ``hidden_size % num_attention_heads != 0`` even with an explicit ``head_dim`` (its
+``validate_architecture``, run on construction and by ``from_pretrained``), so a Llama layer that keeps e.g. 24 of
+32 heads (LLaMA-2-7B at 25%) or 6 of 8 KV groups (Llama-3-8B) cannot be a ``LlamaForCausalLM``. Those are saved as
+``SeedOssForCausalLM`` (transformers' ``seed_oss``, in every transformers 5.x): exactly the Llama decoder
+(RMSNorm, RoPE with ``rope_parameters``, GQA attention with an explicit ``head_dim`` and scaling head_dim^-1/2,
+SwiGLU MLP) with separate bias flags (``attention_bias`` q/k/v, ``attention_out_bias`` o_proj, ``mlp_bias``
+gate/up/down) and no divisibility check; its only other difference, residual/attention dropout, is set to 0.
+Mistral and Qwen2 configs have no such check, so an uncompensated Mistral/Qwen2 model keeps its own class at any
+count. ``pgprune_converted_from`` records the source family whenever the saved class is not the family's own.
 
 ``layout="auto"`` takes ``uniform`` when the masks are uniform and the model is expressible as a stock class, else
 ``heterogeneous``.
@@ -40,7 +50,9 @@ LAYOUTS = ("auto", "uniform", "heterogeneous")
 SAVE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # family -> (config class, causal-LM class) in transformers
 STOCK = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "mistral": ("MistralConfig", "MistralForCausalLM"),
-         "qwen2": ("Qwen2Config", "Qwen2ForCausalLM")}
+         "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+         # a Llama layer without LlamaConfig's hidden_size % num_attention_heads check (see the module docstring)
+         "seed_oss": ("SeedOssConfig", "SeedOssForCausalLM")}
 # config keys that are pgprune's own or describe the source checkpoint, never copied into a stock config
 _DROP_KEYS = ("model_type", "architectures", "auto_map", "transformers_version", "pgprune_kv_heads",
               "pgprune_intermediate", "pgprune_kept_layers", "pgprune_out_bias", "pgprune_converted_from",
@@ -61,8 +73,8 @@ class ExportPlan:
     architecture: str  # the saved class name
     o_bias: bool  # o_proj needs a bias (source bias or compensation)
     down_bias: bool  # down_proj needs a bias
-    converted_from: str | None = None  # source family when saved as LlamaForCausalLM
-    note: str = ""  # why "auto" did not take the uniform layout
+    converted_from: str | None = None  # source family when saved as another family's class
+    note: str = ""  # why "auto" did not take the uniform layout, or why the saved class is not the family's own
 
     @property
     def trust_remote_code(self) -> bool:
@@ -109,6 +121,11 @@ def uniform_widths(masks: Masks) -> tuple[int, int]:
 
 
 # --- plan ------------------------------------------------------------------------------------------------------
+def llama_heads_ok(hidden_size: int, num_attention_heads: int) -> bool:
+    """Whether ``LlamaConfig`` accepts this head count (its validate_architecture: hidden_size % heads == 0)."""
+    return num_attention_heads > 0 and hidden_size % num_attention_heads == 0
+
+
 def _needs_out_bias(adapter, masks: Masks, extra_bias) -> tuple[bool, bool]:
     kept = masks.kept_layer_indices()
     extra = extra_bias or {}
@@ -137,13 +154,26 @@ def plan_export(model, masks: Masks, extra_bias: dict | None = None, layout: str
         if layout == "uniform":
             uniform_widths(masks)  # raises with the widths
         return hetero
-    if family == "llama" or not (o_bias or down_bias):
+    heads = uniform_widths(masks)[0] * lay.group_size
+    if family != "llama" and not (o_bias or down_bias):
         return ExportPlan("uniform", family, family, STOCK[family][1], o_bias, down_bias)
-    # a compensated (or o/down-biased) mistral/qwen2 model: only Llama has those biases
     windows = {i: lay.sliding_window[i] for i in masks.kept_layer_indices()
                if i < len(lay.sliding_window) and lay.sliding_window[i] is not None}
-    if not windows:
-        return ExportPlan("uniform", family, "llama", STOCK["llama"][1], o_bias, down_bias, converted_from=family)
+    if family == "llama" or not windows:
+        # a Llama layer: LlamaForCausalLM when LlamaConfig accepts the head count, else SeedOssForCausalLM
+        target = "llama" if llama_heads_ok(lay.hidden_size, heads) else "seed_oss"
+        why = []
+        if family != "llama":
+            why.append(f"{STOCK[family][1]} has no o_proj/down_proj bias for the mean compensation, so the layers "
+                       "are saved as Llama layers (no sliding-window attention in a kept layer: the same function)")
+        if target == "seed_oss":
+            why.append(f"LlamaConfig refuses hidden_size {lay.hidden_size} with {heads} attention heads "
+                       f"({heads // lay.group_size} KV groups x {lay.group_size}: not a divisor), so the Llama "
+                       f"layers are saved as {STOCK['seed_oss'][1]}, transformers' Llama layer with an explicit "
+                       "head_dim and no such check (outputs identical; dropout 0)")
+        note = ("Saved as " + STOCK[target][1] + ": " + "; ".join(why) + ".") if target != family else ""
+        return ExportPlan("uniform", family, target, STOCK[target][1], o_bias, down_bias,
+                          converted_from=family if target != family else None, note=note)
     reason = (f"{STOCK[family][1]} has no o_proj/down_proj bias for the mean compensation, and the model cannot be "
               f"saved as LlamaForCausalLM instead: kept layers use sliding-window attention "
               f"(window {sorted(set(windows.values()))} on layers {sorted(windows)}), which Llama does not have")
@@ -173,7 +203,7 @@ def stock_config(model, masks: Masks, plan: ExportPlan):
     if src.get("max_window_layers") is not None:
         # Qwen2: layers from this index on use the sliding window; count the kept layers below it
         src["max_window_layers"] = sum(1 for i in kept if i < src["max_window_layers"])
-    if plan.converted_from:
+    if plan.target_family != plan.family:
         # keep only what the target config knows (no sliding-window keys etc. of the source family)
         known = set(cfg_cls().to_dict()) | set(transformers.PretrainedConfig().to_dict())
         src = {k: v for k, v in src.items() if k in known}
@@ -182,6 +212,10 @@ def stock_config(model, masks: Masks, plan: ExportPlan):
     if plan.target_family == "llama":
         src["attention_bias"] = bool(lay.qkv_bias or plan.o_bias)
         src["mlp_bias"] = bool(lay.mlp_bias or plan.down_bias)
+    elif plan.target_family == "seed_oss":
+        src.update(attention_bias=bool(lay.qkv_bias), attention_out_bias=bool(plan.o_bias),
+                   mlp_bias=bool(lay.mlp_bias or plan.down_bias), residual_dropout=0.0,
+                   attention_dropout=float(src.get("attention_dropout") or 0.0))
     cfg = cfg_cls(**src)
     cfg.architectures = [plan.architecture]
     if plan.converted_from:
@@ -218,9 +252,13 @@ def _build(model, masks: Masks, extra_bias, plan: ExportPlan, dtype):
     if not plan.down_bias:
         sd = {k: v for k, v in sd.items() if not k.endswith("down_proj.bias")}
     zero = ()
-    if plan.target_family == "llama":
-        # Llama's bias flags cover all attention / all MLP projections; the ones the source lacks are zero
-        zero = (("q_proj.bias", "k_proj.bias", "v_proj.bias", "o_proj.bias") if cfg.attention_bias else ()) + \
+    if plan.target_family in ("llama", "seed_oss"):
+        # a bias flag covers several projections (Llama: q/k/v/o, gate/up/down; SeedOss: q/k/v, o, gate/up/down);
+        # the biases the source lacks are zero
+        attn = ("q_proj.bias", "k_proj.bias", "v_proj.bias") + (("o_proj.bias",) if plan.target_family == "llama"
+                                                                 else ())
+        zero = (attn if cfg.attention_bias else ()) + \
+               (("o_proj.bias",) if getattr(cfg, "attention_out_bias", False) else ()) + \
                (("gate_proj.bias", "up_proj.bias", "down_proj.bias") if cfg.mlp_bias else ())
     model_cls = getattr(transformers, plan.architecture)
     return instantiate(model_cls, cfg, sd, model, zero_bias=zero, dtype=dtype)
@@ -272,7 +310,9 @@ def save_model(model, masks: Masks, out_dir: str | Path, tokenizer=None, *, extr
         params_before=n_params(model), params_after=n_params(pruned),
         widths=[(i, counts["heads"][i], counts["channels"][i]) for i in range(lay.num_layers)],
         group_size=lay.group_size, head_dim=lay.head_dim, compensated=compensated, bias_params=bias_params,
-        converted_from=plan.converted_from, layout_note=plan.note,
+        # the card's conversion note explains a mistral/qwen2 -> Llama conversion; plan.note covers the others
+        converted_from=plan.converted_from if plan.target_family == "llama" else None,
+        layout_note=plan.note if plan.layout == "heterogeneous" or plan.target_family != "llama" else "",
         dtype=str(next(pruned.parameters()).dtype).replace("torch.", ""))
     info = CardInfo.coerce(card)
     if info.base_model is None:

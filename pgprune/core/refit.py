@@ -1,0 +1,357 @@
+"""Least-squares refit of the kept weights of o_proj and down_proj after masking (SlimGPT's OBS update, any mask).
+
+For every kept decoder layer i, in order, and each of its two output projections (o_proj first, then down_proj with
+the layer's attention already pruned and refit), let X be the module's full input on the calibration tokens *of the
+pruned, already refit model* (the calibration blocks flow through layers 0..i-1 as pruned + refit, and through the
+refit o_proj of layer i before down_proj is fitted), split into the kept inputs X_K and the removed ones X_S (the
+mask's columns: a KV-group unit removes the head_dim columns of its G query heads in o_proj, a channel its column in
+down_proj). The target is the dense module on those inputs, Y = W X + b = W_K X_K + W_S X_S + b, and the kept weights
+and the bias are refit by (damped) least squares with an intercept:
+
+    min_{W', b'}  sum_tokens ||Y - W' X_K - b'||^2  +  lam * N * ||W' - W_K||^2
+
+With Z = [X_K; 1] (one row of ones: the intercept), H = Z Z^T / N ((k+1)x(k+1), k kept inputs, N tokens),
+C = X_S Z^T / N and D = diag(1, .., 1, 0) (no damping on the intercept), the solution is
+
+    [W' - W_K, b' - b] = W_S C (H + lam D)^-1,
+
+i.e. without the intercept W' = W_K + W_S H_SK H_KK^-1, SlimGPT's (OBS) update of the kept columns for the removed
+set S. The intercept makes FLAP's bias compensation the special case W' = W_K: the best b' is then
+b + W_S mean(X_S). Since that point is feasible with zero damping penalty, the refit's calibration error is never
+larger than bias-only compensation's, whatever lam (and lam -> infinity gives back bias-only compensation).
+
+Numerics: the Gram matrices are accumulated in float64 on the layer's device, lam = damp * mean(diag(H_KK)) (the
+normalised Gram), the system is solved by Cholesky in float64. Where the factorisation fails or is numerically
+singular (dead or constant inputs, fewer tokens than unknowns) lam is raised tenfold until it is not, with a
+warning; the result is always finite. The refit weights are returned in float32; the model's own dtype is used to
+propagate the calibration blocks (what the sliced model computes).
+
+Differences from SlimGPT (Ling et al., 2024): SlimGPT also *chooses* S (greedily, column group by column group, with
+its OBS error and a dynamic group size) and updates the remaining columns after each choice; here S is given by the
+mask and the update is done once, in closed form, for all of S. SlimGPT has no intercept; here the bias is refit too
+(so the result is at least as good as FLAP's bias compensation on the calibration data). The damping here pulls the
+kept weights towards their original values (a ridge around W_K), which is what SlimGPT's lam*I on the Hessian does.
+
+API: :func:`refit_weights` (the per-layer refit weights), :func:`apply_refit` (a copy of the model holding them and
+the ``extra_bias`` that :func:`pgprune.hf.slicing.slice_model` adds to the output biases), :func:`refit_model` (both),
+:func:`refit_logits` (the masked refit model's logits without slicing, the same computation that propagates the
+calibration blocks).
+"""
+from __future__ import annotations
+
+import copy
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+from pgprune.core.adapters import get_adapter
+from pgprune.core.adapters.base import Layout
+from pgprune.core.masked_forward import _FULL, MaskedModel
+from pgprune.core.masks import Masks
+from pgprune.core.weights import is_streamed
+from pgprune.errors import PgpruneError
+
+MODULES = ("o_proj", "down_proj")
+Refit = dict[int, dict[str, tuple[torch.Tensor, torch.Tensor]]]
+
+_CONST_REL = 1e-9  # a kept input whose calibration variance is below this fraction of its mean square is constant
+_PIVOT_REL = 1e-12  # smallest accepted squared Cholesky pivot of the unit-diagonal (Jacobi-scaled) system
+_MAX_RAISES = 24  # tenfold damping increases before giving up
+_STACK = 5  # warnings point at refit_weights' caller (_solve, _run, its no_grad wrapper, refit_weights)
+
+
+def kept_columns(layout: Layout, masks: Masks, i: int) -> dict[str, torch.Tensor]:
+    """Kept input columns (long, ascending) of layer i's o_proj (the G*head_dim columns of every kept KV group) and
+    down_proj (the kept channels), in the order slicing keeps them."""
+    hd, g = layout.head_dim, layout.group_size
+    kv = torch.nonzero(masks.heads[i]).flatten()
+    heads = (kv[:, None] * g + torch.arange(g)[None, :]).flatten()
+    o_cols = (heads[:, None] * hd + torch.arange(hd)[None, :]).flatten()
+    return {"o_proj": o_cols, "down_proj": torch.nonzero(masks.channels[i]).flatten()}
+
+
+def _removed(n: int, kept: torch.Tensor) -> torch.Tensor:
+    keep = torch.zeros(n, dtype=torch.bool)
+    keep[kept] = True
+    return torch.nonzero(~keep).flatten()
+
+
+def _check_blocks(blocks, what: str = "calibration blocks") -> torch.Tensor:
+    if not isinstance(blocks, torch.Tensor) or blocks.dim() != 2 or blocks.shape[0] < 1 or blocks.shape[1] < 1:
+        got = tuple(blocks.shape) if isinstance(blocks, torch.Tensor) else type(blocks).__name__
+        raise PgpruneError(f"{what} must be a token-id tensor [n_blocks >= 1, T >= 1]; got {got}")
+    if blocks.dtype not in (torch.int64, torch.int32):
+        raise PgpruneError(f"{what} must hold integer token ids; got dtype {blocks.dtype}")
+    return blocks
+
+
+def _check_finite(x: torch.Tensor, i: int, name: str) -> None:
+    if not bool(torch.isfinite(x).all()):
+        raise PgpruneError(f"layer {i} {name}: the calibration activations (the module's input under the masks, "
+                           "after the refit of the layers before) hold NaN/inf; the refit cannot use them (check the "
+                           "model's weights and dtype: float16 overflows where bfloat16/float32 do not)")
+
+
+class _Gram:
+    """Sums over calibration tokens of Z Z^T and X_S Z^T, Z = [X_K; 1], in float64."""
+
+    def __init__(self, k: int, s: int, device: torch.device):
+        self.h = torch.zeros(k + 1, k + 1, dtype=torch.float64, device=device)
+        self.c = torch.zeros(s, k + 1, dtype=torch.float64, device=device)
+        self.n = 0
+
+    def add(self, x_k: torch.Tensor, x_s: torch.Tensor) -> None:
+        z = torch.cat([x_k.reshape(-1, x_k.shape[-1]).double(),
+                       torch.ones(x_k.numel() // max(1, x_k.shape[-1]), 1, dtype=torch.float64, device=x_k.device)],
+                      dim=1)  # [tokens, k+1]
+        self.h.addmm_(z.t(), z)
+        self.c.addmm_(x_s.reshape(-1, x_s.shape[-1]).double().t(), z)
+        self.n += z.shape[0]
+
+
+def _solve(w: torch.Tensor, b: torch.Tensor | None, kept: torch.Tensor, removed: torch.Tensor, gram: _Gram,
+           damp: float, where: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 (W' [out, k], b' [out]) from the statistics (see the module docstring)."""
+    k, n = kept.numel(), gram.n
+    dev = gram.h.device
+    w_k = w[:, kept.to(w.device)].to(dev, torch.float64)
+    b0 = b.to(dev, torch.float64) if b is not None else torch.zeros(w.shape[0], dtype=torch.float64, device=dev)
+    if removed.numel() == 0:  # nothing removed: the module is unchanged
+        return w_k.float().cpu(), b0.float().cpu()
+    if n < k + 1:
+        warnings.warn(f"refit {where}: {n} calibration tokens for {k} kept inputs (+1 intercept): the least-squares "
+                      "problem is underdetermined and the result rests on the damping; use more calibration tokens",
+                      RuntimeWarning, stacklevel=_STACK)
+    hn, cn = gram.h / n, gram.c / n
+    diag = torch.diagonal(hn)[:k]
+    var = diag - hn[:k, k] ** 2
+    n_const = int((var <= _CONST_REL * diag).sum())
+    if n_const:
+        warnings.warn(f"refit {where}: {n_const} of {k} kept inputs are constant on the {n} calibration tokens (dead "
+                      "or constant activations); their refit weights rest on the damping", RuntimeWarning,
+                      stacklevel=_STACK)
+    scale = float(diag.mean())
+    if not scale > 0:
+        scale = 1.0
+    lam0 = lam = damp * scale
+    dmask = torch.ones(k + 1, dtype=torch.float64, device=dev)
+    dmask[k] = 0.0
+    rhs = (w[:, removed.to(w.device)].to(dev, torch.float64) @ cn).t()  # [(k+1), out] = (W_S C)^T
+    delta = None
+    for _ in range(_MAX_RAISES + 1):
+        a = hn + torch.diag(lam * dmask)
+        d = torch.diagonal(a)
+        sc = torch.where(d > 0, d, torch.ones_like(d)).rsqrt()  # Jacobi scaling: unit diagonal, scale-free pivots
+        chol, info = torch.linalg.cholesky_ex(a * sc[:, None] * sc[None, :])
+        if int(info) == 0 and float(torch.diagonal(chol).min()) ** 2 >= _PIVOT_REL:
+            sol = torch.cholesky_solve(rhs * sc[:, None], chol) * sc[:, None]
+            if bool(torch.isfinite(sol).all()):
+                delta = sol.t()  # [out, k+1]
+                break
+        lam = max(lam * 10.0, 1e-6 * scale)
+    if delta is None:
+        raise PgpruneError(f"refit {where}: the Gram matrix of the calibration inputs stayed singular up to damping "
+                           f"{lam:.3g}; check the calibration data")
+    if lam != lam0:
+        warnings.warn(f"refit {where}: the Gram matrix is (numerically) singular; raised the damping from "
+                      f"{lam0:.3g} to {lam:.3g} (= {lam / scale:.3g} * mean diagonal)", RuntimeWarning,
+                      stacklevel=_STACK)
+    return (w_k + delta[:, :k]).float().cpu(), (b0 + delta[:, k]).float().cpu()
+
+
+def _extra_bias(lin, bias32: torch.Tensor) -> torch.Tensor:
+    """What slice_model must add to ``lin``'s bias (zeros where it has none) to get the refit bias."""
+    base = lin.bias.detach().float().cpu() if lin.bias is not None else torch.zeros_like(bias32)
+    return bias32 - base
+
+
+def _propagation(lin, w32: torch.Tensor, bias32: torch.Tensor, device, dtype):
+    """The weight and bias, in the model's dtype, that the sliced refit model uses (slice_model's rule: its bias
+    is the source bias, or zeros, plus extra_bias cast to the bias dtype)."""
+    extra = _extra_bias(lin, bias32)
+    base = lin.bias.detach().to(device) if lin.bias is not None else torch.zeros(w32.shape[0], dtype=dtype,
+                                                                                  device=device)
+    return w32.to(device, dtype), base + extra.to(device, base.dtype)
+
+
+def _attention_input(mm: MaskedModel, i: int, p, h: torch.Tensor, cos, sin) -> torch.Tensor:
+    """o_proj's input of every query head [rows, t, heads*hd] (the dense attention of layer i on h)."""
+    got = []
+
+    def taps(_i, name, x, *rest):
+        if name == "o_proj":
+            got.append(x)
+
+    mm._attention(i, p, p.input_norm(h), cos, sin, _FULL, taps)
+    return got[0]
+
+
+def _mlp_rows(p, rows: torch.Tensor, device) -> tuple:
+    """gate/up weights and biases of the channels ``rows`` (gathered once per layer)."""
+    r = rows.to(device)
+    return (p.gate_proj.weight[r], p.gate_proj.bias[r] if p.gate_proj.bias is not None else None,
+            p.up_proj.weight[r], p.up_proj.bias[r] if p.up_proj.bias is not None else None)
+
+
+def _mlp_input(p, x: torch.Tensor, rows: tuple) -> torch.Tensor:
+    """act(gate) * up of the gathered channels ``rows`` (down_proj's input restricted to them)."""
+    wg, bg, wu, bu = rows
+    return p.act_fn(F.linear(x, wg, bg)) * F.linear(x, wu, bu)
+
+
+@torch.no_grad()
+def _run(model, masks: Masks, blocks: torch.Tensor, batch_size: int, progress: bool, refit: Refit | None,
+         damp: float) -> tuple[Refit, MaskedModel, list[torch.Tensor]]:
+    """Layer-major pass of ``blocks`` through the masked model whose kept o_proj/down_proj weights are ``refit``
+    (given) or fitted on the way (``refit=None``). Returns the refit and the final (pre-norm) hidden states."""
+    mm = MaskedModel(model)
+    layout = mm.layout
+    masks.validate(layout)
+    blocks = _check_blocks(blocks, "calibration blocks" if refit is None else "input_ids")
+    if batch_size < 1:
+        raise PgpruneError(f"batch_size={batch_size}; allowed: >= 1")
+    fit = refit is None
+    out: Refit = {} if fit else refit
+    ids = blocks.to(mm.device)
+    hs = [mm.adapter.embed(ids[s:s + batch_size]) for s in range(0, ids.shape[0], batch_size)]
+    t = ids.shape[1]
+    cache: dict = {}
+    layers = range(layout.num_layers)
+    if progress:
+        from tqdm.auto import tqdm
+
+        layers = tqdm(layers, desc="refit" if fit else "refit forward", unit="layer")
+    try:
+        for i in layers:
+            if not masks.layer_kept(i):
+                continue
+            if not fit and i not in out:
+                raise PgpruneError(f"the refit weights have no entry for kept layer {i}")
+            dev = mm.source.devices[i]
+            cols = kept_columns(layout, masks, i)
+            with mm.source.layer(i) as p:
+                hs = [h if h.device == dev else h.to(dev) for h in hs]
+                dtype = hs[0].dtype
+                cos, sin = mm._rotary(t, hs[0], cache, dev)
+                if fit:
+                    out[i] = {}
+                # attention: o_proj
+                kept = cols["o_proj"]
+                removed = _removed(p.o_proj.in_features, kept)
+                kd, rd = kept.to(dev), removed.to(dev)
+                gram = _Gram(kept.numel(), removed.numel(), dev) if fit and removed.numel() else None
+                xk = []
+                for h in hs:
+                    x = _attention_input(mm, i, p, h, cos, sin)
+                    _check_finite(x, i, "o_proj")
+                    xk.append(x.index_select(-1, kd))
+                    if gram is not None:
+                        gram.add(xk[-1], x.index_select(-1, rd))
+                if fit:
+                    out[i]["o_proj"] = _solve(p.o_proj.weight, p.o_proj.bias, kept, removed, gram or _Gram(0, 0, dev),
+                                              damp, f"layer {i} o_proj")
+                w, b = _propagation(p.o_proj, *_checked(out, i, "o_proj", p.o_proj, kept), dev, dtype)
+                hs = [h + F.linear(x, w, b) for h, x in zip(hs, xk)]
+                del xk
+                # MLP: down_proj
+                kept = cols["down_proj"]
+                removed = _removed(p.down_proj.in_features, kept)
+                rows_k = _mlp_rows(p, kept, dev)
+                if fit:
+                    gram = _Gram(kept.numel(), removed.numel(), dev) if removed.numel() else None
+                    if gram is not None:
+                        rows_s = _mlp_rows(p, removed, dev)
+                        for h in hs:
+                            xm = p.post_attention_norm(h)
+                            x_k, x_s = _mlp_input(p, xm, rows_k), _mlp_input(p, xm, rows_s)
+                            _check_finite(x_k, i, "down_proj")
+                            _check_finite(x_s, i, "down_proj")
+                            gram.add(x_k, x_s)
+                    out[i]["down_proj"] = _solve(p.down_proj.weight, p.down_proj.bias, kept, removed,
+                                                 gram or _Gram(0, 0, dev), damp, f"layer {i} down_proj")
+                w, b = _propagation(p.down_proj, *_checked(out, i, "down_proj", p.down_proj, kept), dev, dtype)
+                new = []
+                for h in hs:
+                    x_k = _mlp_input(p, p.post_attention_norm(h), rows_k)
+                    if not fit:
+                        _check_finite(x_k, i, "down_proj")
+                    new.append(h + F.linear(x_k, w, b))
+                hs = new
+    finally:
+        mm.source.release()
+    head = mm._head_device
+    return out, mm, [h if h.device == head else h.to(head) for h in hs]
+
+
+def _checked(refit: Refit, i: int, name: str, lin, kept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if name not in refit[i]:
+        raise PgpruneError(f"the refit weights of layer {i} have no {name!r}; allowed keys: {', '.join(MODULES)}")
+    w32, b32 = refit[i][name]
+    if tuple(w32.shape) != (lin.out_features, kept.numel()) or tuple(b32.shape) != (lin.out_features,):
+        raise PgpruneError(f"layer {i} {name}: refit weight {tuple(w32.shape)} / bias {tuple(b32.shape)} do not fit "
+                           f"the masks; expected ({lin.out_features}, {kept.numel()}) / ({lin.out_features},)")
+    return w32, b32
+
+
+def refit_weights(model, masks: Masks, calib_blocks: torch.Tensor, *, damp: float = 0.01, batch_size: int = 8,
+                  progress: bool = True) -> Refit:
+    """Refit the kept weights of o_proj and down_proj of every kept layer (see the module docstring).
+
+    ``calib_blocks``: token ids [n_blocks, T]. ``damp``: the damping relative to the mean diagonal of the kept
+    inputs' Gram matrix (>= 0; raised automatically, with a warning, where the system is singular).
+    Returns {layer: {"o_proj": (weight float32 [hidden, kept columns], bias float32 [hidden]),
+    "down_proj": (weight float32 [hidden, kept channels], bias float32 [hidden])}} for every kept layer (dropped
+    layers have no entry; a module with nothing removed gets its own weights). The biases are the whole refit
+    output biases (the module's own bias, or zero, plus the correction). Deterministic for the same inputs."""
+    if not (isinstance(damp, (int, float)) and not isinstance(damp, bool) and damp >= 0 and damp < float("inf")):
+        raise PgpruneError(f"damp={damp!r}; allowed: a finite number >= 0 (default 0.01)")
+    refit, _, _ = _run(model, masks, calib_blocks, batch_size, progress, None, float(damp))
+    return refit
+
+
+@torch.no_grad()
+def refit_logits(model, masks: Masks, refit: Refit, input_ids: torch.Tensor, *, batch_size: int = 8) -> torch.Tensor:
+    """Logits [n, T, vocab] of the masked model whose kept o_proj/down_proj weights and biases are ``refit`` (what
+    ``slice_model(*apply_refit(model, masks, refit))`` computes, without slicing): the computation that propagates
+    the calibration blocks in :func:`refit_weights`."""
+    _, mm, hs = _run(model, masks, input_ids, batch_size, False, refit, 0.0)
+    head = mm.adapter.lm_head()
+    return torch.cat([head(mm.adapter.final_norm(h)) for h in hs])
+
+
+@torch.no_grad()
+def apply_refit(model, masks: Masks, refit: Refit):
+    """(A deep copy of ``model`` whose o_proj/down_proj hold the refit weights in the kept columns (removed columns
+    zero), extra_bias) such that ``pgprune.hf.slicing.slice_model(copy, masks, extra_bias)`` is the refit pruned
+    model. ``extra_bias`` = {layer: {"o_proj"|"down_proj": float32 [hidden]}} is what slice_model *adds* to the
+    module's bias (zeros where the module has none): the refit bias minus the module's own bias."""
+    if is_streamed(model):
+        raise PgpruneError("apply_refit copies the model: it needs every layer in memory on one device (load it "
+                           "with offload: none); refit_weights itself works on offloaded models")
+    layout = get_adapter(model).layout()
+    masks.validate(layout)
+    new = copy.deepcopy(model)
+    adapter = get_adapter(new)
+    extra: dict[int, dict[str, torch.Tensor]] = {}
+    for i in masks.kept_layer_indices():
+        if i not in refit:
+            raise PgpruneError(f"the refit weights have no entry for kept layer {i}")
+        p = adapter.parts(i)
+        cols = kept_columns(layout, masks, i)
+        extra[i] = {}
+        for name, lin in (("o_proj", p.o_proj), ("down_proj", p.down_proj)):
+            w32, b32 = _checked(refit, i, name, lin, cols[name])
+            wt = lin.weight
+            wt.zero_()
+            wt[:, cols[name].to(wt.device)] = w32.to(wt.device, wt.dtype)
+            extra[i][name] = _extra_bias(lin, b32)
+    return new, extra
+
+
+def refit_model(model, masks: Masks, calib_blocks: torch.Tensor, *, damp: float = 0.01, batch_size: int = 8,
+                progress: bool = True):
+    """:func:`refit_weights` then :func:`apply_refit`: (model copy with the refit kept columns, extra_bias for
+    ``slice_model(copy, masks, extra_bias)``)."""
+    refit = refit_weights(model, masks, calib_blocks, damp=damp, batch_size=batch_size, progress=progress)
+    return apply_refit(model, masks, refit)
