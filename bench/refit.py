@@ -1,7 +1,8 @@
 """Refit vs bias-only compensation of one metric mask: held-out perplexity of the sliced model and the refit's time.
 
-For ``--method`` (a metric baseline, default flap) at ``--sparsity`` on the pipeline's prepared data (the data and
-init stages: ``data/prepared``, ``artifacts/init/scores.safetensors``), the same masks are sliced twice:
+For ``--method`` (a metric baseline, default flap) at each ``--sparsity`` on the pipeline's prepared data (the data
+stage: ``data/prepared``; the method's scores and FLAP's calibration means are computed here, in float32, on
+init.nsamples blocks like the init stage), the same masks are sliced twice:
 
 * ``bias``: FLAP's compensation (o_proj/down_proj biases += W_S · mean(x_S)), what the pipeline does today;
 * ``refit``: :func:`pgprune.core.refit.refit_model`, the least-squares refit of the kept o_proj/down_proj columns
@@ -11,7 +12,7 @@ Prints ``RESULT refit_vs_bias_ppl[<corpus>]=<refit ppl / bias ppl>`` per held-ou
 ``RESULT refit_time_s=...``. ``--blocks`` calibration blocks feed the refit (default: init.nsamples, the blocks the
 metric and FLAP's means use).
 
-    python -m bench.refit --sparsity 0.5                  # after `dvc repro init` (or the whole pipeline)
+    python -m bench.refit --sparsities 0.2 0.3 0.5        # after `dvc repro data` (or the whole pipeline)
     python -m bench.refit --smoke                         # the tiny synthetic model, random tokens (seconds)
 """
 from __future__ import annotations
@@ -28,7 +29,7 @@ from pgprune.data.prepare import load_calibration, load_eval_data
 from pgprune.eval.perplexity import perplexity
 from pgprune.hf.loading import load_model
 from pgprune.hf.slicing import slice_model
-from pgprune.io import load_tensors
+from pgprune.methods import get_method
 from pgprune.pruning.run import compensation_biases, metric_masks, setup_torch
 from pgprune.scorers import compute_all_scores
 
@@ -41,6 +42,7 @@ def main() -> None:
     ap.add_argument("--method", default="flap", help="a metric baseline of the method registry (default flap)")
     ap.add_argument("--blocks", type=int, default=None, help="calibration blocks of the refit (default init.nsamples)")
     ap.add_argument("--damp", type=float, default=0.01, help="damping, a fraction of the Gram matrix's mean diagonal")
+    ap.add_argument("--sparsities", type=float, nargs="+", default=None, help="several sparsities (default --sparsity)")
     args = ap.parse_args()
     params = load_params(args.params)
     setup_torch(params)
@@ -51,35 +53,37 @@ def main() -> None:
         g = torch.Generator().manual_seed(0)
         calib = torch.randint(0, model.config.vocab_size, (12, 16), generator=g)  # [n, T]
         evals = {"random": torch.randint(0, model.config.vocab_size, (4, 16), generator=g)}
-        scores, _ = compute_all_scores(params.init, model, calib, scorers=["flap"], progress=False)
-        if args.method != "flap":
-            scores.update(compute_all_scores(params.init, model, calib, scorers=[args.method], progress=False)[0])
     else:
         model, tok = load_model(args.model, "float32", args.device)
         calib = load_calibration("data/prepared")
         evals, _ = load_eval_data("data/prepared", tok, params)
-        scores = load_tensors("artifacts/init/scores.safetensors", "init scores (run the init stage)")
+    need = list(dict.fromkeys([get_method(args.method).scorer, "flap"]))
+    init = params.init.model_copy(update={"flap_bias_compensation": True})
+    scores, _ = compute_all_scores(init, model, calib, scorers=need, progress=not args.smoke)
     layout = get_adapter(model).layout()
-    masks = metric_masks(args.method, layout, scores, args.sparsity, params)
     n = args.blocks or min(params.init.nsamples, calib.shape[0])
     bs = params.eval.ppl_batch_size
 
     def ppl(m) -> dict[str, float]:
         return {c: perplexity(m, b, batch_size=bs, device=args.device)["ppl"] for c, b in evals.items()}
 
-    biased = slice_model(model, masks, extra_bias=compensation_biases(model, masks, scores["flap"]))
-    bias_ppl = ppl(biased)
-    del biased
-    t0 = time.perf_counter()
-    refit, extra = refit_model(model, masks, calib[:n], damp=args.damp, batch_size=params.init.batch_size,
-                               progress=not args.smoke)
-    refit_s = time.perf_counter() - t0
-    refit_ppl = ppl(slice_model(refit, masks, extra_bias=extra))
-    print(f"{args.method} at {args.sparsity}, {n} calibration blocks of {calib.shape[1]} tokens, damp {args.damp}")
-    for c in evals:
-        print(f"  {c}: bias-only {bias_ppl[c]:.2f}  refit {refit_ppl[c]:.2f}")
-        print(f"RESULT refit_vs_bias_ppl[{c}]={refit_ppl[c] / bias_ppl[c]:.4f}")
-    print(f"RESULT refit_time_s={refit_s:.2f}")
+    for sparsity in args.sparsities or [args.sparsity]:
+        masks = metric_masks(args.method, layout, scores, sparsity, params)
+        biased = slice_model(model, masks, extra_bias=compensation_biases(model, masks, scores["flap"]))
+        bias_ppl = ppl(biased)
+        del biased
+        t0 = time.perf_counter()
+        refit, extra = refit_model(model, masks, calib[:n], damp=args.damp, batch_size=params.init.batch_size,
+                                   progress=not args.smoke)
+        refit_s = time.perf_counter() - t0
+        refit_ppl = ppl(slice_model(refit, masks, extra_bias=extra))
+        del refit
+        tag = "" if len(args.sparsities or []) < 2 else f"@{sparsity}"
+        print(f"{args.method} at {sparsity}, {n} calibration blocks of {calib.shape[1]} tokens, damp {args.damp}")
+        for c in evals:
+            print(f"  {c}: bias-only {bias_ppl[c]:.2f}  refit {refit_ppl[c]:.2f}")
+            print(f"RESULT refit_vs_bias_ppl[{c}]{tag}={refit_ppl[c] / bias_ppl[c]:.4f}")
+        print(f"RESULT refit_time_s{tag}={refit_s:.2f}")
 
 
 if __name__ == "__main__":
