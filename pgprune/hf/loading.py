@@ -246,6 +246,12 @@ OFFLOADS = ("none", "cpu", "disk")
 DEVICE_MAPS = ("none", "auto")
 
 
+def _not_loadable(src: str, e: Exception) -> PgpruneError:
+    """The one-line error of a model folder or hub id transformers could not read (config, tokenizer, weights)."""
+    return PgpruneError(f"could not load model {src!r}: {e}. Offline, a hub id works only when it is already in the "
+                        "Hugging Face cache; otherwise point model.source at a local folder.")
+
+
 def load_model(path_or_source: str | Path, dtype: str = "float32", device: str = "cpu", offload: str = "none",
                device_map: str = "none", max_memory: dict | None = None):
     """(model, tokenizer) from a prepared folder, a local checkpoint or a hub id; clear errors when offline.
@@ -268,8 +274,7 @@ def load_model(path_or_source: str | Path, dtype: str = "float32", device: str =
     try:
         tok = AutoTokenizer.from_pretrained(src, trust_remote_code=trust_remote_code(src))
     except (OSError, ValueError) as e:
-        raise PgpruneError(f"could not load model {src!r}: {e}. Offline, a hub id works only when it is already in "
-                           "the Hugging Face cache; otherwise point model.source at a local folder.") from e
+        raise _not_loadable(src, e) from e
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return load_weights(src, dtype, device, offload=offload, device_map=device_map, max_memory=max_memory), tok
@@ -324,8 +329,7 @@ def _load_full(src: str, dtype: str):
         raise PgpruneError(f"could not load model {src!r}: a safetensors file is damaged ({e}); copy it again or "
                            "re-save the model") from None
     except (OSError, ValueError) as e:
-        raise PgpruneError(f"could not load model {src!r}: {e}. Offline, a hub id works only when it is already in "
-                           "the Hugging Face cache; otherwise point model.source at a local folder.") from e
+        raise _not_loadable(src, e) from e
     from pgprune.core.adapters import adapter_class
 
     adapter_class(model.config)  # unsupported architectures fail here, with the list of supported ones
@@ -405,8 +409,7 @@ def _load_skeleton(src: str, dtype: torch.dtype, device: torch.device, offload: 
     try:
         config = AutoConfig.from_pretrained(src, trust_remote_code=trust_remote_code(src))
     except (OSError, ValueError) as e:
-        raise PgpruneError(f"could not load model {src!r}: {e}. Offline, a hub id works only when it is already in "
-                           "the Hugging Face cache; otherwise point model.source at a local folder.") from e
+        raise _not_loadable(src, e) from e
     adapter_class(config)
     reader = SafetensorsReader(checkpoint_folder(src))
     with init_empty_weights(include_buffers=False):
