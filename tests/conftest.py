@@ -85,3 +85,15 @@ def tiny_tokenizer():
 @pytest.fixture
 def tiny_model_factory():
     return make_tiny_model
+
+
+def cli_fails(capsys, argv, *needles) -> str:
+    """Run ``pgprune`` in-process on bad input: exit 2, one line on stderr, no traceback, holding every needle."""
+    from pgprune import cli
+
+    assert cli.main([str(a) for a in argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Traceback" not in err, err
+    for n in needles:
+        assert n in err, err
+    return err

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import TINY_TEXT, make_tiny_config, make_tiny_model
+from conftest import TINY_TEXT, cli_fails, make_tiny_config, make_tiny_model
 
 from pgprune import cli
 from pgprune.errors import ConfigError, PgpruneError
@@ -45,13 +45,7 @@ def work(tmp_path_factory, tiny_tokenizer):
     return d
 
 
-def _fails(capsys, argv, *needles) -> str:
-    assert cli.main([str(a) for a in argv]) == 2
-    err = capsys.readouterr().err.strip()
-    assert "\n" not in err and "Traceback" not in err, err
-    for n in needles:
-        assert n in err, err
-    return err
+_fails = cli_fails
 
 
 def _prune(work, out, *extra):

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import TINY_TEXT, make_tiny_config, make_tiny_model
+from conftest import TINY_TEXT, cli_fails, make_tiny_config, make_tiny_model
 
 from pgprune import __version__, cli
 
@@ -228,13 +228,7 @@ def test_killed_prune_resumes_to_the_masks_of_an_uninterrupted_run(work):
 
 
 # --- bad input: exit 2, one line, no traceback ---------------------------------------------------------------
-def _fails(capsys, argv, *needles):
-    assert cli.main([str(a) for a in argv]) == 2
-    err = capsys.readouterr().err.strip()
-    assert "\n" not in err and "Traceback" not in err, err
-    for n in needles:
-        assert n in err, err
-    return err
+_fails = cli_fails
 
 
 def test_bad_inputs_exit_2_with_one_line(work, tmp_path, capsys):
