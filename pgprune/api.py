@@ -173,10 +173,12 @@ class PruneResult:
 
     ``model``: the physically smaller model (a stock transformers class for the uniform layout, pgprune's
     per-layer-width class otherwise), on the input model's device; ``masks``: the kept units of the input model
-    (:class:`pgprune.core.masks.Masks`); ``extra_bias``: the mean-compensation biases folded into o_proj/down_proj
-    ({layer: {"o_proj"|"down_proj": bias}}, None without compensation); ``info``: method, sparsity, layout,
-    parameter counts (``info["params"]``), sparsity report, calibration, times, search details. ``base`` and
-    ``tokenizer`` are the inputs (``save`` slices nothing again; it needs ``base`` for the card's counts)."""
+    (:class:`pgprune.core.masks.Masks`); ``extra_bias``: the compensation biases folded into o_proj/down_proj
+    ({layer: {"o_proj"|"down_proj": bias}}, None without compensation: the mean compensation's, or the refit's);
+    ``info``: method, sparsity, layout, compensation (none | bias | refit),
+    parameter counts (``info["params"]``), sparsity report, calibration, times, search details. ``base`` (the input
+    model, or with ``refit`` a copy of it holding the refit kept columns) and ``tokenizer`` are the inputs
+    (``save`` slices nothing again; it needs ``base`` for the card's counts)."""
 
     model: torch.nn.Module
     masks: Any
@@ -193,7 +195,8 @@ class PruneResult:
 
         given = CardInfo.coerce(card)
         base = CardInfo(base_model=self.info.get("base_model"), method=self.info["method"],
-                        sparsity=self.info["sparsity"], calibration=self.info.get("calibration"))
+                        sparsity=self.info["sparsity"], calibration=self.info.get("calibration"),
+                        compensation=self.info.get("compensation"))
         changes = {f.name: getattr(given, f.name) for f in dataclasses.fields(given)
                    if getattr(given, f.name) not in (None, [], {})}
         return dataclasses.replace(base, **changes)
@@ -237,13 +240,15 @@ def _device_of(model) -> str:
 
 def run_prune(model, tokenizer, params: Params, *, method: str, sparsity: float, calib: torch.Tensor,
               calibration: str = "", layout: str | None = None, round_to: int | None = None,
-              checkpoint_dir: str | Path | None = None, progress: bool = True, base_model: str | None = None
-              ) -> PruneResult:
+              checkpoint_dir: str | Path | None = None, progress: bool = True, base_model: str | None = None,
+              compensation: str | None = None) -> PruneResult:
     """Prune ``model`` with validated ``params`` and calibration blocks ``calib``: the scorers ``method`` needs
     (:func:`pgprune.pruning.run.scorers_needed`), its masks (:func:`pgprune.pruning.run.method_masks`, search
-    checkpoints in ``checkpoint_dir``) and the smaller model (:func:`pgprune.hf.export.build_model`). The command
-    line (`pgprune prune`) and :func:`prune` both end here."""
+    checkpoints in ``checkpoint_dir``), their compensation (``compensation`` overrides the method's: none, bias,
+    refit; :func:`pgprune.core.compensation.compensated_source`) and the smaller model
+    (:func:`pgprune.hf.export.build_model`). The command line (`pgprune prune`) and :func:`prune` both end here."""
     from pgprune.core.adapters import get_adapter
+    from pgprune.core.compensation import compensated_source
     from pgprune.core.masks import sparsity_report
     from pgprune.core.weights import is_streamed, main_device
     from pgprune.hf.export import build_model, n_params, plan_export
@@ -256,7 +261,7 @@ def run_prune(model, tokenizer, params: Params, *, method: str, sparsity: float,
     lay = get_adapter(model).layout()  # unsupported architectures fail here
     _check_search_blocks(name, params, calib)
     setup_torch(params)
-    needed = scorers_needed(name, params)
+    needed = scorers_needed(name, params, compensation)
     log.info("pruning with %s at sparsity %s (%s layout): scorers %s", name, sparsity, kind, ", ".join(needed))
     seed = _announce_search(name, params, checkpoint_dir)
     t0 = time.perf_counter()
@@ -264,33 +269,37 @@ def run_prune(model, tokenizer, params: Params, *, method: str, sparsity: float,
     t_scores = time.perf_counter() - t0
     t0 = time.perf_counter()
     res = method_masks(name, model, calib, scores, params, sparsity, layout_kind=kind, round_to=round_to or 1,
-                       seeds=None if seed is None else [seed], checkpoint_root=checkpoint_dir, progress=progress)
+                       seeds=None if seed is None else [seed], checkpoint_root=checkpoint_dir, progress=progress,
+                       compensation=compensation)
     t_method = time.perf_counter() - t0
     del scores
     t0 = time.perf_counter()
-    plan = plan_export(model, res.masks, res.extra_bias, export_layout)
-    pruned = build_model(model, res.masks, res.extra_bias, layout=plan.layout)
+    source, extra = compensated_source(model, res.masks, res.extra_bias, res.recipe, calib, progress=progress)
+    t_refit = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    plan = plan_export(source, res.masks, extra, export_layout)
+    pruned = build_model(source, res.masks, extra, layout=plan.layout)
     home = main_device(model)
     if home.type not in ("cpu", "meta") and not is_streamed(model):
         pruned = pruned.to(home)
     t_build = time.perf_counter() - t0
-    report = sparsity_report(lay, res.masks, out_bias=res.extra_bias is not None)
+    report = sparsity_report(lay, res.masks, out_bias=extra is not None)
     sparsity_note = _uniform_sparsity_note(lay, res.masks, sparsity, kind, name, params, round_to)
     seeds = res.info.get("seeds") or {}
     info = {
         "method": name, "sparsity": sparsity, "layout": plan.layout, "mask_layout": kind,
         "architecture": plan.architecture, "trust_remote_code": plan.trust_remote_code,
         "base_model": base_model or getattr(model.config, "_name_or_path", None) or None,
-        "calibration": calibration or None, "compensated": res.extra_bias is not None,
+        "calibration": calibration or None, "compensated": extra is not None, "compensation": res.recipe.kind,
         "params": params_summary(report, n_params(model), n_params(pruned)), "report": report,
-        "scorers": needed, "time_s": {"scores": t_scores, "masks": t_method, "build": t_build,
+        "scorers": needed, "time_s": {"scores": t_scores, "masks": t_method, "refit": t_refit, "build": t_build,
                                       "total": time.perf_counter() - t_start, "per_scorer": score_times},
         "resumed_from_step": max((s.get("resumed_from_step") or 0 for s in seeds.values()), default=0),
         "search_seed": seed, "seeds_not_run": params.search.seeds[1:] if seed is not None else None,
         "search": seeds or None, "history": res.history, "note": plan.note or None,
         "sparsity_note": sparsity_note,
     }
-    return PruneResult(model=pruned, masks=res.masks, extra_bias=res.extra_bias, info=info, base=model,
+    return PruneResult(model=pruned, masks=res.masks, extra_bias=extra, info=info, base=source,
                        tokenizer=tokenizer, layout=plan.layout)
 
 
@@ -357,7 +366,7 @@ def _check_search_blocks(method: str, params: Params, calib: torch.Tensor) -> No
 def prune(model, tokenizer=None, *, sparsity: float = 0.3, method: str = "pg", calibration=None,
           layout: str | None = None, round_to: int | None = None, steps: int | None = None,
           nsamples: int | None = None, calib_blocks: int | None = None, seq_len: int | None = None,
-          seed: int | None = None, config=None, device: str | None = None, compensation: bool | None = None,
+          seed: int | None = None, config=None, device: str | None = None, compensation: str | None = None,
           checkpoint_dir: str | Path | None = None, progress: bool = True) -> PruneResult:
     """Prune a loaded LLaMA/Mistral/Qwen2 causal LM; the input ``model`` is not modified.
 
@@ -372,7 +381,8 @@ def prune(model, tokenizer=None, *, sparsity: float = 0.3, method: str = "pg", c
     MLP channels a multiple of this (the search's ``search.channel_group``; a baseline's uniform layout).
     ``steps`` (search steps), ``nsamples`` (calibration blocks the metrics use), ``calib_blocks`` and ``seq_len``
     (the calibration windows cut from text), ``seed`` (the search, the calibration windows and the random scorer),
-    ``compensation`` (mean compensation of removed units) override ``config`` (a params.yaml path, a dict or
+    ``compensation`` (none | bias | refit: what the kept weights get; default the method's own, search.compensation
+    for a search) override ``config`` (a params.yaml path, a dict or
     :class:`pgprune.config.Params`, the pipeline's schema; None: its defaults, params.yaml's values); the params
     keys each sets are :data:`pgprune.options.OPTIONS`'s, as for `pgprune prune`. A search runs the first of
     ``search.seeds`` only (``info["search_seed"]``). ``device``: where to compute (the model is moved there for the
@@ -392,7 +402,8 @@ def prune(model, tokenizer=None, *, sparsity: float = 0.3, method: str = "pg", c
         model.to(device)
     try:
         return run_prune(model, tokenizer, params, method=method, sparsity=sparsity, calib=calib, calibration=desc,
-                         layout=layout, round_to=round_to, checkpoint_dir=checkpoint_dir, progress=progress)
+                         layout=layout, round_to=round_to, checkpoint_dir=checkpoint_dir, progress=progress,
+                         compensation=compensation)
     finally:
         if move:
             model.to(home)

@@ -270,7 +270,8 @@ def cmd_prune(a, argv: list[str]) -> int:
         try:
             result = run_prune(model, tok, params, method=method, sparsity=sparsity, calib=calib,
                                calibration=calib_desc, layout=a.layout, round_to=a.round_to,
-                               checkpoint_dir=ckpt if searching else None, progress=not a.quiet, base_model=source)
+                               checkpoint_dir=ckpt if searching else None, progress=not a.quiet, base_model=source,
+                               compensation=a.compensation)
         except KeyboardInterrupt:
             if searching:  # main() prints it, once: "pgprune: interrupted; <this>"
                 raise KeyboardInterrupt(f"the search checkpoint in {ckpt} lets the same command resume") from None
@@ -292,6 +293,9 @@ def cmd_prune(a, argv: list[str]) -> int:
     return 0
 
 
+_COMPENSATION_WORDS = {"none": "", "bias": ", mean (bias) compensation", "refit": ", kept weights refit"}
+
+
 def _print_summary(a, result, saved, ckpt: Path, evaluation, elapsed: float) -> None:
     from pgprune.methods import method_label
 
@@ -303,7 +307,7 @@ def _print_summary(a, result, saved, ckpt: Path, evaluation, elapsed: float) -> 
     summary = {
         "out": str(a.out), "method": info["method"], "sparsity": info["sparsity"], "layout": saved.plan.layout,
         "architecture": saved.plan.architecture, "trust_remote_code": trc, "params": p,
-        "compensated": info["compensated"], "calibration": info["calibration"],
+        "compensated": info["compensated"], "compensation": info["compensation"], "calibration": info["calibration"],
         "resumed_from_step": info["resumed_from_step"], "checkpoint_dir": str(ckpt) if info["search"] else None,
         "search_seed": info.get("search_seed"), "seeds_not_run": info.get("seeds_not_run"),
         "time_s": {"total": elapsed, **{k: v for k, v in t.items() if k not in ("total", "per_scorer")}},
@@ -315,7 +319,7 @@ def _print_summary(a, result, saved, ckpt: Path, evaluation, elapsed: float) -> 
     dl, tot = p["decoder_linear"], p["total"]
     rows = [
         ("method", f"{info['method']} ({method_label(info['method'])}), {saved.plan.layout} layout"
-                   f"{', mean compensation' if info['compensated'] else ''}"),
+                   f"{_COMPENSATION_WORDS[info['compensation']]}"),
         ("sparsity", f"{_pct(info['sparsity'])} requested"
                      + (f"; {info['sparsity_note']}" if info.get("sparsity_note") else "")),
         ("decoder-layer linear", f"{dl['before']:,} -> {dl['after']:,} parameters ({_pct(dl['sparsity'])} removed)"),
@@ -525,8 +529,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "the visible GPUs (accelerate)")
     pr.add_argument("--config", metavar="PARAMS_YAML", help="settings in the pipeline's params.yaml schema; the "
                     "options above override them")
-    pr.add_argument("--no-compensation", action="store_true",
-                    help="no mean (bias) compensation of the removed units")
+    pr.add_argument("--compensation", choices=("none", "bias", "refit"),
+                    help="what the kept weights get: none; bias (the removed units' calibration means, FLAP's); "
+                         "refit (least-squares refit of the kept o_proj/down_proj columns, section refit). Default: "
+                         "a baseline's own (flap: bias, <metric>_refit: refit), search.compensation (refit) for pg")
     pr.add_argument("--eval-ppl", nargs="+", metavar="CORPUS", help="also measure the perplexity of the pruned and "
                     "the dense model (wikitext2 | c4 | ptb | local | licenses | a text file; "
                     "eval.ppl_seq_len/ppl_blocks of --config); goes into the card")

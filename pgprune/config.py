@@ -27,8 +27,10 @@ class _Strict(BaseModel):
 
 class ModelParams(_Strict):
     source: str = Field("embedded:smollm2-135m", description="embedded:smollm2-135m, a local folder or a hub id")
-    dtype: Literal["float32", "bfloat16", "float16"] = Field("bfloat16", description="dtype the model is loaded, "
-                                                               "searched and evaluated in")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="dtype the model is loaded, "
+                                                              "searched and evaluated in (float32 for the default "
+                                                              "CPU: bfloat16 matmuls are ~7x slower on CPUs without "
+                                                              "bf16 units; bfloat16 on GPUs)")
     device: str = Field("cpu", description="compute device: cpu, cuda, cuda:N, mps")
     threads: int | None = Field(None, ge=1, description="torch CPU threads (None: torch's default)")
     offload: Literal["none", "cpu", "disk"] = Field(
@@ -82,7 +84,10 @@ class DataParams(_Strict):
 class InitParams(_Strict):
     nsamples: int = Field(64, ge=1, description="calibration blocks used by the metrics")
     batch_size: int = Field(8, ge=1)
-    scorers: list[Scorer] = list(SCORER_NAMES)
+    scorers: list[Scorer] = Field(["magnitude", "wanda_sp", "flap", "random"], description="importance metrics "
+                                  "computed (the search's init and the baselines' scores); every scorer: magnitude, "
+                                  "wanda_sp, flap, taylor, shortgpt, random (taylor and shortgpt are needed by the "
+                                  "taylor and layer_drop baselines, which the default pipeline drops for time)")
     flap_bias_compensation: bool = True
     seed: int = 0
 
@@ -111,7 +116,7 @@ class SearchParams(SearchSettings):
                                    "undecided at the metric's boundary (keep-probability 0.55 just inside, 0.45 just "
                                    "outside), so the search can trade those units; 0 starts every unit decided")
     init_free_channels: float = Field(0.5, ge=0, lt=1, description="the same for MLP channels (channel blocks)")
-    init_free_margin: float = Field(0.05, gt=0, lt=0.5, description="undecided units start at 1/2 + margin (kept by "
+    init_free_margin: float = Field(0.2, gt=0, lt=0.5, description="undecided units start at 1/2 + margin (kept by "
                                     "the metric) and 1/2 - margin (just outside its cut): small = sampled nearly at "
                                     "random, larger = samples stay close to the metric's mask")
     policy: Literal["units", "widths"] = Field(
@@ -122,13 +127,20 @@ class SearchParams(SearchSettings):
     channel_group: int = Field(64, ge=1, description="MLP channels searched and kept together: each layer's channels "
                                "are ranked by the init metric and cut into blocks of this many (kept widths are "
                                "multiples of it); must divide the intermediate size")
-    batch_size: int = Field(8, ge=1, description="calibration blocks per search step")
-    lr_heads: float = Field(0.1, gt=0)
-    lr_channels: float = Field(0.1, gt=0)
+    batch_size: int = Field(4, ge=1, description="calibration blocks per search step")
+    lr_heads: float = Field(0.4, gt=0)
+    lr_channels: float = Field(0.4, gt=0)
     lr_layers: float = Field(0.02, gt=0)
     min_heads_per_layer: int = Field(1, ge=1, description="KV groups every kept layer keeps (every method)")
-    bias_compensation: bool = Field(True, description="replace removed o_proj/down_proj inputs by their calibration "
-                                    "means during the search and in the sliced model (needs the flap scorer)")
+    compensation: Literal["none", "bias", "refit"] = Field(
+        "refit", description="what the searched masks' kept weights get: none; bias (removed o_proj/down_proj inputs "
+        "replaced by their calibration means, FLAP's); refit (least-squares refit of the kept o_proj/down_proj "
+        "columns and biases on sequential calibration activations, section refit). bias and refit need the flap "
+        "scorer's means: the search's sampled masks are mean-compensated in both; refit is applied to the final masks")
+    refit_loss: bool = Field(True, description="with compensation refit: every sampled and validated mask's loss is "
+                             "that of the model whose kept o_proj/down_proj weights are refit for it (from Gram "
+                             "matrices of the dense model's calibration inputs, cached once; one mask per forward); "
+                             "false: the search optimises the mean-compensated loss and only the final masks are refit")
     validate_every: int = Field(10, ge=0, description="steps between hard-mask validations (0: start and end only)")
     val_blocks: int = Field(32, ge=0, description="calibration blocks held back to validate hard masks (0: off)")
     select: Literal["best", "last"] = Field("best", description="final mask: best validated, or the last probs")
@@ -165,7 +177,7 @@ class SearchParams(SearchSettings):
         if bad:
             raise ValueError(f"search.devices {bad} are not devices; allowed: cpu, cuda, cuda:N")
         # the init metric, its compensation and the seeds are the cell's, not the sparsity's
-        allowed = sorted(set(type(self).model_fields) - {"at_sparsity", "seeds", "init", "bias_compensation"})
+        allowed = sorted(set(type(self).model_fields) - {"at_sparsity", "seeds", "init", "compensation"})
         for i, rule in enumerate(self.at_sparsity):
             unknown = sorted(set(rule.set) - set(allowed))
             if unknown:
@@ -211,7 +223,8 @@ class SearchParams(SearchSettings):
 # the units policy on single channels, with the channels at the init metric's mask, measured better than widths
 DEFAULT_SEARCH_RULES = ({"up_to": 0.3, "layouts": ["heterogeneous"],
                          "set": {"policy": "units", "channel_group": 1, "init_free_channels": 0.0,
-                                 "lr_channels": 0.02}},)
+                                 "lr_heads": 0.1, "lr_channels": 0.02, "init_free_margin": 0.05,
+                                 "refit_loss": False}},)
 
 
 class SpeedParams(_Strict):
@@ -225,8 +238,8 @@ class SpeedParams(_Strict):
 class EvalParams(_Strict):
     ppl_seq_len: int = Field(128, ge=8)
     ppl_batch_size: int = Field(8, ge=1)
-    ppl_blocks: int = Field(256, ge=1, description="evaluation blocks per corpus (the first ones)")
-    curve_blocks: int = Field(64, ge=0, description="a search's quality-vs-cost curve: perplexity of its validated "
+    ppl_blocks: int = Field(128, ge=1, description="evaluation blocks per corpus (the first ones)")
+    curve_blocks: int = Field(32, ge=0, description="a search's quality-vs-cost curve: perplexity of its validated "
                               "masks over the search, on this many blocks of the first corpus (0: off)")
     zero_shot: bool = True
     zero_shot_tasks: list[str] = ["local"]
@@ -238,10 +251,12 @@ class EvalParams(_Strict):
 
 class CompareParams(_Strict):
     sparsities: list[float] = Field([0.2, 0.3, 0.5], description="sparsities every method is run and evaluated at")
-    searches: list[SearchMethodName] = Field(list(SEARCH_METHODS), description="policy-gradient methods "
-                                             "(pgprune/methods.py): pg (free widths), pg_uniform (stock layout)")
-    baselines: list[MetricMethodName] = Field(list(METRIC_METHODS), description="metric baselines "
-                                              "(pgprune/methods.py)")
+    searches: list[SearchMethodName] = Field(["pg"], description="policy-gradient methods (pgprune/methods.py): "
+                                             "pg (free widths), pg_uniform (stock layout; not in the default cells: "
+                                             "README 'Which cells the pipeline runs')")
+    baselines: list[MetricMethodName] = Field(["wanda_sp", "flap", "flap_refit"], description="metric baselines "
+                                              "(pgprune/methods.py); the default cells separate FLAP's mask with its "
+                                              "bias-only compensation (flap) from the same mask refit (flap_refit)")
 
     @field_validator("sparsities")
     @classmethod
@@ -261,6 +276,16 @@ class ExportParams(_Strict):
     save_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
 
 
+class RefitParams(_Strict):
+    """The least-squares refit (compensation ``refit``, pgprune/core/refit.py) of every method that uses it."""
+
+    damp: float = Field(0.01, ge=0, description="damping of the refit's least squares, a fraction of the mean "
+                        "diagonal of the kept inputs' Gram matrix (raised automatically where singular)")
+    blocks: int = Field(64, ge=1, description="calibration blocks (the first of data.calib_blocks) the refit "
+                        "propagates and fits on")
+    batch_size: int = Field(8, ge=1, description="calibration blocks per forward of the refit")
+
+
 class ReportParams(_Strict):
     title: str = "pgprune report"
 
@@ -274,6 +299,7 @@ class Params(_Strict):
     eval: EvalParams = EvalParams()
     compare: CompareParams = CompareParams()
     export: ExportParams = ExportParams()
+    refit: RefitParams = RefitParams()
     report: ReportParams = ReportParams()
 
     @field_validator("search", mode="before")
@@ -288,9 +314,11 @@ class Params(_Strict):
     def _cross(self):
         if self.search.init not in self.init.scorers:
             raise ValueError(f"search.init={self.search.init!r} must be one of init.scorers={self.init.scorers}")
-        if self.search.bias_compensation and not ("flap" in self.init.scorers and self.init.flap_bias_compensation):
-            raise ValueError("search.bias_compensation needs the calibration means of the 'flap' scorer: add 'flap' "
-                             "to init.scorers and set init.flap_bias_compensation: true (or turn it off)")
+        if self.search.compensation != "none" and not ("flap" in self.init.scorers and
+                                                       self.init.flap_bias_compensation):
+            raise ValueError(f"search.compensation={self.search.compensation!r} needs the calibration means of the "
+                             "'flap' scorer: add 'flap' to init.scorers and set init.flap_bias_compensation: true "
+                             "(or set search.compensation: none)")
         for m in self.compare.baselines:
             scorer = METHODS[m].scorer
             if scorer not in self.init.scorers:
@@ -391,7 +419,6 @@ _DESCRIPTIONS = {
     "data.zero_shot_items": "items of each offline zero-shot task built from the held-out text",
     "data.seed": "seed of the corpus split, calibration windows and tasks",
     "init.batch_size": "calibration blocks per scorer forward",
-    "init.scorers": "importance metrics computed (the search's init and the baselines' scores)",
     "init.flap_bias_compensation": "FLAP's mean (bias) compensation means, used by flap and the search",
     "init.seed": "seed of the random scorer",
     "eval.ppl_seq_len": "tokens per perplexity block",

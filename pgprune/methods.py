@@ -10,6 +10,13 @@ reads this table; adding a method means adding one entry here (and, for a metric
 * ``kind="metric"``: a one-shot baseline that keeps the top units of ``scorer``'s importance with ``allocation``
   ``uniform`` (the same fraction in every layer, exact total budget: FLAP's UL-UM, Wanda-sp, LLM-Pruner) or
   ``global``; ``granularity`` says which unit groups it removes (``layer_drop`` removes whole layers).
+
+``compensation`` is what the kept weights get (:mod:`pgprune.core.compensation`): ``none`` (frozen), ``bias`` (the
+removed inputs' calibration means folded into the output biases, FLAP's) or ``refit`` (the least-squares refit of
+the kept o_proj/down_proj columns and biases, :mod:`pgprune.core.refit`). Metric baselines carry their own (FLAP
+``bias``; ``<metric>_refit`` is the same masks with ``refit``, so the report separates what the mask brings from
+what the refit brings); the search methods take ``search.compensation``. `pgprune prune --compensation` and
+``pgprune.prune(compensation=...)`` override either.
 """
 from __future__ import annotations
 
@@ -21,6 +28,8 @@ from pgprune.errors import ConfigError
 Kind = Literal["search", "metric"]
 Layout = Literal["heterogeneous", "uniform"]
 LAYOUTS: tuple[str, ...] = ("heterogeneous", "uniform")
+Compensation = Literal["none", "bias", "refit"]
+COMPENSATIONS: tuple[str, ...] = ("none", "bias", "refit")
 
 
 @dataclass(frozen=True)
@@ -32,7 +41,7 @@ class Method:
     allocation: Literal["uniform", "global"] = "uniform"
     granularity: tuple[str, ...] = ("heads", "channels")
     layout: Layout = "heterogeneous"
-    compensated: bool = False  # metric methods: mean (bias) compensation of the removed units
+    compensation: Compensation | None = None  # metric methods: theirs (none/bias/refit); search: search.compensation
     description: str = ""
 
 
@@ -41,16 +50,22 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            description="policy-gradient search, per-layer widths free (global budget)"),
     Method("pg_uniform", "PG search (uniform layout)", "search", layout="uniform",
            description="policy-gradient search, the same width in every layer (stock architecture)"),
-    Method("wanda_sp", "Wanda-sp", "metric", scorer="wanda_sp",
+    Method("wanda_sp", "Wanda-sp", "metric", scorer="wanda_sp", compensation="none",
            description="Wanda structured (|W| x input norm), same fraction per layer"),
-    Method("flap", "FLAP", "metric", scorer="flap", compensated=True,
+    Method("wanda_sp_refit", "Wanda-sp + refit", "metric", scorer="wanda_sp", compensation="refit",
+           description="Wanda-sp's masks, kept o_proj/down_proj weights refit by least squares"),
+    Method("flap", "FLAP", "metric", scorer="flap", compensation="bias",
            description="FLAP fluctuation metric with bias compensation, same fraction per layer (UL-UM)"),
-    Method("magnitude", "magnitude", "metric", scorer="magnitude", description="weight magnitude"),
-    Method("taylor", "Taylor", "metric", scorer="taylor",
+    Method("flap_refit", "FLAP + refit", "metric", scorer="flap", compensation="refit",
+           description="FLAP's masks, kept o_proj/down_proj weights refit by least squares (instead of its bias)"),
+    Method("magnitude", "magnitude", "metric", scorer="magnitude", compensation="none",
+           description="weight magnitude"),
+    Method("taylor", "Taylor", "metric", scorer="taylor", compensation="none",
            description="LLM-Pruner first-order Taylor |w * grad| (back-propagates)"),
-    Method("random", "random", "metric", scorer="random", description="random units, same fraction per layer"),
+    Method("random", "random", "metric", scorer="random", compensation="none",
+           description="random units, same fraction per layer"),
     Method("layer_drop", "layer drop (ShortGPT)", "metric", scorer="shortgpt", granularity=("layers",),
-           description="drop whole layers by ShortGPT block influence"),
+           compensation="none", description="drop whole layers by ShortGPT block influence"),
 )}
 
 SEARCH_METHODS: tuple[str, ...] = tuple(n for n, m in METHODS.items() if m.kind == "search")
@@ -71,6 +86,13 @@ def search_method(layout: str) -> str:
         if METHODS[n].layout == layout:
             return n
     raise ConfigError(f"unknown layout {layout!r}; allowed: {', '.join(LAYOUTS)}")
+
+
+def check_compensation(value) -> str:
+    """``value`` if it is a compensation kind, else the one-line error naming the allowed ones."""
+    if value not in COMPENSATIONS:
+        raise ConfigError(f"compensation={value!r}; allowed: {', '.join(COMPENSATIONS)}")
+    return value
 
 
 def method_label(name: str) -> str:

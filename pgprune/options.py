@@ -34,8 +34,8 @@ class Option:
     """One option of ``command``: its prune() keyword / argparse dest ``name``, its CLI ``flag`` (None: API only),
     whether prune() takes it (``api``), the params ``keys`` it sets and how a value becomes theirs (``spread``:
     (value, len(keys)) -> one value per key, or None to set nothing). ``cli_dest``/``from_cli``: an argparse dest
-    and conversion that differ from the keyword (``--no-compensation`` -> compensation=False); ``search_only``:
-    set only for search methods."""
+    and conversion that differ from the keyword; ``search_only``: set only for search methods (a baseline gets
+    ``compensation`` as run_prune's argument, not as search.compensation)."""
 
     command: str
     name: str
@@ -70,9 +70,7 @@ OPTIONS: tuple[Option, ...] = (
     _opt("prune", "steps", "search.steps", api=True),
     _opt("prune", "seed", "search.seeds", "data.seed", "init.seed", api=True, spread=_seed),
     _opt("prune", "round_to", "search.channel_group", api=True, search_only=True),
-    _opt("prune", "compensation", "search.bias_compensation", "init.flap_bias_compensation", api=True,
-         spread=_flag, flag="--no-compensation", cli_dest="no_compensation",
-         from_cli=lambda on: False if on else None),
+    _opt("prune", "compensation", "search.compensation", api=True, search_only=True),
     _opt("prune", "device", "model.device", api=True),
     _opt("prune", "dtype", "model.dtype"),
     _opt("prune", "threads", "model.threads"),

@@ -1,8 +1,8 @@
 """Stage `evaluate@<method>-<sparsity>` (and `evaluate_dense`): slice the given masks out of the base model (with
-their compensation biases) and measure perplexity on every evaluation corpus, zero-shot accuracy and generation
+their compensation: the biases, or the refit recomputed on the calibration blocks) and measure perplexity on every evaluation corpus, zero-shot accuracy and generation
 speed; for a search, also the perplexity of every seed's masks and of its validated masks over the search (quality
 vs cost). A streamed model (model.offload) gets perplexity only. Writes one JSON (metrics, kept in git)."""
-from pgprune.data.prepare import load_eval_data
+from pgprune.data.prepare import load_calibration, load_eval_data
 from pgprune.eval.evaluate import evaluate_masks
 from pgprune.hf.loading import load_configured
 from pgprune.io import write_json
@@ -26,7 +26,9 @@ def main(argv=None):
 
         load_masks(a.masks, get_adapter(model).layout())
     evals, tasks = load_eval_data(a.data, tok, params)
-    result = {"method": a.method, "sparsity": a.sparsity, **evaluate_masks(model, tok, a.masks, evals, tasks, params)}
+    calib = load_calibration(a.data) if a.masks is not None else None  # a refit recipe refits on them
+    result = {"method": a.method, "sparsity": a.sparsity,
+              **evaluate_masks(model, tok, a.masks, evals, tasks, params, calib)}
     write_json(a.out, result)
     print({k: v for k, v in result.items() if k not in ("params", "curve")})
 

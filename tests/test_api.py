@@ -95,7 +95,7 @@ def test_uniform_layout_is_a_stock_model_equal_to_the_masked_forward(tiny_tokeni
 
     model = make_tiny_model("qwen2")
     result = pgprune.prune(model, tiny_tokenizer, sparsity=0.3, calibration=TINY_TEXT, layout="uniform",
-                           config=SMALL, progress=False)
+                           config=SMALL, compensation="bias", progress=False)
     assert result.info["method"] == "pg_uniform" and result.layout == "uniform"
     # compensated Qwen2 is saved as Llama (only Llama has o_proj/down_proj biases), see pgprune.hf.export
     assert type(result.model).__name__ == "LlamaForCausalLM" and result.info["compensated"]
@@ -115,7 +115,7 @@ def test_uniform_layout_is_a_stock_model_equal_to_the_masked_forward(tiny_tokeni
     assert "me/tiny-pruned" in (tmp_path / "u" / "README.md").read_text()
     # a metric baseline without compensation: the model's own stock class
     plain = pgprune.prune(model, tiny_tokenizer, sparsity=0.3, method="magnitude", calibration=TINY_TEXT,
-                          layout="uniform", config=SMALL, compensation=False)
+                          layout="uniform", config=SMALL, compensation="none")
     assert type(plain.model).__name__ == "Qwen2ForCausalLM" and plain.extra_bias is None
 
 

@@ -162,7 +162,8 @@ def _masked_logits(work: Path, masks_file: Path, ids: torch.Tensor, compensated:
 def test_prune_uniform_layout_is_stock_and_equals_the_masked_forward(work):
     from transformers import AutoModelForCausalLM
 
-    s = summary_of(run(MODULE, *prune_args(work, "uni", "--layout", "uniform", "--steps", 4, "--json"), cwd=work))
+    s = summary_of(run(MODULE, *prune_args(work, "uni", "--layout", "uniform", "--steps", 4, "--compensation", "bias",
+                                           "--json"), cwd=work))
     out = work / "uni"
     assert s["method"] == "pg_uniform" and s["layout"] == "uniform" and s["architecture"] == "LlamaForCausalLM"
     assert not (out / "modeling_pgprune.py").exists()

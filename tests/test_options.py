@@ -18,7 +18,7 @@ API_NOT_PARAMS = {"model", "tokenizer", "sparsity", "method", "layout", "config"
 # a value each option can take, as (CLI argument, API value)
 SAMPLE = {"model": ("org/name", None), "calibration": ("c4", "c4"), "nsamples": ("16", 16),
           "calib_blocks": ("40", 40), "seq_len": ("32", 32), "steps": ("5", 5), "seed": ("7", 7),
-          "round_to": ("16", 16), "compensation": (None, False), "device": ("cpu", "cpu"), "dtype": ("float32", None),
+          "round_to": ("16", 16), "compensation": ("bias", "bias"), "device": ("cpu", "cpu"), "dtype": ("float32", None),
           "threads": ("2", None), "offload": ("disk", None), "device_map": ("auto", None), "blocks": ("4", None),
           "batch_size": ("2", None), "limit": ("10", None), "batch": ("2", None), "samples": ("4", None),
           "sample_mode": ("batched", None)}
@@ -118,11 +118,11 @@ def _capture(monkeypatch):
 def test_prune_and_the_cli_build_their_params_from_the_table(monkeypatch):
     _capture(monkeypatch)
     with pytest.raises(_Built) as api:
-        pgprune.prune(None, steps=5, seed=7, round_to=16, compensation=False, calibration="c4", device="cpu",
+        pgprune.prune(None, steps=5, seed=7, round_to=16, compensation="none", calibration="c4", device="cpu",
                       nsamples=16, calib_blocks=40, seq_len=32)
     with pytest.raises(_Built) as line:
         cli.main(["prune", "--sparsity", "0.3", "--out", "x", "--steps", "5", "--seed", "7", "--round-to", "16",
-                  "--no-compensation", "--calibration", "c4", "--device", "cpu", "--nsamples", "16",
+                  "--compensation", "none", "--calibration", "c4", "--device", "cpu", "--nsamples", "16",
                   "--calib-blocks", "40", "--seq-len", "32", "-q"])
     assert api.value.args[0] == line.value.args[0]
     assert api.value.args[0]["search.seeds"] == [7] and api.value.args[0]["init.seed"] == 7

@@ -28,7 +28,7 @@ def setup():
 def test_heads_and_channels_exact_budget_and_best_selection(setup):
     model, calib, scores = setup
     p = SearchParams(steps=8, batch_size=4, val_blocks=8, validate_every=4, init="magnitude",
-                     bias_compensation=False, lr_heads=0.3, lr_channels=0.3)
+                     compensation="none", lr_heads=0.3, lr_channels=0.3)
     out = run_pg_search(model, calib, scores, p, sparsity=0.5, progress=False)
     rep = sparsity_report(get_adapter(model).layout(), out.masks)
     assert rep["kv_groups_kept"] == 4 and rep["channels_kept"] == 96
@@ -41,14 +41,14 @@ def test_heads_and_channels_exact_budget_and_best_selection(setup):
 
 def test_layer_granularity_drops_layers_and_keeps_total_budget(setup):
     model, calib, scores = setup
-    p = SearchParams(steps=4, batch_size=4, val_blocks=8, init="magnitude", bias_compensation=False,
+    p = SearchParams(steps=4, batch_size=4, val_blocks=8, init="magnitude", compensation="none",
                      granularity=["heads", "channels", "layers"], layer_sparsity=0.25)
     out = run_pg_search(model, calib, scores, p, sparsity=0.5, progress=False)
     assert int(out.masks.layers.sum()) == 3
     kept = out.masks.kept_layer_indices()
     assert sum(int(out.masks.heads[i].sum()) for i in kept) == 4
     assert sum(int(out.masks.channels[i].sum()) for i in kept) == 96
-    only = SearchParams(steps=4, batch_size=4, val_blocks=8, init="magnitude", bias_compensation=False,
+    only = SearchParams(steps=4, batch_size=4, val_blocks=8, init="magnitude", compensation="none",
                         granularity=["layers"], init_map="sigmap")
     out2 = run_pg_search(model, calib, scores, only, sparsity=0.5, progress=False)
     assert int(out2.masks.layers.sum()) == 2 and all(int(h.sum()) == 2 for h in out2.masks.heads)
@@ -56,7 +56,7 @@ def test_layer_granularity_drops_layers_and_keeps_total_budget(setup):
 
 def test_too_few_calibration_blocks_is_named(setup):
     model, calib, scores = setup
-    p = SearchParams(steps=2, val_blocks=64, init="magnitude", bias_compensation=False)
+    p = SearchParams(steps=2, val_blocks=64, init="magnitude", compensation="none")
     with pytest.raises(PgpruneError, match="search.val_blocks=64"):
         run_pg_search(model, calib, scores, p, sparsity=0.3, progress=False)
 
@@ -67,7 +67,7 @@ def test_const_init_starts_exactly_at_the_metric_baseline_mask(setup, allocation
     search's step-0 hard mask is the metric baseline itself, even where round(r * n) per layer would undershoot."""
     model, calib, scores = setup
     p = SearchParams(init="magnitude", init_map="const", init_allocation=allocation, init_const=0.9,
-                     init_free_heads=0.0, bias_compensation=False)
+                     init_free_heads=0.0, compensation="none")
     layout = get_adapter(model).layout()
     search, probs, _ = build_search(MaskedModel(model), scores, p, 0.3)
     baseline = masks_from_scores(layout, scores, 0.3, allocation=allocation)
@@ -84,7 +84,7 @@ def test_free_boundary_init_starts_at_the_baseline_with_undecided_units_at_the_c
     0.55 (kept) / 0.45 (pruned), the rest at 1 - init_const; the step-0 hard mask is still the baseline's."""
     model, calib, scores = setup
     p = SearchParams(init="magnitude", init_map="const", init_allocation=allocation, init_const=0.95,
-                     init_free_channels=0.25, init_free_heads=0.5, bias_compensation=False)
+                     init_free_channels=0.25, init_free_heads=0.5, init_free_margin=0.05, compensation="none")
     layout = get_adapter(model).layout()
     search, probs, _ = build_search(MaskedModel(model), scores, p, 0.5)
     baseline = masks_from_scores(layout, scores, 0.5, allocation=allocation)
@@ -114,7 +114,7 @@ def test_a_changed_setting_never_returns_a_stale_result(setup, tmp_path):
     """The bug of issue 9: a checkpoint of batch_size 4 was returned for batch_size 16. Now the checkpoint is keyed
     by every setting: the second search is a fresh one and equals a search without any checkpoint."""
     model, calib, scores = setup
-    kw = dict(steps=6, val_blocks=4, init="magnitude", bias_compensation=False, lr_heads=0.3, lr_channels=0.3,
+    kw = dict(steps=6, val_blocks=4, init="magnitude", compensation="none", lr_heads=0.3, lr_channels=0.3,
               init_free_heads=0.5, init_free_channels=0.5, checkpoint_every=2)
     a = run_pg_search(model, calib, scores, SearchParams(batch_size=4, **kw), sparsity=0.5, progress=False,
                       checkpoint_dir=tmp_path, stop_after=4)
@@ -139,7 +139,7 @@ def test_a_changed_setting_never_returns_a_stale_result(setup, tmp_path):
 
 def test_uniform_layout_search_keeps_equal_widths(setup):
     model, calib, scores = setup
-    p = SearchParams(steps=6, batch_size=4, val_blocks=4, init="magnitude", bias_compensation=False,
+    p = SearchParams(steps=6, batch_size=4, val_blocks=4, init="magnitude", compensation="none",
                      init_free_heads=0.5, init_free_channels=0.5, lr_heads=0.3, lr_channels=0.3, channel_group=4)
     out = run_pg_search(model, calib, scores, p, sparsity=0.5, layout="uniform", progress=False)
     counts = out.masks.kept_counts()
@@ -148,14 +148,14 @@ def test_uniform_layout_search_keeps_equal_widths(setup):
     assert groups["channels"].segment_budgets == (6.0,) * 4 and groups["heads"].segment_budgets == (1.0,) * 4
     with pytest.raises(PgpruneError, match="uniform layout searches heads and channels"):
         run_pg_search(model, calib, scores, SearchParams(granularity=["heads", "layers"], layer_sparsity=0.25,
-                                                         init="magnitude", bias_compensation=False,
+                                                         init="magnitude", compensation="none",
                                                          batch_size=4, val_blocks=4),
                       sparsity=0.5, layout="uniform", progress=False)
 
 
 def test_channel_groups_keep_whole_blocks(setup):
     model, calib, scores = setup
-    p = SearchParams(steps=6, batch_size=4, val_blocks=4, init="magnitude", bias_compensation=False,
+    p = SearchParams(steps=6, batch_size=4, val_blocks=4, init="magnitude", compensation="none",
                      init_free_channels=0.5, lr_channels=0.3, channel_group=8)
     out = run_pg_search(model, calib, scores, p, sparsity=0.5, progress=False)
     assert out.blocks["channels"].n_blocks == 24 and out.result.groups["channels"].size == 24
@@ -171,7 +171,7 @@ def test_samples_split_over_devices_give_the_same_search(setup):
     """search.devices: the K samples of every step run on replicas (here two CPU 'devices'), only losses come
     back; the search is identical to the single-device one."""
     model, calib, scores = setup
-    kw = dict(steps=4, samples=4, batch_size=4, val_blocks=4, init="magnitude", bias_compensation=False,
+    kw = dict(steps=4, samples=4, batch_size=4, val_blocks=4, init="magnitude", compensation="none",
               init_free_heads=0.5, lr_heads=0.3, sample_mode="separate")
     one = run_pg_search(model, calib, scores, SearchParams(**kw), sparsity=0.5, progress=False)
     two = run_pg_search(model, calib, scores, SearchParams(devices=["cpu", "cpu"], **kw), sparsity=0.5,
@@ -184,7 +184,7 @@ def test_widths_policy_keeps_prefixes_of_the_metric_order(setup):
     """policy: widths: every sampled mask and the result keep, in every layer, the metric's best units (a prefix
     of its rank order); only how many each layer keeps is searched. Step 0 is still the metric's mask."""
     model, calib, scores = setup
-    p = SearchParams(steps=6, batch_size=4, val_blocks=4, init="magnitude", bias_compensation=False,
+    p = SearchParams(steps=6, batch_size=4, val_blocks=4, init="magnitude", compensation="none",
                      policy="widths", channel_group=8, init_free_heads=0.5, init_free_channels=0.5,
                      init_free_margin=0.25, lr_heads=0.3, lr_channels=0.3)
     layout = get_adapter(model).layout()

@@ -308,3 +308,49 @@ def test_progress_bar_over_layers(capsys):
     model = make_tiny_model("llama", n_heads=4, n_kv=2, layers=2)
     refit_weights(model, random_masks(get_adapter(model).layout(), seed=1), blocks(4, 16, 0), progress=True)
     assert "refit" in capsys.readouterr().err
+
+
+def test_gram_refit_is_the_sequential_refit_where_the_inputs_are_dense():
+    """GramRefit (the search's refit loss) solves from the dense model's Gram matrices: for a mask that removes
+    only the last layer's MLP channels, the inputs are the dense ones, so it equals refit_weights there, and the
+    masked forward with it equals the sliced refit model."""
+    from pgprune.core.masked_forward import MaskedModel
+    from pgprune.core.refit import GramRefit, kept_columns
+
+    model = make_tiny_model("llama")
+    lay = get_adapter(model).layout()
+    masks, last = Masks.full(lay), lay.num_layers - 1
+    g = torch.Generator().manual_seed(1)
+    masks.channels[last] = torch.rand(len(masks.channels[last]), generator=g) < 0.5
+    calib = blocks(12, 16, 3)
+    gram = GramRefit(model, calib, damp=0.01, batch_size=4)
+    ref = refit_weights(model, masks, calib, damp=0.01, batch_size=4, progress=False)
+    w, b = gram.weights(last, "down_proj", kept_columns(lay, masks, last)["down_proj"])
+    assert torch.allclose(w, ref[last]["down_proj"][0], atol=1e-6) and torch.allclose(b, ref[last]["down_proj"][1],
+                                                                                      atol=1e-6)
+    mm = MaskedModel(model)
+    mm.set_refit(gram)
+    ids = blocks(2, 10, 4)
+    with torch.no_grad():
+        src, extra = apply_refit(model, masks, ref)
+        expected = slice_model(src, masks, extra)(input_ids=ids).logits
+        assert (mm.logits(ids, masks) - expected).abs().max() < 1e-4
+    # a mask that removes nothing is the dense model; the digest identifies the statistics
+    with torch.no_grad():
+        assert torch.allclose(mm.logits(ids, Masks.full(lay)), model(input_ids=ids).logits, atol=1e-4)
+    assert gram.digest() == GramRefit(model, calib, damp=0.01, batch_size=4).digest()
+    assert gram.digest() != GramRefit(model, blocks(12, 16, 5), damp=0.01, batch_size=4).digest()
+
+
+def test_refit_loss_needs_one_mask_per_forward():
+    from pgprune.core.masked_forward import MaskedModel
+    from pgprune.core.refit import GramRefit
+
+    model = make_tiny_model("llama")
+    lay = get_adapter(model).layout()
+    mm = MaskedModel(model)
+    mm.set_refit(GramRefit(model, blocks(6, 8, 0), batch_size=3))
+    two = [random_masks(lay, 1), random_masks(lay, 2)]
+    with pytest.raises(PgpruneError, match="separate"):
+        mm.sample_losses(blocks(2, 8, 1), two, mode="batched")
+    assert len(mm.sample_losses(blocks(2, 8, 1), two, mode="separate")) == 2

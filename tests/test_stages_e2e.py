@@ -22,14 +22,16 @@ def tiny_params(model_dir: Path) -> dict:
     return {
         "model": {"source": str(model_dir), "dtype": "float32", "device": "cpu"},
         "data": {"local_sources": ["fortunes", "jargon"], "seq_len": 32, "calib_blocks": 24, "zero_shot_items": 8},
-        "init": {"nsamples": 8, "batch_size": 4},
+        "init": {"nsamples": 8, "batch_size": 4,
+                 "scorers": ["magnitude", "wanda_sp", "flap", "taylor", "shortgpt", "random"]},
+        "refit": {"blocks": 8, "batch_size": 4},
         "search": {"steps": 6, "samples": 2, "batch_size": 4, "checkpoint_every": 2, "val_blocks": 4, "channel_group": 8,
                    "validate_every": 3, "lr_heads": 0.2, "lr_channels": 0.2, "seeds": [42, 7],
                    "at_sparsity": [{"up_to": 0.5, "layouts": ["uniform"], "set": {"lr_heads": 0.05}}]},
         "eval": {"ppl_seq_len": 32, "ppl_blocks": 8, "zero_shot_limit": 8,
                  "speed": {"prompt_len": 4, "new_tokens": 4, "repeats": 1}},
         "compare": {"sparsities": [0.5], "searches": ["pg", "pg_uniform"],
-                    "baselines": ["wanda_sp", "flap", "magnitude", "taylor", "random", "layer_drop"]},
+                    "baselines": ["wanda_sp", "flap", "flap_refit", "magnitude", "taylor", "random", "layer_drop"]},
         "export": {"method": "pg", "sparsity": 0.5, "save_dtype": "float32"},
     }
 

@@ -1,6 +1,8 @@
-"""The hand-off between the pipeline's steps: a method's masks and compensation biases, stored as ``masks.json`` +
-``compensation.safetensors`` (byte-reproducible: same inputs, same bytes), plus a search's extra seeds
-(``seeds/<seed>/``), validated trajectory and history. The evaluation and the export only slice what they read here.
+"""The hand-off between the pipeline's steps: a method's masks and compensation, stored as ``masks.json`` +
+``compensation.json`` (the recipe: none | bias | refit, :mod:`pgprune.core.compensation`) +
+``compensation.safetensors`` (the mean-compensation biases; byte-reproducible: same inputs, same bytes), plus a
+search's extra seeds (``seeds/<seed>/``), validated trajectory and history. The evaluation and the export slice what
+they read here (recomputing the refit when the recipe says so).
 """
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from pgprune.core.compensation import Recipe
 from pgprune.core.masks import Masks, sparsity_report
 
 
@@ -29,6 +32,8 @@ class MethodResult:
     # masks are compensated with (so that an evaluation can compensate any of them)
     trajectory: list[dict] = field(default_factory=list)
     compensation_means: dict | None = None
+    # how the sliced model is compensated (the refit is recomputed from it by whoever slices)
+    recipe: Recipe | None = None
 
 
 def _write_masks(out: Path, masks: Masks, extra) -> None:
@@ -50,6 +55,8 @@ def save_masks(out_dir: str | Path, result: MethodResult, layout) -> dict:
 
     out = Path(out_dir)
     _write_masks(out, result.masks, result.extra_bias)
+    recipe = result.recipe or Recipe("bias" if result.extra_bias is not None else "none")
+    write_json(out / "compensation.json", recipe.to_json())
     for seed, (masks, extra) in list(result.seeds.items())[1:]:
         _write_masks(out / "seeds" / str(seed), masks, extra)
     if result.trajectory:
@@ -61,7 +68,7 @@ def save_masks(out_dir: str | Path, result: MethodResult, layout) -> dict:
     if result.history is not None:
         write_text(out / "history.csv", history_csv(result.history))
     summary = {"method": result.method, "sparsity": result.sparsity, "layout": result.info.get("layout"),
-               "compensated": result.extra_bias is not None, "seeds": [int(s) for s in result.seeds] or None,
+               "compensated": result.extra_bias is not None, "compensation": recipe.kind, "seeds": [int(s) for s in result.seeds] or None,
                "params": sparsity_report(layout, result.masks, out_bias=result.extra_bias is not None)}
     if "settings" in result.info:
         summary["search_settings"] = result.info["settings"]
@@ -88,6 +95,17 @@ def load_masks(masks_dir: str | Path, layout=None) -> tuple[Masks, dict[int, dic
         _, i, name = key.split(".")
         extra.setdefault(int(i), {})[name] = v
     return masks, extra
+
+
+def load_recipe(masks_dir: str | Path) -> Recipe:
+    """The compensation recipe of a masks folder (``compensation.json``; a folder written before it existed:
+    ``bias`` when it has compensation biases, else ``none``)."""
+    from pgprune.io import read_json
+
+    d = Path(masks_dir)
+    if (d / "compensation.json").exists():
+        return Recipe.from_json(read_json(d / "compensation.json"), str(d / "compensation.json"))
+    return Recipe("bias" if (d / "compensation.safetensors").exists() else "none")
 
 
 def load_trajectory(masks_dir: str | Path, layout=None) -> tuple[list[dict], dict | None]:
@@ -124,4 +142,4 @@ def history_csv(history: list[dict]) -> str:
     return buf.getvalue()
 
 
-__all__ = ["MethodResult", "save_masks", "load_masks", "load_trajectory", "seed_results", "history_csv"]
+__all__ = ["MethodResult", "save_masks", "load_masks", "load_recipe", "load_trajectory", "seed_results", "history_csv"]

@@ -179,6 +179,7 @@ class MaskedModel:
         self._window = [self.adapter.sliding_window(i) for i in range(n)]
         self._scale = [self.adapter.attention_scaling(i) for i in range(n)]
         self._comp: list[dict[str, torch.Tensor]] | None = None
+        self._refit = None
         self._head_device = self.adapter.lm_head().weight.device
         if self._head_device.type == "meta":
             raise PgpruneError("lm_head is on the meta device; load the model with pgprune.hf.loading.load_model")
@@ -186,6 +187,25 @@ class MaskedModel:
     @property
     def streamed(self) -> bool:
         return self.source.streamed
+
+    # --- refit of the kept weights --------------------------------------------------------------------------
+    def set_refit(self, refit) -> None:
+        """Evaluate every mask with o_proj/down_proj refit for its kept inputs: ``refit.weights(i, name, cols)``
+        gives (W' [out, k], b' [out]) for the kept input columns ``cols`` (:class:`pgprune.core.refit.GramRefit`);
+        it replaces the gathered weight and bias (and the mean compensation, which the refit's intercept
+        contains) wherever a mask removes inputs. One mask per row group (sample_mode separate, the CPU default);
+        None turns it off. Not with a streamed model."""
+        if refit is not None and self.streamed:
+            raise PgpruneError("the search's refit loss needs the model in memory (model.offload: none)")
+        self._refit = refit
+
+    def _refit_cols(self, lp: _LayerPlan, which: str) -> bool:
+        if self._refit is None or not lp.comp or not getattr(lp, f"{which}_comp"):
+            return False
+        if getattr(lp, f"{which}_keep") is not None or lp.n_keep != 1:
+            raise PgpruneError("the search's refit loss evaluates one mask per forward; set search.sample_mode: "
+                               "separate")
+        return True
 
     # --- bias compensation --------------------------------------------------------------------------------
     @torch.no_grad()
@@ -349,6 +369,10 @@ class MaskedModel:
         out = out.reshape(rows, t, -1)
         if taps is not None:
             taps(i, "o_proj", out)
+        if self._refit_cols(lp, "head"):
+            cols = q_rows if q_rows is not None else torch.arange(wo.shape[1], device=wo.device)
+            wr, br = self._refit.weights(i, "o_proj", cols)
+            return _linear(out, wr, br)
         y = _linear(out, wo, p.o_proj.bias)
         if lp.head_none is not None and p.o_proj.bias is not None:
             y = self._add_per_sample(y, -lp.head_none[:, None] * p.o_proj.bias[None, :])
@@ -376,6 +400,10 @@ class MaskedModel:
             hmid = (hmid.view(kp, -1, *hmid.shape[1:]) * lp.ch_keep.to(hmid.dtype)[:, None, None, :]).view(hmid.shape)
         if taps is not None:
             taps(i, "down_proj", hmid)
+        if self._refit_cols(lp, "ch"):
+            cols = idx if idx is not None else torch.arange(wd.shape[1], device=wd.device)
+            wr, br = self._refit.weights(i, "down_proj", cols)
+            return _linear(hmid, wr, br)
         y = _linear(hmid, wd, p.down_proj.bias)
         if lp.ch_none is not None and p.down_proj.bias is not None:
             y = self._add_per_sample(y, -lp.ch_none[:, None] * p.down_proj.bias[None, :])

@@ -9,7 +9,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from pgprune.core.handoff import load_masks, load_trajectory, seed_results
+from pgprune.core.compensation import compensated_source
+from pgprune.core.handoff import load_masks, load_recipe, load_trajectory, seed_results
 from pgprune.core.masks import Masks, sparsity_report
 from pgprune.errors import MissingFileError, PgpruneError
 
@@ -62,13 +63,15 @@ def evaluate(model, tokenizer, evals: dict[str, torch.Tensor], tasks_dir: Path |
 
 
 def evaluate_masks(model, tokenizer, masks_dir: str | Path | None, evals: dict[str, torch.Tensor],
-                   tasks_dir: Path | None, params: Params) -> dict:
+                   tasks_dir: Path | None, params: Params, calib: torch.Tensor | None = None) -> dict:
     """The evaluation of one masks cell (or of the dense model when ``masks_dir`` is None).
 
-    In memory: the masks are sliced out (with their compensation biases) and the physically smaller model is
-    evaluated (perplexity, zero-shot, speed), plus the perplexity of every extra seed's masks. Streamed
-    (model.offload / device_map): perplexity through the layer-major executor with the masks and compensation
-    means applied (equal to the sliced model's), and no zero-shot or speed (they need the model in memory)."""
+    In memory: the masks are sliced out with their compensation (the biases, or the refit recomputed from ``calib``
+    [n, T] when the cell's recipe says refit: :func:`pgprune.core.compensation.compensated_source`) and the
+    physically smaller model is evaluated (perplexity, zero-shot, speed), plus the perplexity of every extra
+    seed's masks (each refit on its own). Streamed (model.offload / device_map): perplexity through the
+    layer-major executor with the masks and compensation means applied (equal to the sliced model's), and no
+    zero-shot or speed (they need the model in memory); a refit cell needs the model in memory."""
     from pgprune.core.adapters import get_adapter
     from pgprune.core.weights import is_streamed
     from pgprune.eval import perplexity
@@ -76,7 +79,11 @@ def evaluate_masks(model, tokenizer, masks_dir: str | Path | None, evals: dict[s
 
     layout = get_adapter(model).layout()
     masks, extra = load_masks(masks_dir, layout) if masks_dir is not None else (Masks.full(layout), None)
+    recipe = load_recipe(masks_dir) if masks_dir is not None else None
     out: dict = {}
+    if recipe is not None and recipe.kind == "refit" and is_streamed(model):
+        raise PgpruneError(f"{masks_dir}: refit masks are evaluated with the model in memory; set model.offload: none "
+                           "and model.device_map: none for this evaluation")
     if is_streamed(model):
         from pgprune.core.masked_forward import MaskedModel
         from pgprune.io import load_tensors
@@ -90,18 +97,27 @@ def evaluate_masks(model, tokenizer, masks_dir: str | Path | None, evals: dict[s
                        for n, b in evals.items()}, "zero_shot": None, "tokens_per_s": None,
                "note": "streamed model (model.offload/device_map): perplexity only"}
     else:
-        pruned = slice_model(model, masks, extra_bias=extra) if masks_dir is not None else model
+        pruned = model
+        if masks_dir is not None:
+            src, extra_src = compensated_source(model, masks, extra, recipe, calib)
+            pruned = slice_model(src, masks, extra_bias=extra_src)
+            del src
         out = evaluate(pruned, tokenizer, evals, tasks_dir, params)
         del pruned
         seeds = {}
         for seed, (m, x) in (seed_results(masks_dir, layout).items() if masks_dir is not None else []):
-            other = slice_model(model, m, extra_bias=x)
+            src, x_src = compensated_source(model, m, x, recipe, calib)
+            other = slice_model(src, m, extra_bias=x_src)
+            del src
             seeds[seed] = {n: perplexity(other, b, batch_size=params.eval.ppl_batch_size)["ppl"]
                            for n, b in evals.items()}
             del other
         if seeds:
             out["seed_ppl"] = seeds
-    out["params"] = sparsity_report(layout, masks, out_bias=extra is not None)
+    out["params"] = sparsity_report(layout, masks, out_bias=extra is not None or (recipe is not None and
+                                                                                recipe.kind == "refit"))
+    if recipe is not None:
+        out["compensation"] = recipe.kind
     if masks_dir is not None and params.eval.curve_blocks:  # a search's quality vs cost
         corpus, blocks = next(iter(evals.items()))
         curve = trajectory_curve(model, masks_dir, blocks[:params.eval.curve_blocks], params.eval.ppl_batch_size,

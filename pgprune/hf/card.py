@@ -25,6 +25,8 @@ from pgprune.errors import PgpruneError
 TAGS = ["pruned", "structured-pruning", "pgprune"]
 DEFAULT_REPO = "path/to/this/folder"
 COMPENSATION_LINE = "yes: o_proj/down_proj biases add the removed units' mean output on the calibration data"
+REFIT_LINE = ("refit: the kept o_proj/down_proj columns and their biases were refit by least squares to the dense "
+              "layer outputs on the calibration data (layer by layer, on the already pruned earlier layers)")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9_.-]+$")
 
 
@@ -39,7 +41,8 @@ class CardInfo:
     {corpus: value}, "zero_shot": {"average", "metric", "tasks": {task: value}}, "tokens_per_s": x}``), optionally
     with the dense model's results of the same shape under ``"dense"``; ``command``: the exact command that made
     the model; ``repo_id``: how users will name the folder in ``from_pretrained`` (a Hub id or a path; default a
-    placeholder); ``license``: the base model's license id (e.g. ``apache-2.0``); ``notes``: extra lines.
+    placeholder); ``license``: the base model's license id (e.g. ``apache-2.0``); ``compensation``: none | bias |
+    refit (default: bias when the saved model has compensation biases, else none); ``notes``: extra lines.
     """
 
     base_model: str | None = None
@@ -50,6 +53,7 @@ class CardInfo:
     command: str | None = None
     repo_id: str | None = None
     license: str | None = None
+    compensation: str | None = None
     notes: list[str] = field(default_factory=list)
 
     @classmethod
@@ -205,6 +209,11 @@ def _load_snippet(facts: CardFacts, repo: str) -> str:
     ])
 
 
+def _compensation_line(info: CardInfo, facts: CardFacts) -> str:
+    kind = info.compensation or ("bias" if facts.compensated else "none")
+    return {"refit": REFIT_LINE, "bias": COMPENSATION_LINE}.get(kind, "no")
+
+
 def render_card(info: CardInfo | dict | None, facts: CardFacts) -> str:
     """The card's full text (YAML front matter + markdown)."""
     from huggingface_hub import ModelCard, ModelCardData
@@ -255,7 +264,7 @@ def render_card(info: CardInfo | dict | None, facts: CardFacts) -> str:
         f"({facts.group_size} query heads each, head_dim {facts.head_dim}) |",
         f"| MLP channels kept | {_num(s['channels_kept'])} of {_num(s['channels_total'])} |",
         f"| Decoder layers kept | {s['layers_kept']} of {s['layers_total']} |",
-        f"| Mean compensation | {COMPENSATION_LINE if facts.compensated else 'no'} |",
+        f"| Compensation | {_compensation_line(info, facts)} |",
         f"| Calibration data | {info.calibration or '(not recorded)'} |",
         f"| Weights dtype | {facts.dtype or 'n/a'} |",
         f"| pgprune version | {pgprune.__version__} |",

@@ -180,7 +180,8 @@ def plan_export(model, masks: Masks, extra_bias: dict | None = None, layout: str
     if layout == "uniform":
         raise LayoutError(f"cannot save this model in the uniform (stock architecture) layout: {reason}. "
                           "Alternatives: layout='heterogeneous' (per-layer widths, loads with trust_remote_code=True), "
-                          "or prune without mean compensation (search.bias_compensation: false / a method without it)")
+                          "or prune without mean compensation (--compensation none / search.compensation: none / "
+                          "a method without it)")
     note = f"Saved in the heterogeneous layout although the widths are uniform: {reason}."
     log.warning(note)
     return ExportPlan("heterogeneous", family, family, hetero.architecture, o_bias, down_bias, note=note)

@@ -89,14 +89,17 @@ def model_digest(model, sample: int = 4096) -> str:
 
 
 def search_key(model, calib: torch.Tensor, init_scores: dict, compensation, sparsity: float, layout: str,
-               device: str) -> str:
-    """Everything a search's losses depend on besides its settings and seed."""
+               device: str, refit: dict | None = None) -> str:
+    """Everything a search's losses depend on besides its settings and seed (``refit``: the refit loss's
+    :meth:`pgprune.core.refit.GramRefit.digest`)."""
     import transformers
 
     doc = {"model": model_digest(model), "dtype": str(next(model.parameters()).dtype), "device": str(device),
            "calib": tensor_digest(calib), "init": nested_digest(init_scores), "comp": nested_digest(compensation),
            "sparsity": float(sparsity), "layout": layout, "torch": torch.__version__,
            "transformers": transformers.__version__}
+    if refit is not None:
+        doc["refit"] = refit
     return _sha(json.dumps(doc, sort_keys=True).encode())[:24]
 
 
@@ -240,31 +243,40 @@ def run_pg_search(model, calib: torch.Tensor, init_scores: dict[str, torch.Tenso
                   sparsity: float, layout: str = "heterogeneous", seed: int | None = None,
                   checkpoint_dir: str | Path | None = None, device: str = "cpu", progress: bool = True,
                   on_step=None, compensation: dict[str, list[torch.Tensor]] | None = None,
-                  stop_after: int | None = None, record_trajectory: bool = False) -> PGOutcome:
+                  stop_after: int | None = None, record_trajectory: bool = False, refit=None) -> PGOutcome:
     """Search masks at ``sparsity`` in ``layout`` with ``seed`` (default: the first of ``p.seeds``).
 
     ``compensation`` (calibration means of o_proj/down_proj inputs, e.g. the flap scorer's "bias" entry) makes
-    every evaluated mask mean-compensated, like the final sliced model. With ``checkpoint_dir`` the search
+    every evaluated mask mean-compensated, like the final sliced model; ``refit`` (a
+    :class:`pgprune.core.refit.GramRefit`) evaluates every sampled and validated mask with its kept o_proj/down_proj
+    weights refit instead (the search's refit loss). With ``checkpoint_dir`` the search
     checkpoints there every ``p.checkpoint_every`` steps and resumes a checkpoint of exactly this search.
     ``p.at_sparsity`` rules are resolved here (:meth:`pgprune.config.SearchParams.at`)."""
     p = p.at(sparsity, layout)
     check_val_blocks(calib.shape[0], p)
     masked = MaskedModel(model)
     masked.set_compensation(compensation)
+    masked.set_refit(refit)
     samples = masked
     if len(p.devices) > 1:  # data parallel over the K samples of a step: one replica per device, losses exchanged
         from pgprune.core.placement import ParallelSampleLosses
 
+        if refit is not None:
+            raise PgpruneError("the search's refit loss runs on one device; set search.devices: [] or "
+                               "search.refit_loss: false")
+
         samples = ParallelSampleLosses.from_model(model, p.devices)
         samples.set_compensation(compensation)
-    key = search_key(model, calib, init_scores, compensation, sparsity, layout, device)
+    key = search_key(model, calib, init_scores, compensation, sparsity, layout, device,
+                     refit.digest() if refit is not None else None)
     search, probs0, blocks = build_search(masked, init_scores, p, sparsity, layout=layout, seed=seed, key=key)
     validate_fn = None
     train = calib
     if p.val_blocks:
         train, val = calib[:-p.val_blocks], calib[-p.val_blocks:]
         validate_fn = make_validate_fn(masked, val, p, sparsity, device, layout, blocks)
-    result = search.run(make_losses_fn(samples, train, p.batch_size, device, p.sample_mode, blocks),
+    mode = "separate" if refit is not None else p.sample_mode  # the refit loss evaluates one mask per forward
+    result = search.run(make_losses_fn(samples, train, p.batch_size, device, mode, blocks),
                         checkpoint_dir=checkpoint_dir, progress=progress, on_step=on_step,
                         validate_fn=validate_fn, validate_every=p.validate_every, stop_after=stop_after,
                         record_trajectory=record_trajectory)

@@ -1,5 +1,6 @@
 """Run a pruning method at one sparsity: the scores it needs, its masks (a metric baseline's allocation or one
-policy-gradient search per seed) and the compensation biases of the pruned model.
+policy-gradient search per seed) and the compensation of the pruned model (the mean-compensation biases and the
+recipe, :mod:`pgprune.core.compensation`: none, bias or refit).
 
 The stages, ``pgprune prune`` and :func:`pgprune.prune` all call :func:`method_masks`; its result
 (:class:`~pgprune.core.handoff.MethodResult`) is what :func:`~pgprune.core.handoff.save_masks` writes.
@@ -15,10 +16,11 @@ from typing import TYPE_CHECKING
 import torch
 
 from pgprune.core.allocation import masks_from_scores
+from pgprune.core.compensation import Recipe
 from pgprune.core.handoff import MethodResult
 from pgprune.core.masks import Masks
 from pgprune.errors import PgpruneError
-from pgprune.methods import get_method
+from pgprune.methods import check_compensation, get_method
 
 if TYPE_CHECKING:
     from pgprune.config import Params
@@ -44,12 +46,33 @@ def checkpoint_dir(default: str | Path = DEFAULT_CHECKPOINT_DIR) -> Path:
     return Path(os.environ.get(CHECKPOINT_DIR_ENV) or default)
 
 
-def scorers_needed(method: str, params: Params) -> list[str]:
-    """The scorers a method needs: its own metric, or the search's init metric (+ flap for compensation)."""
+def compensation_of(method: str, params: Params, override: str | None = None) -> str:
+    """The compensation a method's masks get: ``override`` (`pgprune prune --compensation`), else a metric
+    baseline's own (pgprune/methods.py), else search.compensation. A metric's ``bias`` needs
+    init.flap_bias_compensation (off: none, as before)."""
+    if override is not None:
+        return check_compensation(override)
+    m = get_method(method)
+    if m.kind == "search":
+        return params.search.compensation
+    if m.compensation == "bias" and not params.init.flap_bias_compensation:
+        return "none"
+    return m.compensation or "none"
+
+
+def recipe_of(kind: str, params: Params) -> Recipe:
+    """The recipe of compensation ``kind`` with the params' refit settings (section refit)."""
+    r = params.refit
+    return Recipe(kind, damp=r.damp, blocks=r.blocks, batch_size=r.batch_size)
+
+
+def scorers_needed(method: str, params: Params, compensation: str | None = None) -> list[str]:
+    """The scorers a method needs: its own metric, or the search's init metric (+ flap for the calibration means
+    of bias compensation, and of a search compensated by bias or refit: its sampled masks are mean-compensated)."""
     m = get_method(method)
     need = [m.scorer] if m.kind == "metric" else [params.search.init]
-    if (m.kind == "search" and params.search.bias_compensation) or (m.compensated and
-                                                                      params.init.flap_bias_compensation):
+    kind = compensation_of(method, params, compensation)
+    if kind == "bias" or (m.kind == "search" and kind != "none"):
         need.append("flap")
     return list(dict.fromkeys(need))
 
@@ -63,13 +86,13 @@ def compensation_biases(model, masks: Masks, flap_scores: dict) -> dict[int, dic
     return as_extra_bias(flap_compensation_biases(model, masks, flap_scores))
 
 
-def search_compensation(params: Params, all_scores: dict) -> dict | None:
-    """The calibration means the search compensates with (None when search.bias_compensation is off)."""
-    if not params.search.bias_compensation:
+def search_compensation(kind: str, all_scores: dict) -> dict | None:
+    """The calibration means the search compensates its sampled masks with (None for compensation none)."""
+    if kind == "none":
         return None
     flap = all_scores.get("flap", {})
     if "bias" not in flap:
-        raise PgpruneError("search.bias_compensation needs the flap scorer's calibration means (init scores "
+        raise PgpruneError(f"compensation {kind!r} of a search needs the flap scorer's calibration means (init scores "
                            "computed with init.flap_bias_compensation: true); rerun the init stage")
     return flap["bias"]
 
@@ -90,10 +113,14 @@ def metric_masks(method: str, layout, scores: dict, sparsity: float, params: Par
 
 def method_masks(method: str, model, calib: torch.Tensor, scores: dict, params: Params, sparsity: float, *,
                  seeds: list[int] | None = None, layout_kind: str | None = None, round_to: int = 1,
-                 checkpoint_root: str | Path | None = None, progress: bool = True) -> MethodResult:
+                 checkpoint_root: str | Path | None = None, progress: bool = True,
+                 compensation: str | None = None) -> MethodResult:
     """Masks (and compensation) of ``method`` at ``sparsity``. Search methods run one search per seed (default
     search.seeds; the first seed's masks are the result). ``layout_kind`` overrides the method's layout (the
-    `pgprune prune --layout` option); ``round_to`` rounds a uniform metric layout's channels."""
+    `pgprune prune --layout` option); ``round_to`` rounds a uniform metric layout's channels; ``compensation``
+    overrides the method's (:func:`compensation_of`). The result's ``recipe`` says how the sliced model is
+    compensated; with ``refit`` the biases (``extra_bias``) are those of mean compensation, which the refit
+    replaces when the masks are sliced (:func:`pgprune.core.compensation.compensated_source`)."""
     from pgprune.core.adapters import get_adapter
     from pgprune.pruning.pg import run_pg_search
 
@@ -101,16 +128,18 @@ def method_masks(method: str, model, calib: torch.Tensor, scores: dict, params: 
     layout = get_adapter(model).layout()
     kind = layout_kind or m.layout
     t0 = time.perf_counter()
+    comp_kind = compensation_of(method, params, compensation)
+    recipe = recipe_of(comp_kind, params)
     if m.kind == "metric":
         masks = metric_masks(method, layout, scores, sparsity, params, kind, round_to)
         extra, means = None, None
-        if m.compensated and params.init.flap_bias_compensation:
+        if comp_kind == "bias":
             extra = compensation_biases(model, masks, scores["flap"])
             means = scores["flap"]["bias"]
         return MethodResult(method, sparsity, masks, extra, {"time_s": time.perf_counter() - t0, "layout": kind},
-                            compensation_means=means)
+                            compensation_means=means, recipe=recipe)
     p = params.search.at(sparsity, kind)
-    comp = search_compensation(params, scores)
+    comp = search_compensation(comp_kind, scores)
     if p.init not in scores:
         raise PgpruneError(f"search.init={p.init!r} scores are missing; computed scorers: {sorted(scores)}")
     seeds = list(seeds or p.seeds)
@@ -118,10 +147,18 @@ def method_masks(method: str, model, calib: torch.Tensor, scores: dict, params: 
     settings = p.model_dump(mode="json", exclude={"seeds", "at_sparsity", "devices", "sample_mode",
                                                    "checkpoint_every"})
     outcomes, info = [], {"seeds": {}, "layout": kind, "device": params.model.device, "settings": settings}
+    gram_refit = None
+    if comp_kind == "refit" and p.refit_loss:  # the search's refit loss: Gram matrices once per cell
+        from pgprune.core.refit import GramRefit
+
+        t1 = time.perf_counter()
+        gram_refit = GramRefit(model, calib[:recipe.blocks], damp=recipe.damp, batch_size=recipe.batch_size,
+                               progress=progress)
+        info["refit_grams_s"] = time.perf_counter() - t1
     for i, seed in enumerate(seeds):
         out = run_pg_search(model, calib, scores[p.init], p, sparsity=sparsity, layout=kind, seed=seed,
                             checkpoint_dir=checkpoint_root, device=params.model.device, progress=progress,
-                            compensation=comp, record_trajectory=i == 0)
+                            compensation=comp, record_trajectory=i == 0, refit=gram_refit)
         r = out.result
         info["seeds"][str(seed)] = {
             "time_s": r.elapsed_s, "resumed_from_step": r.resumed_from, "steps": r.steps_done,
@@ -132,11 +169,12 @@ def method_masks(method: str, model, calib: torch.Tensor, scores: dict, params: 
     per_seed = {o.seed: (o.masks, compensation_biases(model, o.masks, scores["flap"]) if comp is not None else None)
                 for o in outcomes}
     main = outcomes[0]
-    info["time_s"] = sum(v["time_s"] for v in info["seeds"].values())
+    info["time_s"] = sum(v["time_s"] for v in info["seeds"].values()) + info.get("refit_grams_s", 0.0)
     info["trajectory_s"] = [t["elapsed_s"] for t in main.trajectory]
     return MethodResult(method, sparsity, main.masks, per_seed[main.seed][1], info, history=main.result.history,
-                        seeds=per_seed, trajectory=main.trajectory, compensation_means=comp)
+                        seeds=per_seed, trajectory=main.trajectory, compensation_means=comp, recipe=recipe)
 
 
-__all__ = ["CHECKPOINT_DIR_ENV", "DEFAULT_CHECKPOINT_DIR", "setup_torch", "checkpoint_dir", "scorers_needed",
+__all__ = ["CHECKPOINT_DIR_ENV", "DEFAULT_CHECKPOINT_DIR", "setup_torch", "checkpoint_dir", "compensation_of",
+           "recipe_of", "scorers_needed",
            "compensation_biases", "search_compensation", "metric_masks", "method_masks"]

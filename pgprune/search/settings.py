@@ -15,7 +15,7 @@ class SearchSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
-    steps: int = Field(200, ge=1, description="total number of search steps T")
+    steps: int = Field(100, ge=1, description="total number of search steps T")
     samples: int = Field(2, ge=1, description="mask samples K per step")
     estimator: Literal["exact", "loo", "reference", "disarm"] = Field(
         "loo", description="loo: exact score, leave-one-out baseline (needs K >= 2); exact: the paper's estimator "
