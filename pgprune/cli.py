@@ -486,13 +486,34 @@ def cmd_plan(a, argv: list[str]) -> int:
     return 0
 
 
+# --- gguf ------------------------------------------------------------------------------------------------------
+def cmd_gguf(a, argv: list[str]) -> int:
+    from pgprune.hf.gguf import save_gguf
+
+    folder = Path(a.model)
+    if not folder.is_dir():
+        raise ConfigError(f"--model {a.model!r}: not a folder; allowed: a folder saved by `pgprune prune` (or any "
+                          "Llama/Mistral model folder with tokenizer.json)")
+    model, _, _ = load_for_eval(str(folder), "float32", "cpu")
+    info = save_gguf(model, a.out, folder, dtype=a.dtype, tokenizer_pre=a.tokenizer_pre)
+    heads = [s["heads"] for s in info["layers"]]
+    ff = [s["ff"] for s in info["layers"]]
+    if a.json:
+        print(json.dumps(info))
+    else:
+        print(f"saved {info['path']}: llama.cpp architecture {info['architecture']}, {len(heads)} layers, "
+              f"{info['tensors']} tensors, {a.dtype}; query heads per layer {min(heads)}-{max(heads)}, "
+              f"MLP channels per layer {min(ff)}-{max(ff)}")
+    return 0
+
+
 # --- parser ----------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     from pgprune.methods import METHODS
 
     ap = _Parser(prog="pgprune", description="Policy-gradient structural pruning of LLaMA-family LLMs.")
     ap.add_argument("--version", action="version", version=f"pgprune {__version__}")
-    sub = ap.add_subparsers(dest="command", metavar="{prune,eval,run,plan}", parser_class=_Parser)
+    sub = ap.add_subparsers(dest="command", metavar="{prune,eval,run,plan,gguf}", parser_class=_Parser)
 
     pr = sub.add_parser("prune", help="prune a model and save it (one command; no pipeline)",
                         description="Prune a model (hub id, folder or embedded:smollm2-135m) and save a "
@@ -592,6 +613,19 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--gpu-memory", help="memory per GPU, e.g. 80GiB (marks which placements fit)")
     pl.add_argument("--json", action="store_true", help="print the plan as one JSON line")
     pl.set_defaults(func=cmd_plan, quiet=False)
+
+    gg = sub.add_parser("gguf", help="write a saved pruned model as a llama.cpp GGUF file (architecture deci)",
+                        description="Convert a folder saved by `pgprune prune` (either layout) into one GGUF file "
+                                    "that llama.cpp loads as its deci architecture (per-layer head counts and FFN "
+                                    "widths, o_proj/down_proj biases).")
+    gg.add_argument("model", metavar="FOLDER", help="a folder saved by `pgprune prune` (or models/pruned)")
+    gg.add_argument("--out", required=True, help="the .gguf file to write")
+    gg.add_argument("--dtype", choices=("float32", "float16"), default="float16",
+                    help="dtype of the weight matrices (default float16; norms and biases stay float32)")
+    gg.add_argument("--tokenizer-pre", help="llama.cpp's pre-tokenizer name, e.g. smollm (SmolLM2), llama-bpe "
+                    "(Llama 3); default: llama.cpp's default regex")
+    gg.add_argument("--json", action="store_true", help="print what was written as one JSON line")
+    gg.set_defaults(func=cmd_gguf, quiet=False)
     return ap
 
 
