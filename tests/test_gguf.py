@@ -69,9 +69,9 @@ def test_refused_shapes_and_inputs(tiny_tokenizer, tmp_path):
     res = pgprune.prune(model, tiny_tokenizer, sparsity=0.4, method="flap", calibration=TINY_TEXT, config=SMALL,
                         progress=False)
     res.save(tmp_path / "q")
-    if any(h < model.config.num_key_value_heads for h in res.masks.kept_counts()["heads"]):
-        with pytest.raises(PgpruneError, match="q_proj bias"):
-            save_gguf(res.model, tmp_path / "q.gguf", tmp_path / "q")
+    assert any(h < model.config.num_key_value_heads for h in res.masks.kept_counts()["heads"])  # heads pruned
+    with pytest.raises(PgpruneError, match="q_proj bias"):
+        save_gguf(res.model, tmp_path / "q.gguf", tmp_path / "q")
     with pytest.raises(PgpruneError, match="allowed: float32, float16"):
         save_gguf(res.model, tmp_path / "x.gguf", tmp_path / "q", dtype="int8")
     with pytest.raises(PgpruneError, match="tokenizer.json"):
