@@ -31,7 +31,8 @@ def test_cross_field_checks():
     with pytest.raises(ConfigError, match=r"export.sparsity=0.4 must be one of compare.sparsities"):
         parse_params({"export": {"sparsity": 0.4}})
     with pytest.raises(ConfigError, match="needs the scorer 'taylor'"):
-        parse_params({"init": {"scorers": ["flap", "shortgpt", "wanda_sp", "magnitude", "random"]}})
+        parse_params({"init": {"scorers": ["flap", "shortgpt", "wanda_sp", "magnitude", "random"]},
+                      "compare": {"baselines": ["flap", "taylor"]}})
     with pytest.raises(ConfigError, match="export.method='taylor' must be one of"):
         parse_params({"compare": {"baselines": ["flap"]}, "export": {"method": "taylor"}})
 
@@ -47,11 +48,11 @@ def test_search_settings_are_checked_where_they_are_declared():
     assert parse_params({"search": {"samples": 1, "estimator": "exact"}}).search.samples == 1
     with pytest.raises(ConfigError, match="lr_schedule 'step' needs lr_milestones"):
         parse_params({"search": {"lr_schedule": "step"}})
-    with pytest.raises(ConfigError, match=r"lr_milestones: a non-empty list of steps in \(0, steps=200\); got \[300\]"):
+    with pytest.raises(ConfigError, match=r"lr_milestones: a non-empty list of steps in \(0, steps=100\); got \[300\]"):
         parse_params({"search": {"lr_schedule": "step", "lr_milestones": [300]}})
     with pytest.raises(ConfigError, match="only used by lr_schedule 'step'"):
         parse_params({"search": {"lr_milestones": [50]}})
-    assert parse_params({"search": {"lr_schedule": "step", "lr_milestones": [50, 150]}}).search.lr_milestones == [50, 150]
+    assert parse_params({"search": {"lr_schedule": "step", "lr_milestones": [25, 75]}}).search.lr_milestones == [25, 75]
     with pytest.raises(ConfigError, match="seeds repeat"):
         parse_params({"search": {"seeds": [1, 1]}})
     with pytest.raises(ConfigError, match="compare.searches"):

@@ -37,7 +37,13 @@ def _set(path: Path, key: str, value) -> None:
 def test_report_stage_writes_report_figures_and_plots_data(workdir):
     from stages import report
 
+    from pgprune.methods import METRIC_METHODS, SEARCH_METHODS
+    from pgprune.scorers.registry import SCORER_NAMES
+
     _set(workdir / "params.yaml", "compare.sparsities", [0.2, 0.3, 0.5])
+    _set(workdir / "params.yaml", "compare.searches", list(SEARCH_METHODS))  # every method of the registry
+    _set(workdir / "params.yaml", "compare.baselines", list(METRIC_METHODS))
+    _set(workdir / "params.yaml", "init.scorers", list(SCORER_NAMES))
     make_fake_artifacts(workdir, sparsities=(0.2, 0.3, 0.5), corpora=("local", "wikitext2"))
     report.main(REPORT_ARGS)
     for png in ("ppl_vs_sparsity.png", "search_curve.png", "kept_per_layer.png", "quality_vs_cost.png"):

@@ -16,9 +16,9 @@ def test_rules_apply_up_to_their_sparsity_and_in_their_layouts_later_rules_win()
     p = SearchParams(channel_group=16, at_sparsity=[{"up_to": 0.3, "set": UNITS},
                                                     {"up_to": 0.2, "layouts": ["uniform"], "set": {"lr_heads": 0.5}}])
     low = p.at(0.3)
-    assert (low.policy, low.channel_group, low.lr_channels, low.lr_heads) == ("units", 1, 0.02, 0.1)
+    assert (low.policy, low.channel_group, low.lr_channels, low.lr_heads) == ("units", 1, 0.02, 0.4)
     assert low.at_sparsity == [] and low.at(0.3) == low  # resolved once and for all
-    assert p.at(0.2, "uniform").lr_heads == 0.5 and p.at(0.2, "heterogeneous").lr_heads == 0.1
+    assert p.at(0.2, "uniform").lr_heads == 0.5 and p.at(0.2, "heterogeneous").lr_heads == 0.4
     high = p.at(0.5)
     assert (high.policy, high.channel_group) == ("widths", 16) and high.at_sparsity == []
     assert SearchParams().at(0.2) == SearchParams()
@@ -49,7 +49,7 @@ def test_search_runs_with_the_settings_of_its_sparsity():
     model = make_tiny_model("llama", n_heads=4, n_kv=2, layers=3, hidden=32, ffn=48)
     calib = torch.randint(0, 300, (16, 16), generator=torch.Generator().manual_seed(0))
     scores = compute_scores("magnitude", model, calib)
-    p = SearchParams(steps=2, batch_size=4, val_blocks=4, init="magnitude", bias_compensation=False,
+    p = SearchParams(steps=2, batch_size=4, val_blocks=4, init="magnitude", compensation="none",
                      channel_group=16, at_sparsity=[{"up_to": 0.3, "set": UNITS}])
     low = run_pg_search(model, calib, scores, p, sparsity=0.25, progress=False)
     high = run_pg_search(model, calib, scores, p, sparsity=0.5, progress=False)
