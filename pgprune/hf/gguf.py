@@ -27,7 +27,6 @@ RoPE scaling (``deci`` has neither).
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -92,7 +91,9 @@ def _check(model, shapes: list[dict]) -> None:
 def _tokenizer(writer, tokenizer_dir: Path, n_vocab: int, pre: str | None) -> None:
     import gguf
 
-    tj = json.loads((tokenizer_dir / "tokenizer.json").read_text(encoding="utf-8"))
+    from pgprune.io import read_json
+
+    tj = read_json(tokenizer_dir / "tokenizer.json")
     model = tj.get("model") or {}
     if model.get("type") != "BPE":
         raise PgpruneError(f"{tokenizer_dir / 'tokenizer.json'}: a {model.get('type')!r} tokenizer; the GGUF export "
