@@ -6,7 +6,9 @@ first). For each ``--set`` variant (search.* overrides, e.g. ``init_free_heads=0
 (mean compensation as in the sliced model, which equals it), or, with search.compensation refit, the sliced refit
 model (the init metric's mask refit too). Prints one line per variant and seed, and ``RESULT`` lines with the ratio
 of the mean perplexity to the init metric's under the same compensation (first corpus) and, with refit, to the init
-metric's with bias-only compensation (``pg_vs_<init>_bias_ppl``). ``--eval-blocks N`` scores on fewer blocks.
+metric's with bias-only compensation (``pg_vs_<init>_bias_ppl``), and ``refit_vs_search_time``: the refit's seconds (the
+final masks' refit, plus the Gram matrices of the refit loss once per run) over the searches' seconds.
+``--eval-blocks N`` scores on fewer blocks.
 
     python -m bench.search_quality --sparsity 0.5 --set init_free_heads=0 --set init_free_heads=0.5
     python -m bench.search_quality --sparsity 0.5 --layout uniform --seeds 42 43 44
@@ -41,7 +43,7 @@ from pgprune.pruning.run import metric_masks, recipe_of, search_compensation, se
 from pgprune.scorers import compute_all_scores
 
 # --smoke: extra arguments -> the RESULT lines they must print, as regular expressions (tests/test_bench_smoke.py)
-SMOKE = {"": [r"pg_vs_\w+_ppl\[params\.yaml\]"]}
+SMOKE = {"": [r"pg_vs_\w+_ppl\[params\.yaml\]", r"refit_vs_search_time\[params\.yaml\]"]}
 SMOKE_SEARCH = dict(steps=2, batch_size=2, val_blocks=2, validate_every=1)
 
 
@@ -108,11 +110,16 @@ def main() -> None:
         return {c: perplexity(masked, b, masks=masks, batch_size=bs, device=args.device)["ppl"]
                 for c, b in evals.items()}
 
+    refit_times: list[float] = []
+
     def final_ppl(masks) -> dict[str, float]:
-        """Perplexity of the sliced model with the compensation the pipeline gives it (refit: recomputed)."""
+        """Perplexity of the sliced model with the compensation the pipeline gives it (refit: recomputed, its time
+        kept in refit_times)."""
         if recipe.kind != "refit":
             return ppl(masks)
+        t = time.perf_counter()
         src, extra = compensated_source(model, masks, None, recipe, calib)
+        refit_times.append(time.perf_counter() - t)
         pruned = slice_model(src, masks, extra)
         return {c: perplexity(pruned, b, batch_size=bs, device=args.device)["ppl"] for c, b in evals.items()}
 
@@ -128,6 +135,7 @@ def main() -> None:
     record = {"sparsity": args.sparsity, "layout": args.layout, "device": str(args.device), "init": base,
               "init_search_view": base_bias, "compensation": recipe.kind, "variants": []}
     grams: dict = {}  # the search's refit loss: Gram matrices computed once, shared by the variants
+    gram_s = 0.0
     for spec in args.variants or [""]:
         upd = overrides([s for s in spec.split(",") if s], params.search)
         if args.steps:
@@ -145,7 +153,8 @@ def main() -> None:
                     t1 = time.perf_counter()
                     grams["refit"] = GramRefit(model, calib[:recipe.blocks], damp=recipe.damp,
                                                batch_size=recipe.batch_size)
-                    print(f"  refit Gram matrices: {time.perf_counter() - t1:.0f}s", flush=True)
+                    gram_s = time.perf_counter() - t1
+                    print(f"  refit Gram matrices: {gram_s:.0f}s", flush=True)
                 gram = grams["refit"]
                 t0 = time.perf_counter()
             out = run_pg_search(model, calib, scores[sp.init], sp, sparsity=args.sparsity, layout=args.layout,
@@ -154,14 +163,14 @@ def main() -> None:
             seconds = time.perf_counter() - t0  # the search alone, not the scoring below
             t0 = time.perf_counter()
             p = final_ppl(out.masks)
-            refit_s = time.perf_counter() - t0 if recipe.kind == "refit" else 0.0
+            refit_s = refit_times[-1] if recipe.kind == "refit" else 0.0
             curve = curve_points(out.trajectory, lambda m: ppl(m)[first], args.curve_every)
             for c in curve:
                 print(f"    step {c['step']:5d}  forwards {c['forward_passes']:5d}  {c['elapsed_s']:6.0f}s  "
                       f"val loss {c['val_loss']:.4f}  {first} ppl {c['ppl']:.2f}", flush=True)
             values.append(p[first])
             runs.append({"seed": seed, "ppl": p, "best_step": out.result.best_step,
-                         "seconds": seconds, "refit_and_eval_s": refit_s,
+                         "seconds": seconds, "refit_s": refit_s,
                          "forward_passes": out.result.forward_passes,
                          "curve": curve})
             print(f"  {spec or 'params.yaml':40s} seed {seed}: pg ppl " + ", ".join(f"{c} {v:.2f}" for c, v in
@@ -173,6 +182,12 @@ def main() -> None:
               f"(mean {mean:.2f} ± {sd:.2f} over {len(values)} seeds, {first}; both {recipe.kind})", flush=True)
         if recipe.kind == "refit":  # the issue's yardstick: the init metric with its bias-only compensation
             print(f"RESULT pg_vs_{init}_bias_ppl[{spec or 'params.yaml'}]={mean / base_bias[first]:.3f}", flush=True)
+            # what the refit costs next to the search: the final mask's refit (+ the Gram matrices of the refit
+            # loss, once per run) over the search's own time
+            searched = sum(r["seconds"] for r in runs)
+            refits = sum(r["refit_s"] for r in runs) + (gram_s if sp.refit_loss else 0.0)
+            print(f"RESULT refit_vs_search_time[{spec or 'params.yaml'}]={refits / searched:.3f} "
+                  f"(refit {refits:.0f}s, search {searched:.0f}s over {len(runs)} seeds)", flush=True)
         record["variants"].append({"set": spec, "runs": runs, "mean": mean, "sd": sd, "ratio": mean / base[first]})
         if args.json:
             from pgprune.io import write_json

@@ -409,6 +409,87 @@ def prune(model, tokenizer=None, *, sparsity: float = 0.3, method: str = "pg", c
             model.to(home)
 
 
+# --- recovery --------------------------------------------------------------------------------------------------
+@dataclass
+class RecoverResult:
+    """What :func:`recover` returns: ``model``, the recovered model (LoRA merged: the same class and shapes as
+    before), ``info`` (settings, losses per step, tokens, tokens/s, perplexity before/after when measured),
+    ``data`` (what it was trained on) and ``path`` (the folder written, when the input was a folder)."""
+
+    model: torch.nn.Module
+    info: dict
+    data: str
+    source: Any = field(repr=False, default=None)
+    path: Path | None = None
+
+    def save(self, out_dir: str | Path, card=None, *, save_dtype=None):
+        """Save the recovered model of a :class:`PruneResult` like :meth:`PruneResult.save` (same layout, files and
+        card), with the card's Recovery section and ``recovery.json``. Returns the
+        :class:`pgprune.hf.export.ExportResult` of the pruned folder."""
+        from pgprune.hf.export import save_model
+        from pgprune.recovery.folder import write_recovered
+
+        src = self.source
+        if not isinstance(src, PruneResult):
+            raise PgpruneError(f"this recovery was written to {self.path} already; save() saves the recovery of a "
+                               "PruneResult")
+        model = self.model
+        if next(model.parameters()).device.type != "cpu":
+            model = copy.deepcopy(model).to("cpu")
+        done: list = []
+
+        def save_pruned(path):
+            done.append(save_model(src.base, src.masks, path, src.tokenizer, extra_bias=src.extra_bias,
+                                   layout=src.layout, card=src.card(card), save_dtype=save_dtype, pruned=model))
+
+        out_model = model if save_dtype is None else copy.deepcopy(model).to(_torch_dtype(save_dtype))
+        write_recovered(out_model, None, out_dir, tokenizer=None, info=self.info, data=self.data,
+                        save_pruned=save_pruned)
+        return dataclasses.replace(done[0], path=Path(out_dir))
+
+
+def _torch_dtype(name):
+    from pgprune.hf.loading import torch_dtype
+
+    return name if isinstance(name, torch.dtype) else torch_dtype(name)
+
+
+def recover(pruned, out_dir: str | Path | None = None, *, data=None, teacher=None, config=None,
+            eval_ppl: Sequence[str] | None = None, checkpoint_dir: str | Path | None = None, progress: bool = True,
+            inplace: bool = False, **settings) -> RecoverResult:
+    """Recover a pruned model with a short LoRA tune (:mod:`pgprune.recovery.lora`), merged into its weights.
+
+    ``pruned``: a :class:`PruneResult` (its model is copied unless ``inplace``; save the result with
+    ``.save(dir)``) or a folder saved by `pgprune prune` (then ``out_dir`` is required and is written, in the same
+    layout). ``data``: training text: a corpus name (its calibration split), a .txt/.jsonl file, a text or a
+    LongTensor of blocks (None: the config's ``data.calibration``). ``teacher``: the dense model for
+    ``loss="kd"`` (a model, or a source; None: the PruneResult's or the folder's base model). ``settings``: the
+    fields of :class:`pgprune.recovery.settings.RecoverSettings` (steps, loss, rank, alpha, lr, batch_size, ...;
+    their defaults otherwise). ``config``: the params (data.* corpora, model.* device/dtype/offload of the
+    teacher, eval.* for ``eval_ppl``, the corpora measured before and after, folder input only)."""
+    from pgprune.recovery.run import recover_folder, recover_result
+    from pgprune.recovery.settings import RecoverSettings
+
+    params = build_params(config)
+    s = RecoverSettings.parse(None, **settings)
+    if isinstance(pruned, PruneResult):
+        if out_dir is not None:
+            raise PgpruneError("out_dir is for a folder input; save a PruneResult's recovery with .save(dir)")
+        rec, desc = recover_result(pruned, params, s, data=data, teacher=teacher, checkpoint_dir=checkpoint_dir,
+                                   progress=progress, inplace=inplace)
+        if inplace:
+            pruned.model = rec.model
+        return RecoverResult(model=rec.model, info=rec.info, data=desc, source=pruned)
+    if not isinstance(pruned, (str, Path)):
+        raise PgpruneError(f"recover() takes a PruneResult or a model folder, got {type(pruned).__name__}")
+    if out_dir is None:
+        raise PgpruneError("recover(folder) needs out_dir: the folder to write the recovered model to")
+    path, rec = recover_folder(pruned, out_dir, params, s, data=data, teacher=teacher, eval_ppl=eval_ppl,
+                               checkpoint_dir=checkpoint_dir, progress=progress)
+    return RecoverResult(model=rec.model, info=rec.info, data=rec.info.get("data", str(data)), source=Path(pruned),
+                         path=path)
+
+
 def _is_search(method: str) -> bool:
     from pgprune.methods import get_method
 
@@ -418,5 +499,5 @@ def _is_search(method: str) -> bool:
         return False
 
 
-__all__ = ["PruneResult", "build_params", "calibration_from", "check_sparsity", "params_summary", "prune",
-           "resolve_method", "run_prune"]
+__all__ = ["PruneResult", "RecoverResult", "recover", "build_params", "calibration_from", "check_sparsity",
+           "params_summary", "prune", "resolve_method", "run_prune"]

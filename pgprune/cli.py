@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 from pgprune import __version__
+from pgprune.hf.embedded import embedded_cache, model_folder  # noqa: F401  (pgprune.cli.model_folder)
 from pgprune.errors import ConfigError, MissingFileError, PgpruneError
 
 log = logging.getLogger("pgprune")
@@ -37,7 +38,8 @@ DTYPES = ("float32", "bfloat16", "float16")
 LAYOUTS = ("heterogeneous", "uniform")
 # Python package -> the pgprune extra that installs it
 EXTRA_OF = {"datasets": "eval", "lm_eval": "eval", "accelerate": "scale", "gguf": "embedded",
-            "sentencepiece": "embedded", "dvc": "pipeline", "matplotlib": "report"}
+            "sentencepiece": "embedded", "dvc": "pipeline", "matplotlib": "report", "peft": "recover",
+            "llama_cpp": "serve"}
 
 
 class UsageError(Exception):
@@ -103,38 +105,6 @@ def _where(a) -> str:
 
 def _pct(x: float) -> str:
     return f"{100 * x:.1f}%"
-
-
-def embedded_cache(source: str) -> Path:
-    """Where `pgprune` keeps the converted embedded model ($PGPRUNE_CACHE, else $XDG_CACHE_HOME/pgprune, else
-    ~/.cache/pgprune)."""
-    root = os.environ.get("PGPRUNE_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / \
-        "pgprune"
-    return Path(root) / "models" / source.split(":", 1)[1]
-
-
-def model_folder(source: str) -> str:
-    """A loadable source: the embedded model converted once into the cache (float32, exact dequantisation), any
-    other source as given."""
-    from pgprune.hf.loading import EMBEDDED
-
-    if not source.startswith("embedded:"):
-        return source
-    if source not in EMBEDDED:
-        raise ConfigError(f"unknown embedded model {source!r}; allowed: {', '.join(sorted(EMBEDDED))}, a folder or a "
-                          "hub id")
-    folder = embedded_cache(source)
-    if not (folder / "config.json").exists():
-        from pgprune.hf.loading import gguf_path, prepare_model
-
-        try:
-            gguf_path(source)
-        except MissingFileError as e:
-            raise MissingFileError(f"{source} is not prepared ({folder} has no config.json) and cannot be converted: "
-                                   f"{_one_line(e)}; then any pgprune command converts it once") from None
-        log.info("converting %s into %s (once)", source, folder)
-        prepare_model(source, folder, dtype="float32")
-    return str(folder)
 
 
 def check_architecture(source: str, round_to: int | None = None) -> None:
@@ -246,9 +216,13 @@ def cmd_prune(a, argv: list[str]) -> int:
     _check_calibration(a.calibration)
     _check_eval_sources(a.eval_ppl, "--eval-ppl")
     searching = get_method(method).kind == "search"
+    if a.recover_steps is not None:  # bad recovery settings fail before the pruning, not after it
+        from pgprune.recovery.settings import RecoverSettings
+
+        RecoverSettings.parse(None, steps=a.recover_steps, loss=a.recover_loss)
     ckpt = Path(a.checkpoint_dir) if a.checkpoint_dir else Path(str(out).rstrip("/\\") + ".checkpoints")
     made_ckpt = False
-    if searching:
+    if searching or a.recover_steps:
         made_ckpt = not ckpt.exists()
         ckpt.mkdir(parents=True, exist_ok=True)
         log.info("search checkpoints: %s (the same command resumes an interrupted run)", ckpt)
@@ -278,18 +252,86 @@ def cmd_prune(a, argv: list[str]) -> int:
             raise
         finally:
             signal.signal(signal.SIGTERM, old)
+        recovered = None
+        if a.recover_steps:
+            from pgprune.api import recover
+
+            t0 = time.perf_counter()  # the model being pruned is the kd teacher, already in memory
+            recovered = recover(result, data=a.calibration, teacher=model, config=params, inplace=True,
+                                checkpoint_dir=ckpt, progress=not a.quiet, steps=a.recover_steps,
+                                loss=a.recover_loss)
+            result.info["time_s"]["recovery"] = time.perf_counter() - t0
+            losses = recovered.info["losses"]
+            result.info["recovery"] = {"steps": recovered.info["steps"], "loss": recovered.info["settings"]["loss"],
+                                       "first_loss": losses[0], "last_loss": losses[-1]}
         evaluation = None
         if a.eval_ppl:
             t0 = time.perf_counter()
             evaluation = _perplexities(a.eval_ppl, tok, params, model, result.model, not a.quiet)
             result.info["time_s"]["evaluation"] = time.perf_counter() - t0
         command = "pgprune " + shlex.join(argv)
-        saved = result.save(out, card={"base_model": source, "command": command, "evaluation": evaluation},
-                            save_dtype=a.save_dtype)
+        card = {"base_model": source, "command": command, "evaluation": evaluation}
+        if recovered is not None:
+            saved = recovered.save(out, card=card, save_dtype=a.save_dtype)
+        else:
+            saved = result.save(out, card=card, save_dtype=a.save_dtype)
+        if a.format == "gguf":
+            from pgprune.hf.gguf import save_gguf
+
+            gguf = save_gguf(result.model, out / "model.gguf", out, dtype="float16")
+            result.info["gguf"] = gguf["path"]
     finally:
         if (made_ckpt or not a.checkpoint_dir) and ckpt.is_dir() and not any(ckpt.iterdir()):
             ckpt.rmdir()  # nothing to resume (a search deletes its checkpoint when it completes)
     _print_summary(a, result, saved, ckpt, evaluation, time.perf_counter() - t_start)
+    return 0
+
+
+def cmd_recover(a, argv: list[str]) -> int:
+    import signal
+
+    from pgprune.recovery.folder import check_model_folder
+    from pgprune.recovery.run import recover_folder
+    from pgprune.recovery.settings import RecoverSettings, from_cli
+
+    t_start = time.perf_counter()
+    params = _params(a, "recover")
+    settings = RecoverSettings.parse(from_cli(vars(a)))
+    folder = check_model_folder(a.model)
+    out = Path(a.out)
+    if out.resolve() == folder.resolve():
+        raise UsageError(f"pgprune recover: error: --out {out} is the input folder; allowed: another folder")
+    _check_calibration(a.calibration)
+    _check_eval_sources(a.eval_ppl, "--eval-ppl")
+    ckpt = Path(a.checkpoint_dir) if a.checkpoint_dir else Path(str(out).rstrip("/\\") + ".checkpoints")
+    made = not ckpt.exists()
+    ckpt.mkdir(parents=True, exist_ok=True)
+
+    def on_term(signum, frame):  # the loop writes a checkpoint of the last finished step on the way out
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGTERM, on_term)
+    try:
+        path, rec = recover_folder(folder, out, params, settings, data=a.calibration, teacher=a.teacher,
+                                   eval_ppl=a.eval_ppl, checkpoint_dir=ckpt, progress=not a.quiet)
+    except KeyboardInterrupt as e:
+        raise KeyboardInterrupt(f"{e}; the same command resumes" if str(e) else "") from None
+    finally:
+        signal.signal(signal.SIGTERM, old)
+        if (made or not a.checkpoint_dir) and ckpt.is_dir() and not any(ckpt.iterdir()):
+            ckpt.rmdir()
+    info = rec.info
+    summary = {"out": str(path), "steps": info["steps"], "loss": settings.loss,
+               "first_loss": info["losses"][0], "last_loss": info["losses"][-1], "tokens": info["tokens"],
+               "tokens_per_s": info["tokens_per_s"], "resumed_from_step": info["resumed_from_step"],
+               "evaluation": info.get("evaluation"), "time_s": time.perf_counter() - t_start}
+    if a.json:
+        print(json.dumps(summary))
+    else:
+        print(f"saved {path}: {info['steps']} LoRA steps ({settings.loss} loss {summary['first_loss']:.4f} -> "
+              f"{summary['last_loss']:.4f}), {info['tokens']:,} tokens at {info['tokens_per_s'] or 0:.0f} tokens/s")
+        for c, (b, af) in (info.get("evaluation") or {}).items():
+            print(f"  perplexity {c}: {b:.2f} -> {af:.2f}")
     return 0
 
 
@@ -311,7 +353,8 @@ def _print_summary(a, result, saved, ckpt: Path, evaluation, elapsed: float) -> 
         "resumed_from_step": info["resumed_from_step"], "checkpoint_dir": str(ckpt) if info["search"] else None,
         "search_seed": info.get("search_seed"), "seeds_not_run": info.get("seeds_not_run"),
         "time_s": {"total": elapsed, **{k: v for k, v in t.items() if k not in ("total", "per_scorer")}},
-        "evaluation": evaluation, "saved_params": saved.params_after,
+        "evaluation": evaluation, "saved_params": saved.params_after, "gguf": info.get("gguf"),
+        "recovery": info.get("recovery"),
     }
     if a.json:
         print(json.dumps(summary, default=str))
@@ -339,8 +382,15 @@ def _print_summary(a, result, saved, ckpt: Path, evaluation, elapsed: float) -> 
         rows.append((f"perplexity {name}", f"{v:.3f} (dense {evaluation['dense']['ppl'][name]:.3f})"))
     if saved.plan.note:
         rows.append(("note", saved.plan.note))
-    rows += [("saved to", f"{a.out} ({saved.plan.architecture}; model card README.md, masks.json)"),
+    if info.get("recovery"):
+        rec = info["recovery"]
+        rows.append(("recovery", f"{rec['steps']} LoRA steps ({rec['loss']} loss {rec['first_loss']:.4f} -> "
+                                 f"{rec['last_loss']:.4f}) in {t['recovery']:.0f} s"))
+    rows += [("saved to", f"{a.out} ({saved.plan.architecture}; model card README.md, masks.json"
+                          + (", recovery.json" if info.get("recovery") else "") + ")"),
              ("load it", load)]
+    if info.get("gguf"):
+        rows.append(("llama.cpp", f"{info['gguf']} (GGUF, deci architecture, f16)"))
     width = max(len(k) for k, _ in rows)
     print("pgprune prune: done")
     for k, v in rows:
@@ -487,23 +537,36 @@ def cmd_plan(a, argv: list[str]) -> int:
 
 
 # --- gguf ------------------------------------------------------------------------------------------------------
-def cmd_gguf(a, argv: list[str]) -> int:
+GGUF_TYPES = {"f32": "float32", "f16": "float16", "bf16": "bfloat16", "q8_0": "q8_0"}
+
+
+def cmd_export(a, argv: list[str]) -> int:
+    """`pgprune export FOLDER --format gguf --out x.gguf`: a saved folder as one llama.cpp file (deci)."""
     from pgprune.hf.gguf import save_gguf
 
     folder = Path(a.model)
     if not folder.is_dir():
-        raise ConfigError(f"--model {a.model!r}: not a folder; allowed: a folder saved by `pgprune prune` (or any "
-                          "Llama/Mistral model folder with tokenizer.json)")
+        raise ConfigError(f"{a.model!r}: not a folder; allowed: a folder saved by `pgprune prune` or "
+                          "`pgprune recover`")
+    for name in ("config.json", "masks.json"):
+        if not (folder / name).is_file():
+            raise ConfigError(f"{a.model!r} has no {name}; allowed: a folder saved by `pgprune prune` (or "
+                              "`pgprune recover`, or the pipeline's models/pruned)")
+    out = Path(a.out)
+    if out.is_dir():
+        raise ConfigError(f"--out {a.out!r} is a folder; allowed: the path of the .gguf file to write")
     model, _, _ = load_for_eval(str(folder), "float32", "cpu")
-    info = save_gguf(model, a.out, folder, dtype=a.dtype, tokenizer_pre=a.tokenizer_pre)
+    info = save_gguf(model, out, folder, dtype=GGUF_TYPES[a.type], tokenizer_pre=a.tokenizer_pre)
     heads = [s["heads"] for s in info["layers"]]
     ff = [s["ff"] for s in info["layers"]]
     if a.json:
         print(json.dumps(info))
     else:
         print(f"saved {info['path']}: llama.cpp architecture {info['architecture']}, {len(heads)} layers, "
-              f"{info['tensors']} tensors, {a.dtype}; query heads per layer {min(heads)}-{max(heads)}, "
+              f"{info['tensors']} tensors, {a.type}; query heads per layer {min(heads)}-{max(heads)}, "
               f"MLP channels per layer {min(ff)}-{max(ff)}")
+        for note in info.get("notes") or ():
+            print(f"  {note}")
     return 0
 
 
@@ -513,7 +576,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ap = _Parser(prog="pgprune", description="Policy-gradient structural pruning of LLaMA-family LLMs.")
     ap.add_argument("--version", action="version", version=f"pgprune {__version__}")
-    sub = ap.add_subparsers(dest="command", metavar="{prune,eval,run,plan,gguf}", parser_class=_Parser)
+    sub = ap.add_subparsers(dest="command", metavar="{prune,recover,eval,export,run,plan}", parser_class=_Parser)
 
     pr = sub.add_parser("prune", help="prune a model and save it (one command; no pipeline)",
                         description="Prune a model (hub id, folder or embedded:smollm2-135m) and save a "
@@ -537,7 +600,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "search trains on them, less search.val_blocks held back)")
     pr.add_argument("--seq-len", type=int, metavar="N", help="tokens per calibration block (data.seq_len)")
     pr.add_argument("--steps", type=int, metavar="N",
-                    help="search steps (search.steps, default 200); longer searches can gain at high sparsity but "
+                    help="search steps (search.steps, default 100); longer searches can gain at high sparsity but "
                          "not reliably: docs/defaults.md")
     pr.add_argument("--seed", type=int, help="seed of the search, the calibration windows and the random scorer")
     pr.add_argument("--device", help="cpu, cuda, cuda:N or mps (model.device)")
@@ -558,9 +621,43 @@ def build_parser() -> argparse.ArgumentParser:
                     "the dense model (wikitext2 | c4 | ptb | local | licenses | a text file; "
                     "eval.ppl_seq_len/ppl_blocks of --config); goes into the card")
     pr.add_argument("--checkpoint-dir", help="search checkpoints (default: <out>.checkpoints; removed when done)")
+    pr.add_argument("--format", choices=("hf", "gguf"), default="hf", help="hf: the transformers folder (default); "
+                    "gguf: the folder and <out>/model.gguf for llama.cpp (f16, as `pgprune export --format gguf`)")
+    pr.add_argument("--recover-steps", type=int, metavar="N", help="then recover the pruned model with N LoRA steps "
+                    "(`pgprune recover`'s defaults otherwise; needs the recover extra); the card records it")
+    pr.add_argument("--recover-loss", choices=("lm", "kd"), help="loss of --recover-steps (default kd: distillation "
+                    "from the model being pruned)")
     pr.add_argument("--json", action="store_true", help="print the summary as one JSON line")
     pr.add_argument("-q", "--quiet", action="store_true", help="no progress bars or log lines")
     pr.set_defaults(func=cmd_prune)
+
+    rc = sub.add_parser("recover", help="recover a pruned model with a short LoRA tune (distillation or LM loss)",
+                        description="Train LoRA adapters (peft) on a folder saved by `pgprune prune`, merge them "
+                                    "into the weights and save the model in the same layout, with a Recovery section "
+                                    "in its card. Needs the recover extra.")
+    rc.add_argument("model", metavar="DIR", help="a model folder saved by `pgprune prune`")
+    rc.add_argument("--out", required=True, help="folder to write the recovered model to")
+    rc.add_argument("--calibration", metavar="SOURCE", help="training text: wikitext2 | c4 | ptb (train split) | "
+                    "local (its calibration documents) | a .txt/.jsonl file (default: the config's data.calibration)")
+    rc.add_argument("--teacher", metavar="SOURCE", help="the dense model for --loss kd (default: the base model the "
+                    "folder's card records)")
+    rc.add_argument("--eval-ppl", nargs="+", metavar="CORPUS", help="measure the perplexity before and after "
+                    "(local | licenses | wikitext2 | c4 | ptb | a text file); goes into the card")
+    rc.add_argument("--blocks", type=int, help="perplexity blocks per corpus of --eval-ppl (eval.ppl_blocks)")
+    rc.add_argument("--device", help="cpu, cuda, cuda:N or mps (model.device)")
+    rc.add_argument("--dtype", choices=DTYPES, help="dtype the model is loaded and trained in (model.dtype)")
+    rc.add_argument("--offload", choices=("none", "cpu", "disk"), help="the teacher's placement (model.offload): "
+                    "cpu/disk stream its layers one at a time")
+    rc.add_argument("--config", metavar="PARAMS_YAML", help="settings in the params.yaml schema (data.* for the "
+                    "corpora, model.*, eval.*)")
+    rc.add_argument("--checkpoint-dir", help="recovery checkpoints (default: <out>.checkpoints; removed when done)")
+    rc.add_argument("--json", action="store_true", help="print the summary as one JSON line")
+    rc.add_argument("-q", "--quiet", action="store_true", help="no progress bars or log lines")
+    from pgprune.recovery.settings import cli_flags
+
+    for flag, kw in cli_flags():
+        rc.add_argument(flag, **kw)
+    rc.set_defaults(func=cmd_recover)
 
     ev = sub.add_parser("eval", help="perplexity and zero-shot accuracy of a saved model",
                         description="Evaluate a model folder: perplexity on named corpora or text files, lm-eval "
@@ -614,18 +711,20 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--json", action="store_true", help="print the plan as one JSON line")
     pl.set_defaults(func=cmd_plan, quiet=False)
 
-    gg = sub.add_parser("gguf", help="write a saved pruned model as a llama.cpp GGUF file (architecture deci)",
+    ex = sub.add_parser("export", help="write a saved pruned model for another engine (llama.cpp: --format gguf)",
                         description="Convert a folder saved by `pgprune prune` (either layout) into one GGUF file "
                                     "that llama.cpp loads as its deci architecture (per-layer head counts and FFN "
-                                    "widths, o_proj/down_proj biases).")
-    gg.add_argument("model", metavar="FOLDER", help="a folder saved by `pgprune prune` (or models/pruned)")
-    gg.add_argument("--out", required=True, help="the .gguf file to write")
-    gg.add_argument("--dtype", choices=("float32", "float16"), default="float16",
-                    help="dtype of the weight matrices (default float16; norms and biases stay float32)")
-    gg.add_argument("--tokenizer-pre", help="llama.cpp's pre-tokenizer name, e.g. smollm (SmolLM2), llama-bpe "
+                                    "widths, compensation biases, the tokenizer and the card's metadata).")
+    ex.add_argument("model", metavar="FOLDER", help="a folder saved by `pgprune prune` (or models/pruned)")
+    ex.add_argument("--format", choices=("gguf",), default="gguf", help="gguf: llama.cpp (default)")
+    ex.add_argument("--out", required=True, help="the .gguf file to write")
+    ex.add_argument("--type", choices=tuple(GGUF_TYPES), default="f16",
+                    help="type of the weight matrices (default f16; q8_0 for rows that are multiples of 32, else "
+                         "f16; norms and biases stay f32)")
+    ex.add_argument("--tokenizer-pre", help="llama.cpp's pre-tokenizer name, e.g. smollm (SmolLM2), llama-bpe "
                     "(Llama 3); default: llama.cpp's default regex")
-    gg.add_argument("--json", action="store_true", help="print what was written as one JSON line")
-    gg.set_defaults(func=cmd_gguf, quiet=False)
+    ex.add_argument("--json", action="store_true", help="print what was written as one JSON line")
+    ex.set_defaults(func=cmd_export, quiet=False)
     return ap
 
 

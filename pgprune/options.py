@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
-COMMANDS = ("prune", "eval", "plan")
+COMMANDS = ("prune", "eval", "plan", "recover")
 
 
 def _same(v: Any, n: int) -> tuple:
@@ -93,6 +93,11 @@ OPTIONS: tuple[Option, ...] = (
     _opt("plan", "seq_len", "data.seq_len"),
     _opt("plan", "samples", "search.samples"),
     _opt("plan", "sample_mode", "search.sample_mode"),
+    # pgprune recover (the LoRA settings are pgprune.recovery.settings.RecoverSettings's own flags)
+    _opt("recover", "device", "model.device"),
+    _opt("recover", "dtype", "model.dtype"),
+    _opt("recover", "offload", "model.offload"),
+    _opt("recover", "blocks", "eval.ppl_blocks"),
 )
 
 # options of the commands that set no params key (the parser's other flags), with what they are
@@ -100,17 +105,26 @@ NOT_PARAMS: dict[str, dict[str, str]] = {
     "prune": {"--sparsity": "the run's sparsity", "--out": "output folder", "--method": "method registry",
               "--layout": "mask/export layout", "--config": "params file", "--save-dtype": "saved weights' dtype",
               "--eval-ppl": "corpora measured after", "--checkpoint-dir": "checkpoint folder",
-              "--json": "output format", "--quiet": "logging"},
+              "--json": "output format", "--quiet": "logging", "--recover-steps": "recovery steps after pruning", "--format": "output format",
+              "--recover-loss": "recovery loss after pruning"},
     "eval": {"model": "model folder", "--ppl": "corpora measured", "--tasks": "lm-eval tasks",
              "--include": "lm-eval include path", "--config": "params file", "--json": "output format",
              "--quiet": "logging"},
     "plan": {"--config": "params file", "--devices": "GPU count of the device_map row",
              "--gpu-memory": "memory per GPU", "--json": "output format"},
+    "recover": {"model": "model folder", "--out": "output folder", "--calibration": "training text",
+                "--teacher": "kd teacher", "--eval-ppl": "corpora measured before and after",
+                "--config": "params file", "--checkpoint-dir": "checkpoint folder", "--json": "output format",
+                "--quiet": "logging", **{f: "recovery setting (RecoverSettings)" for f in (
+                    "--steps", "--loss", "--temperature", "--rank", "--alpha", "--dropout", "--target-modules",
+                    "--lr", "--weight-decay", "--schedule", "--warmup-ratio", "--batch-size", "--grad-accum",
+                    "--seq-len", "--max-blocks", "--max-grad-norm", "--seed", "--checkpoint-every",
+                    "--gradient-checkpointing", "--autocast")}},
 }
 
 
 def options(command: str) -> tuple[Option, ...]:
-    """The table's options of ``command`` (prune, eval, plan)."""
+    """The table's options of ``command`` (prune, eval, plan, recover)."""
     if command not in COMMANDS:
         raise ValueError(f"command={command!r}; allowed: {', '.join(COMMANDS)}")
     return tuple(o for o in OPTIONS if o.command == command)

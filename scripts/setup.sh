@@ -24,7 +24,9 @@ want="$(cat pyproject.toml constraints.txt | sha256sum | cut -c1-16)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   "$PY" -m pip install -q --upgrade pip
   "$PY" -c "import torch" 2>/dev/null || "${PIP[@]}" torch
-  "${PIP[@]}" -e ".[all,dev]"
+  # llama-cpp-python (the serve extra) compiles llama.cpp from its source package once (~25 min on 2 cores);
+  # pip's wheel cache serves it afterwards
+  CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}" "${PIP[@]}" -e ".[all,dev]"
   echo "$want" > "$stamp"
 fi
 

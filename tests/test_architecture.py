@@ -10,7 +10,8 @@ Layers, lowest first (a module may import its own layer and the ones below, neve
 2. ``core``: masks, allocation, weights and placement, the masked executor, the masks hand-off
 3. ``scorers`` (importance metrics) and ``hf`` (transformers models: loading, slicing, export, cards)
 4. ``eval``: perplexity, zero-shot, speed, evaluation of a masks cell
-5. ``config`` (the params schema) and ``pruning`` (a method at a sparsity: scores, masks, the search driver)
+5. ``config`` (the params schema), ``pruning`` (a method at a sparsity: scores, masks, the search driver) and
+   ``recovery`` (the LoRA tune after pruning)
 6. the front door: ``api``, ``cli`` and ``options`` (the table of their options)
 
 Every import counts, including those inside functions (lazy imports hide a cycle, they don't remove it); imports
@@ -30,7 +31,7 @@ LAYERS = [
     ("pgprune.core",),
     ("pgprune.scorers", "pgprune.hf"),
     ("pgprune.eval",),
-    ("pgprune.config", "pgprune.pruning"),
+    ("pgprune.config", "pgprune.pruning", "pgprune.recovery"),
     ("pgprune.api", "pgprune.cli", "pgprune.options"),
 ]
 EXEMPT = {("pgprune", "pgprune.api")}  # pgprune.prune / pgprune.PruneResult, imported on first use

@@ -7,6 +7,7 @@ The subprocesses run two at a time (imports dominate): about a minute and a half
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import math
 import os
 import re
@@ -36,6 +37,12 @@ def smoke_table(name: str) -> dict[str, list[str]]:
     return table
 
 
+def missing_requirements(name: str) -> list[str]:
+    """The modules a benchmark declares it cannot run without (``REQUIRES``) that are not installed."""
+    module = importlib.import_module(f"bench.{name}")
+    return [m for m in getattr(module, "REQUIRES", ()) if importlib.util.find_spec(m) is None]
+
+
 def command(name: str, extra: str) -> list[str]:
     return [sys.executable, "-m", f"bench.{name}", "--smoke", *shlex.split(extra)]
 
@@ -60,6 +67,8 @@ def runs(request):
             table = smoke_table(name)
         except AssertionError:
             continue  # the test of that module says why
+        if missing_requirements(name):
+            continue
         for extra in table:
             futures[(name, extra)] = pool.submit(run_case, name, extra)
     yield futures
@@ -73,6 +82,8 @@ def test_bench_modules_are_found():
 @pytest.mark.parametrize("name", MODULES)
 def test_smoke_mode_prints_its_results(name, runs):
     table = smoke_table(name)
+    if missing_requirements(name):
+        pytest.skip(f"bench/{name}.py needs {missing_requirements(name)} (not installed)")
     for extra, promised in table.items():
         fut = runs.get((name, extra))
         out = fut.result() if fut is not None else run_case(name, extra)

@@ -94,8 +94,8 @@ def test_the_api_keyword_and_the_cli_flag_agree(o):
 def test_every_table_option_gives_valid_params(command):
     for o in options(command):
         arg = SAMPLE[o.name][0]
-        argv = [command] + (["DIR"] if command == "eval" else []) + ([o.cli_flag] if command != "prune" else
-                                                                     ["--sparsity", "0.3", "--out", "x", o.cli_flag])
+        required = {"eval": ["DIR"], "recover": ["DIR", "--out", "x"], "prune": ["--sparsity", "0.3", "--out", "x"]}
+        argv = [command] + required.get(command, []) + [o.cli_flag]
         ns = vars(cli.build_parser().parse_args(argv + ([arg] if arg is not None else [])))
         got = overrides(command, ns, cli=True)
         if command == "eval":  # its --device and --dtype have parser defaults

@@ -21,10 +21,10 @@ CORE = ["pgprune", "pgprune.config", "pgprune.core.masks", "pgprune.core.masked_
 HAS_CLI = (ROOT / "pgprune" / "cli.py").exists()
 if HAS_CLI:
     CORE.append("pgprune.cli")
-HEAVY = ["dvc", "prefect", "lm_eval", "datasets", "matplotlib", "gguf", "fastapi", "sqlalchemy"]
+HEAVY = ["dvc", "prefect", "lm_eval", "datasets", "matplotlib", "gguf", "fastapi", "sqlalchemy", "peft", "llama_cpp"]
 EXTRAS = {"pipeline": {"dvc", "prefect", "fastapi", "sqlalchemy"}, "eval": {"lm-eval", "datasets"},
           "report": {"matplotlib"}, "embedded": {"gguf", "sentencepiece", "protobuf"}, "scale": {"accelerate"},
-          "dev": {"pytest", "hypothesis", "pytest-timeout"}}
+          "recover": {"peft"}, "serve": {"gguf", "llama-cpp-python"}, "dev": {"pytest", "hypothesis", "pytest-timeout"}}
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
 
 
