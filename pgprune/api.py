@@ -201,18 +201,23 @@ class PruneResult:
                    if getattr(given, f.name) not in (None, [], {})}
         return dataclasses.replace(base, **changes)
 
-    def save(self, out_dir: str | Path, card=None, *, save_dtype=None):
+    def save(self, out_dir: str | Path, card=None, *, save_dtype=None, format: str = "hf", gguf_type: str = "f16"):
         """Save a self-contained folder (weights, config, tokenizer, masks.json, model card README.md;
         ``modeling_pgprune.py`` for the heterogeneous layout) with :func:`pgprune.hf.export.save_model`. ``card``:
         extra model-card fields (e.g. ``{"evaluation": ..., "repo_id": "me/model", "license": "apache-2.0"}``).
-        Returns :class:`pgprune.hf.export.ExportResult`."""
+        ``format="gguf"``: also ``<out_dir>/model.gguf`` for llama.cpp (:func:`pgprune.hf.gguf.save_gguf`,
+        ``gguf_type`` f32 | f16 | bf16 | q8_0). Returns :class:`pgprune.hf.export.ExportResult`."""
         from pgprune.hf.export import save_model
 
+        check_format(format, gguf_type)
         pruned = self.model
         if next(pruned.parameters()).device.type != "cpu":
             pruned = None  # save_model builds a CPU copy again rather than moving this one
-        return save_model(self.base, self.masks, out_dir, self.tokenizer, extra_bias=self.extra_bias,
-                          layout=self.layout, card=self.card(card), save_dtype=save_dtype, pruned=pruned)
+        saved = save_model(self.base, self.masks, out_dir, self.tokenizer, extra_bias=self.extra_bias,
+                           layout=self.layout, card=self.card(card), save_dtype=save_dtype, pruned=pruned)
+        if format == "gguf":
+            write_gguf(self.model, out_dir, gguf_type)
+        return saved
 
     def __repr__(self) -> str:
         p = self.info["params"]
@@ -409,6 +414,26 @@ def prune(model, tokenizer=None, *, sparsity: float = 0.3, method: str = "pg", c
             model.to(home)
 
 
+def check_format(format: str, gguf_type: str = "f16") -> None:
+    from pgprune.options import GGUF_TYPES
+
+    if format not in ("hf", "gguf"):
+        raise PgpruneError(f"format={format!r}; allowed: hf, gguf")
+    if gguf_type not in GGUF_TYPES:
+        raise PgpruneError(f"gguf_type={gguf_type!r}; allowed: {', '.join(GGUF_TYPES)}")
+
+
+def write_gguf(model, folder: str | Path, gguf_type: str = "f16") -> dict:
+    """``<folder>/model.gguf``: ``model`` (the one saved in ``folder``) for llama.cpp, its tokenizer and card from
+    ``folder``."""
+    from pgprune.hf.gguf import save_gguf
+    from pgprune.options import GGUF_TYPES
+
+    if next(model.parameters()).device.type != "cpu":
+        model = copy.deepcopy(model).to("cpu")
+    return save_gguf(model, Path(folder) / "model.gguf", folder, dtype=GGUF_TYPES[gguf_type])
+
+
 # --- recovery --------------------------------------------------------------------------------------------------
 @dataclass
 class RecoverResult:
@@ -422,10 +447,10 @@ class RecoverResult:
     source: Any = field(repr=False, default=None)
     path: Path | None = None
 
-    def save(self, out_dir: str | Path, card=None, *, save_dtype=None):
+    def save(self, out_dir: str | Path, card=None, *, save_dtype=None, format: str = "hf", gguf_type: str = "f16"):
         """Save the recovered model of a :class:`PruneResult` like :meth:`PruneResult.save` (same layout, files and
-        card), with the card's Recovery section and ``recovery.json``. Returns the
-        :class:`pgprune.hf.export.ExportResult` of the pruned folder."""
+        card; ``format="gguf"`` adds ``model.gguf``), with the card's Recovery section and ``recovery.json``.
+        Returns the :class:`pgprune.hf.export.ExportResult` of the pruned folder."""
         from pgprune.hf.export import save_model
         from pgprune.recovery.folder import write_recovered
 
@@ -443,8 +468,11 @@ class RecoverResult:
                                    layout=src.layout, card=src.card(card), save_dtype=save_dtype, pruned=model))
 
         out_model = model if save_dtype is None else copy.deepcopy(model).to(_torch_dtype(save_dtype))
+        check_format(format, gguf_type)
         write_recovered(out_model, None, out_dir, tokenizer=None, info=self.info, data=self.data,
                         save_pruned=save_pruned)
+        if format == "gguf":
+            write_gguf(model, out_dir, gguf_type)
         return dataclasses.replace(done[0], path=Path(out_dir))
 
 

@@ -30,6 +30,7 @@ from pathlib import Path
 
 from pgprune import __version__
 from pgprune.hf.embedded import embedded_cache, model_folder  # noqa: F401  (pgprune.cli.model_folder)
+from pgprune.options import GGUF_TYPES
 from pgprune.errors import ConfigError, MissingFileError, PgpruneError
 
 log = logging.getLogger("pgprune")
@@ -271,15 +272,10 @@ def cmd_prune(a, argv: list[str]) -> int:
             result.info["time_s"]["evaluation"] = time.perf_counter() - t0
         command = "pgprune " + shlex.join(argv)
         card = {"base_model": source, "command": command, "evaluation": evaluation}
-        if recovered is not None:
-            saved = recovered.save(out, card=card, save_dtype=a.save_dtype)
-        else:
-            saved = result.save(out, card=card, save_dtype=a.save_dtype)
+        saver = recovered if recovered is not None else result
+        saved = saver.save(out, card=card, save_dtype=a.save_dtype, format=a.format)
         if a.format == "gguf":
-            from pgprune.hf.gguf import save_gguf
-
-            gguf = save_gguf(result.model, out / "model.gguf", out, dtype="float16")
-            result.info["gguf"] = gguf["path"]
+            result.info["gguf"] = str(out / "model.gguf")
     finally:
         if (made_ckpt or not a.checkpoint_dir) and ckpt.is_dir() and not any(ckpt.iterdir()):
             ckpt.rmdir()  # nothing to resume (a search deletes its checkpoint when it completes)
@@ -537,9 +533,6 @@ def cmd_plan(a, argv: list[str]) -> int:
 
 
 # --- gguf ------------------------------------------------------------------------------------------------------
-GGUF_TYPES = {"f32": "float32", "f16": "float16", "bf16": "bfloat16", "q8_0": "q8_0"}
-
-
 def cmd_export(a, argv: list[str]) -> int:
     """`pgprune export FOLDER --format gguf --out x.gguf`: a saved folder as one llama.cpp file (deci)."""
     from pgprune.hf.gguf import save_gguf

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 COMMANDS = ("prune", "eval", "plan", "recover")
+# `pgprune export --type` / save(gguf_type=...) -> pgprune.hf.gguf.save_gguf's dtype of the weight matrices
+GGUF_TYPES = {"f32": "float32", "f16": "float16", "bf16": "bfloat16", "q8_0": "q8_0"}
 
 
 def _same(v: Any, n: int) -> tuple:

@@ -11,6 +11,7 @@ layers are built here by giving a model zero-width projections (:func:`_zero_wid
 import copy
 import importlib.util
 import json
+import re
 
 import numpy as np
 import pytest
@@ -403,3 +404,14 @@ def test_llama_cpp_with_rounded_matrices(dtype, tiny_tokenizer, tok_dir, tmp_pat
     diff = _rel_diff(tmp_path / "m.gguf", model, IDS)
     print(f"{dtype}: max |diff| / logit range = {diff:.2e}")
     assert diff <= TOLERANCE[dtype]
+
+
+def test_save_with_format_gguf_writes_the_folder_and_the_file(pruned, tmp_path):
+    res, _ = pruned
+    res.save(tmp_path / "g", format="gguf", gguf_type="f32")
+    assert (tmp_path / "g" / "config.json").is_file() and (tmp_path / "g" / "model.gguf").stat().st_size > 0
+    for bad, match in (({"format": "onnx"}, "format='onnx'; allowed: hf, gguf"),
+                       ({"format": "gguf", "gguf_type": "q4_k"}, "gguf_type='q4_k'; allowed: f32, f16, bf16, q8_0")):
+        with pytest.raises(PgpruneError, match=re.escape(match)):
+            res.save(tmp_path / "bad", **bad)
+    assert not (tmp_path / "bad").exists()
