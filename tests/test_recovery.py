@@ -174,6 +174,10 @@ def test_settings_are_validated():
 def test_cli_recovers_a_folder_and_rejects_bad_input(pruned_uniform, tiny_tokenizer, tmp_path, capsys):
     from pgprune import cli
 
+    with pytest.raises(SystemExit) as help_exit:
+        cli.main(["recover", "--help"])
+    assert help_exit.value.code == 0 and "--gradient-checkpointing" in capsys.readouterr().out
+
     pruned_uniform.save(tmp_path / "m")
     text = tmp_path / "train.txt"
     text.write_text(TINY_TEXT)

@@ -3,7 +3,7 @@ declaration each: `pgprune recover`'s flags and :func:`pgprune.api.recover`'s ke
 these fields (:func:`cli_flags`), their defaults are the defaults."""
 from __future__ import annotations
 
-from typing import Any, Literal, Mapping
+from typing import Any, Literal, Mapping, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -77,9 +77,12 @@ def cli_flags() -> list[tuple[str, dict]]:
     for name, f in RecoverSettings.model_fields.items():
         flag = "--" + name.replace("_", "-")
         default = f.default_factory() if f.default_factory is not None else f.default
-        kw: dict[str, Any] = {"dest": f"rec_{name}", "default": None,
-                              "help": f"{f.description} (default {default})"}
+        kw: dict[str, Any] = {"dest": f"rec_{name}", "default": None,  # argparse formats help with %
+                              "help": f"{f.description} (default {default})".replace("%", "%%")}
         ann = f.annotation
+        literal = get_args(get_args(ann)[0] if get_origin(ann) is list else ann)
+        if literal and all(isinstance(x, str) for x in literal):
+            kw["choices"] = literal
         if ann is bool:
             kw["type"] = _bool
             kw["metavar"] = "true|false"
