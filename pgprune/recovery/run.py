@@ -102,14 +102,16 @@ def recover_folder(folder: str | Path, out_dir: str | Path, params: Params, sett
     """Recover the model saved in ``folder`` and write it to ``out_dir`` in the same layout (the folder's files
     with merged weights, a Recovery section in its card, recovery.json). ``eval_ppl``: corpora measured before
     and after (recorded in the card)."""
-    from pgprune.hf.slicing import load_pruned
     from transformers import AutoTokenizer
+
+    from pgprune.hf.loading import trust_remote_code
+    from pgprune.hf.slicing import load_pruned
 
     folder = check_model_folder(folder)
     if settings.loss == "kd" and not isinstance(teacher, torch.nn.Module):
         teacher = teacher_source(folder, teacher)  # fails before any weight is loaded
     student = load_pruned(folder, dtype=_dtype(params.model.dtype), device=params.model.device)
-    tok = AutoTokenizer.from_pretrained(str(folder))
+    tok = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust_remote_code(folder))
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     t_model, t_name = _teacher(teacher, folder, None, params, settings)
