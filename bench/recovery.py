@@ -60,7 +60,7 @@ def _settings(a) -> RecoverSettings:
     return RecoverSettings.parse(given)
 
 
-def _cells_smoke(a):
+def _cells_smoke():
     """The tiny synthetic model with random 50% masks, random token blocks as text (the code path, not a figure)."""
     base, _ = synthetic_model(SMOKE_SHAPE, "float32", "cpu")
     masks = uniform_masks(get_adapter(base).layout(), 0.5)
@@ -107,9 +107,10 @@ def main() -> None:
     if a.smoke:
         a.steps, a.batch_size, a.seq_len, a.max_blocks, a.warmup_ratio, a.eval_every = 2, 2, 16, 32, 0.0, 1
     settings = _settings(a)
-    torch.set_num_threads(a.threads) if a.threads else None
+    if a.threads:
+        torch.set_num_threads(a.threads)
     tokens, seconds, peak_ratio = 0, 0.0, 0.0
-    for name, teacher, pruned, blocks, evals in (_cells_smoke(a) if a.smoke else _cells(a, settings)):
+    for name, teacher, pruned, blocks, evals in (_cells_smoke() if a.smoke else _cells(a, settings)):
         before = {c: perplexity(pruned, b, progress=False)["ppl"] for c, b in evals.items()}
         weights = sum(p.numel() * p.element_size() for p in pruned.parameters())
         mem0 = current_memory("cpu")
