@@ -458,6 +458,7 @@ class RecoverResult:
         if not isinstance(src, PruneResult):
             raise PgpruneError(f"this recovery was written to {self.path} already; save() saves the recovery of a "
                                "PruneResult")
+        check_format(format, gguf_type)
         model = self.model
         if next(model.parameters()).device.type != "cpu":
             model = copy.deepcopy(model).to("cpu")
@@ -467,19 +468,10 @@ class RecoverResult:
             done.append(save_model(src.base, src.masks, path, src.tokenizer, extra_bias=src.extra_bias,
                                    layout=src.layout, card=src.card(card), save_dtype=save_dtype, pruned=model))
 
-        out_model = model if save_dtype is None else copy.deepcopy(model).to(_torch_dtype(save_dtype))
-        check_format(format, gguf_type)
-        write_recovered(out_model, None, out_dir, tokenizer=None, info=self.info, data=self.data,
-                        save_pruned=save_pruned)
+        write_recovered(model, None, out_dir, info=self.info, data=self.data, save_pruned=save_pruned)
         if format == "gguf":
             write_gguf(model, out_dir, gguf_type)
         return dataclasses.replace(done[0], path=Path(out_dir))
-
-
-def _torch_dtype(name):
-    from pgprune.hf.loading import torch_dtype
-
-    return name if isinstance(name, torch.dtype) else torch_dtype(name)
 
 
 def recover(pruned, out_dir: str | Path | None = None, *, data=None, teacher=None, config=None,

@@ -99,7 +99,7 @@ def write_recovered(model, src: str | Path | None, out_dir: str | Path, *, token
                     save_pruned=None) -> Path:
     """Write the recovered ``model`` to ``out_dir`` atomically: the files of ``src`` (a model folder: tokenizer,
     masks.json, modeling file, card) with the merged weights and config in place of its weights, or, with
-    ``save_pruned`` (a callable writing a pgprune folder to a path, e.g. a PruneResult's save), that folder;
+    ``save_pruned`` (a callable writing the pgprune folder of ``model`` to a path: save_model), that folder;
     then the card's Recovery section and ``recovery.json`` (settings, losses, data). The layout is the input's:
     the same class, config and files."""
     with atomic_dir(out_dir) as tmp:
@@ -109,11 +109,11 @@ def write_recovered(model, src: str | Path | None, out_dir: str | Path, *, token
             for f in staged.iterdir():
                 f.rename(tmp / f.name)
             staged.rmdir()
-        elif src is not None:
+        else:  # the input folder's files, the merged weights and config in place of its own
             for f in sorted(Path(src).iterdir()):
                 if f.is_file() and not WEIGHT_FILES.match(f.name):
                     shutil.copy2(f, tmp / f.name)
-        model.save_pretrained(tmp)
+            model.save_pretrained(tmp)
         if tokenizer is not None and not (tmp / "tokenizer_config.json").exists():
             tokenizer.save_pretrained(tmp)
         card = (tmp / "README.md").read_text(encoding="utf-8") if (tmp / "README.md").exists() else ""
