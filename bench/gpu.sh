@@ -8,10 +8,13 @@
 # bench/results/gpu-<date>.txt. The full output of every step goes to RESULTS_FILE with .log appended.
 # Environment: PGPRUNE_VENV (the venv that scripts/setup.sh makes, default .venv); GPU_PYTHON=/path/to/python uses
 # that interpreter instead and skips the set-up (a machine without network or apt whose Python already has a CUDA
-# torch and the project's dependencies; the checkout goes on PYTHONPATH).
+# torch and the project's dependencies; the checkout goes on PYTHONPATH). On the lent H200 image (torch 2.11,
+# transformers 5.17, peft, accelerate) only pydantic was missing: its wheels (pydantic, pydantic_core,
+# annotated-types, typing-inspection, typing_extensions at constraints.txt's versions) were carried and installed
+# with `pip install --no-index --target`, then `GPU_PYTHON=python3 bash bench/gpu.sh` (2026-12-04: 251 s).
 #
 # Steps and their budgets (each runs under `timeout`, so one hang costs only its own budget; 480 s in all):
-#   setup            120 s  bash scripts/setup.sh (idempotent: seconds when the venv is there), then a CUDA check
+#   setup            100 s  bash scripts/setup.sh (idempotent: seconds when the venv is there), then a CUDA check
 #   checkpoint        40 s  the synthetic TinyLlama-1.1B checkpoint (bf16, random weights) that the benchmarks share
 #   gpu-tests         70 s  pytest tests/test_gpu.py and every other test file with tests marked gpu (-m gpu)
 #   search-cost       50 s  bench.search_cost, TinyLlama-1.1B, K=4 x 8 x 128, batched vs separate, in memory
@@ -19,7 +22,7 @@
 #   masked-forward    30 s  bench.masked_forward, TinyLlama-1.1B, 8 x 512
 #   generation        40 s  bench.generation, TinyLlama-1.1B, batches 1 and 16, 32 new tokens
 #   scaling           50 s  bench.scaling, TinyLlama-1.1B in memory and offload disk, K=4 x 8 x 128, 3 steps
-#   search-quality    20 s  bench.search_quality --smoke on cuda (its real run needs the pipeline's prepared inputs)
+#   search-quality    40 s  bench.search_quality --smoke on cuda (its real run needs the pipeline's prepared inputs)
 # A failed or timed-out step is recorded (FAILED <step> rc=...) and the others still run; the exit status is
 # non-zero when any step failed. Without an NVIDIA GPU (or with a torch that sees none) it stops at once.
 set -uo pipefail
@@ -66,9 +69,9 @@ section() { echo "## $*" >> "$RESULTS"; }
 
 # --- set-up ---------------------------------------------------------------------------------------------------
 if [ -z "${GPU_PYTHON:-}" ]; then
-  echo "== setup (budget 120s): bash scripts/setup.sh" | tee -a "$LOG"
-  if ! timeout -k 10 120 bash scripts/setup.sh >> "$LOG" 2>&1; then
-    die "set-up failed or took over 120 s (see $LOG); run 'bash scripts/setup.sh' once, then rerun (or GPU_PYTHON=<a ready interpreter>)"
+  echo "== setup (budget 100s): bash scripts/setup.sh" | tee -a "$LOG"
+  if ! timeout -k 10 100 bash scripts/setup.sh >> "$LOG" 2>&1; then
+    die "set-up failed or took over 100 s (see $LOG); run 'bash scripts/setup.sh' once, then rerun (or GPU_PYTHON=<a ready interpreter>)"
   fi
 fi
 [ -x "$PY" ] || command -v "$PY" >/dev/null || die "no Python at $PY (scripts/setup.sh creates $VENV)"
@@ -120,7 +123,7 @@ step scaling 50 "$PY" -m bench.scaling --rows tinyllama-1.1b:none tinyllama-1.1b
   "${SEARCH[@]}" --steps 3 --workdir "$WORK"
 
 section "search-quality: python -m bench.search_quality --smoke --device cuda"
-step search-quality 20 "$PY" -m bench.search_quality --smoke --device cuda
+step search-quality 40 "$PY" -m bench.search_quality --smoke --device cuda
 
 echo "# total ${SECONDS}s; failed: ${FAILED[*]:-none}" >> "$RESULTS"
 echo "results: $RESULTS (full output: $LOG)"

@@ -120,7 +120,7 @@ def main() -> None:
         t = time.perf_counter()
         src, extra = compensated_source(model, masks, None, recipe, calib)
         refit_times.append(time.perf_counter() - t)
-        pruned = slice_model(src, masks, extra)
+        pruned = slice_model(src, masks, extra).to(args.device)  # slice_model builds the new model on the CPU
         return {c: perplexity(pruned, b, batch_size=bs, device=args.device)["ppl"] for c, b in evals.items()}
 
     init = params.search.init
