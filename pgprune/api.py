@@ -485,13 +485,14 @@ def recover(pruned, out_dir: str | Path | None = None, *, data=None, teacher=Non
     LongTensor of blocks (None: the config's ``data.calibration``). ``teacher``: the dense model for
     ``loss="kd"`` (a model, or a source; None: the PruneResult's or the folder's base model). ``settings``: the
     fields of :class:`pgprune.recovery.settings.RecoverSettings` (steps, loss, rank, alpha, lr, batch_size, ...;
-    their defaults otherwise). ``config``: the params (data.* corpora, model.* device/dtype/offload of the
-    teacher, eval.* for ``eval_ppl``, the corpora measured before and after, folder input only)."""
+    the config's ``recover`` section otherwise, whose defaults are params.yaml's). ``config``: the params
+    (recover.* settings, data.* corpora, model.* device/dtype/offload of the teacher, eval.* for ``eval_ppl``, the
+    corpora measured before and after, folder input only)."""
     from pgprune.recovery.run import recover_folder, recover_result
     from pgprune.recovery.settings import RecoverSettings
 
     params = build_params(config)
-    s = RecoverSettings.parse(None, **settings)
+    s = RecoverSettings.parse(params.recover.settings().model_dump(), **settings)  # keywords win
     if isinstance(pruned, PruneResult):
         if out_dir is not None:
             raise PgpruneError("out_dir is for a folder input; save a PruneResult's recovery with .save(dir)")

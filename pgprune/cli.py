@@ -220,7 +220,8 @@ def cmd_prune(a, argv: list[str]) -> int:
     if a.recover_steps is not None:  # bad recovery settings fail before the pruning, not after it
         from pgprune.recovery.settings import RecoverSettings
 
-        RecoverSettings.parse(None, steps=a.recover_steps, loss=a.recover_loss)
+        RecoverSettings.parse(_params(a, "prune").recover.settings().model_dump(), steps=a.recover_steps,
+                              loss=a.recover_loss)
     ckpt = Path(a.checkpoint_dir) if a.checkpoint_dir else Path(str(out).rstrip("/\\") + ".checkpoints")
     made_ckpt = False
     if searching or a.recover_steps:
@@ -292,7 +293,7 @@ def cmd_recover(a, argv: list[str]) -> int:
 
     t_start = time.perf_counter()
     params = _params(a, "recover")
-    settings = RecoverSettings.parse(from_cli(vars(a)))
+    settings = RecoverSettings.parse(params.recover.settings().model_dump(), **from_cli(vars(a)))  # flags win
     folder = check_model_folder(a.model)
     out = Path(a.out)
     if out.resolve() == folder.resolve():

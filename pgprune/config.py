@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from pgprune.errors import ConfigError, format_validation, validation_messages
 from pgprune.methods import METHOD_ORDER, METHODS, METRIC_METHODS, SEARCH_METHODS
+from pgprune.recovery.settings import RecoverSettings
 from pgprune.scorers.registry import SCORER_NAMES
 from pgprune.search.settings import SearchSettings
 
@@ -254,9 +255,10 @@ class CompareParams(_Strict):
     searches: list[SearchMethodName] = Field(["pg"], description="policy-gradient methods (pgprune/methods.py): "
                                              "pg (free widths), pg_uniform (stock layout; not in the default cells: "
                                              "README 'Which cells the pipeline runs')")
-    baselines: list[MetricMethodName] = Field(["wanda_sp", "flap", "flap_refit"], description="metric baselines "
+    baselines: list[MetricMethodName] = Field(["flap", "flap_refit"], description="metric baselines "
                                               "(pgprune/methods.py); the default cells separate FLAP's mask with its "
-                                              "bias-only compensation (flap) from the same mask refit (flap_refit)")
+                                              "bias-only compensation (flap) from the same mask refit (flap_refit); "
+                                              "wanda_sp is not in them (README 'Which cells the pipeline runs')")
 
     @field_validator("sparsities")
     @classmethod
@@ -286,6 +288,24 @@ class RefitParams(_Strict):
     batch_size: int = Field(8, ge=1, description="calibration blocks per forward of the refit")
 
 
+class RecoverParams(RecoverSettings):
+    """recover.*: the pipeline's recovery cells (stage ``recover@<method>-<S>`` for every method in ``methods`` and
+    sparsity in ``sparsities``, then ``evaluate_recovered@<method>-<S>``) and the recovery settings they run with.
+    The settings are :class:`pgprune.recovery.settings.RecoverSettings`'s fields, so their values here are also what
+    `pgprune recover` and pgprune.recover() use (flags and keyword arguments override them)."""
+
+    methods: list[MethodName] = Field(["pg", "flap_refit"], description="methods whose masks are recovered (each "
+                                      "one of compare.searches + compare.baselines; [] runs no recovery)")
+    sparsities: list[float] = Field([0.5], description="sparsities recovered (each one of compare.sparsities)")
+    curve_every: int = Field(25, ge=0, description="steps between the points of the recovery curve: held-out "
+                             "perplexity of eval.curve_blocks blocks of the first evaluation corpus (0: before and "
+                             "after only)")
+
+    def settings(self) -> RecoverSettings:
+        """The recovery settings alone (without the cells)."""
+        return RecoverSettings.model_validate(self.model_dump(include=set(RecoverSettings.model_fields)))
+
+
 class ReportParams(_Strict):
     title: str = "pgprune report"
 
@@ -300,6 +320,7 @@ class Params(_Strict):
     compare: CompareParams = CompareParams()
     export: ExportParams = ExportParams()
     refit: RefitParams = RefitParams()
+    recover: RecoverParams = RecoverParams()
     report: ReportParams = ReportParams()
 
     @field_validator("search", mode="before")
@@ -330,6 +351,16 @@ class Params(_Strict):
         if self.export.method not in [*self.compare.searches, *self.compare.baselines]:
             raise ValueError(f"export.method={self.export.method!r} must be one of compare.searches + "
                              f"compare.baselines={[*self.compare.searches, *self.compare.baselines]}")
+        cells = [*self.compare.searches, *self.compare.baselines]
+        no_recovery = not (self.recover.methods and self.recover.sparsities)  # an empty list: no recover cell
+        for m in [] if no_recovery else self.recover.methods:
+            if m not in cells:
+                raise ValueError(f"recover.methods has {m!r}, which is not computed: allowed: compare.searches + "
+                                 f"compare.baselines={cells}")
+        for s in [] if no_recovery else self.recover.sparsities:
+            if s not in self.compare.sparsities:
+                raise ValueError(f"recover.sparsities has {s}, which is not computed: allowed: compare.sparsities="
+                                 f"{self.compare.sparsities}")
         if self.model.offload != "none" and self.model.device == "cpu" and self.model.offload == "cpu":
             raise ValueError("model.offload='cpu' with model.device='cpu' changes nothing; use offload 'none' "
                              "(or 'disk' to keep the weights out of memory)")
@@ -386,7 +417,7 @@ def params_reference(dvc_yaml: dict | None = None) -> str:
         names = [n for n, st in stages.items()
                  if any(key == p or key.startswith(p + ".") for p in st.get("params") or [])]
         if key in templated:
-            names.append("which cells exist" if key.startswith("compare.") else "export's inputs")
+            names.append("which cells exist" if key.startswith(("compare.", "recover.")) else "export's inputs")
         return ", ".join(f"`{n}`" if " " not in n else n for n in names) or "–"
 
     defaults = Params().model_dump(mode="json")

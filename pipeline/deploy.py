@@ -19,7 +19,7 @@ from typing import Sequence
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 
-from pipeline.flows import pgprune_pipeline, pipeline_plan, repo_root, sweep_experiments  # noqa: E402
+from pipeline.flows import pgprune_pipeline, pipeline_plan, repo_root, sparsity_unit, sweep_experiments  # noqa: E402
 
 
 def build_deployments(name: str, cron: str, stages: list[str] | None = None, params_file: str = "params.yaml",
@@ -35,7 +35,7 @@ def build_deployments(name: str, cron: str, stages: list[str] | None = None, par
         description="pgprune DVC pipeline (dvc repro per stage) on a schedule", tags=["pgprune", "dvc"])]
     if with_sweep:
         deployments.append(sweep_experiments.to_deployment(
-            name=f"{name}-sweep", parameters={"units": [["compare.sparsities=[0.4]", "export.sparsity=0.4"]]},
+            name=f"{name}-sweep", parameters={"units": [sparsity_unit(0.4)]},
             description="one dvc exp run -S ... per unit in this checkout, then dvc exp show",
             tags=["pgprune", "dvc"]))
     return deployments

@@ -186,7 +186,7 @@ def pgprune_units(methods: Sequence[str], sparsities: Sequence[float], evaluate_
             overrides = [f"compare.sparsities=[{s!r}]",
                          f"compare.searches=[{m}]" if kind == "search" else "compare.searches=[]",
                          f"compare.baselines=[{m}]" if kind == "metric" else "compare.baselines=[]",
-                         f"export.method={m}", f"export.sparsity={s!r}"]
+                         f"export.method={m}", f"export.sparsity={s!r}", "recover.sparsities=[]"]
             targets = [f"{EVALUATE_STAGE[kind]}@{m}-{s!r}"] if evaluate_only else []
             units.append(normalise_unit({"overrides": overrides, "targets": targets}))
     if root is not None:

@@ -70,11 +70,12 @@ def pipeline_plan(root: Path, stages: Sequence[str] | None = None) -> tuple[list
 
 
 def sparsity_unit(sparsity: float) -> list[str]:
-    """pgprune's experiment "everything at sparsity S": every compare method at S, and the export at S."""
+    """pgprune's experiment "everything at sparsity S": every compare method at S and the export at S (no recovery
+    cells: recover.sparsities=[], since the defaults' recover at sparsities that this experiment does not compute)."""
     s = float(sparsity)
     if not 0 < s < 1:
         raise ValueError(f"sparsity {sparsity} must be in (0, 1)")
-    return [f"compare.sparsities=[{s:g}]", f"export.sparsity={s:g}"]
+    return [f"compare.sparsities=[{s:g}]", "recover.sparsities=[]", f"export.sparsity={s:g}"]
 
 
 def sweep_units(specs: Sequence[Any]) -> list[list[str]]:

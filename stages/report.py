@@ -7,7 +7,14 @@ from pgprune.errors import require_file
 from pgprune.io import read_json, write_text
 from pgprune.methods import METHODS
 from pgprune.report import collect_results, search_summary, sparsity_tag
-from pgprune.report.plots import plot_kept_per_layer, plot_ppl_vs_sparsity, plot_quality_vs_cost, plot_search_curve
+from pgprune.report.collect import collect_recovery
+from pgprune.report.plots import (
+    plot_kept_per_layer,
+    plot_ppl_vs_sparsity,
+    plot_quality_vs_cost,
+    plot_recovery_curve,
+    plot_search_curve,
+)
 from pgprune.report.tables import (
     csv_text,
     kept_per_layer_rows,
@@ -17,6 +24,8 @@ from pgprune.report.tables import (
     quality_vs_cost_rows,
     quality_vs_cost_table,
     read_history_csv,
+    recovery_curve_rows,
+    recovery_section,
     search_loss_rows,
 )
 from stages._common import parse, run
@@ -75,6 +84,14 @@ def main(argv=None):
                  " blocks) of the mask each search would return after a fraction of its sampled-mask forward passes "
                  "(its validated hard mask then); step 0 is the init metric's mask. `report/plots/quality_vs_cost.csv` "
                  "has every point with seconds.", "", quality_vs_cost_table(curves)]
+    rec = params.recover
+    recovered = collect_recovery(a.eval, a.timing, rec.methods, rec.sparsities)
+    write_text(out / "plots" / "recovery_curve.csv", csv_text(recovery_curve_rows(recovered),
+                                                              ["method", "sparsity", "step", "ppl"]))
+    plot_recovery_curve(recovered, out / "recovery_curve.png")
+    figures["Recovery: held-out perplexity of each recovered cell vs LoRA steps (step 0: before recovery)"] = \
+        "recovery_curve.png"
+    extra += recovery_section(recovered, rec.settings(), params.search.seeds[0])
     kept = [i for i, k in enumerate(counts["layers"]) if k]
     uniform = len({counts["heads"][i] for i in kept}) <= 1 and len({counts["channels"][i] for i in kept}) <= 1
     export = {"method": e.method, "sparsity": e.sparsity,

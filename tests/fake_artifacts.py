@@ -34,8 +34,10 @@ def _params(rng, s: float, n_layers: int, kv: int, ffn: int, layer_drop: bool, u
 
 def make_fake_artifacts(root: Path, *, sparsities=(0.2, 0.3, 0.5), methods=METHODS, corpora=("local",),
                         n_layers: int = 6, kv: int = 3, ffn: int = 64, steps: int = 20, export=("pg", 0.3),
-                        zero_shot: bool = True, prob_style: str = "slash", seeds=(42, 43, 44), seed: int = 0) -> dict:
-    """Write artifacts/{eval/<m>-s<S>.json, eval/dense.json, timing/*.json, masks/<m>/s<S>/...} under ``root``;
+                        zero_shot: bool = True, prob_style: str = "slash", seeds=(42, 43, 44), seed: int = 0,
+                        recovered=(("pg", 0.5), ("flap_refit", 0.5))) -> dict:
+    """Write artifacts/{eval/<m>-s<S>.json, eval/dense.json, timing/*.json, masks/<m>/s<S>/...} under ``root``
+    (and eval/recovered/<m>-s<S>.json, timing/recover-<m>-s<S>.json for ``recovered`` (method, sparsity) cells);
     returns a description of what was written. ``prob_style``: "suffix" writes ``<group>_mean_prob`` history
     columns, "slash" writes ``<group>/prob_mean`` (what the search writes)."""
     rng = random.Random(seed)
@@ -88,6 +90,15 @@ def make_fake_artifacts(root: Path, *, sparsities=(0.2, 0.3, 0.5), methods=METHO
                 _history(cell, steps, rng, prob_style)
             (cell / "summary.json").write_text(json.dumps(summary))
             (ev / f"{m}-s{float(s)}.json").write_text(json.dumps(r))
+            if (m, s) in recovered:  # a recovered cell: 0.6x the perplexity, and its curve
+                (ev / "recovered").mkdir(exist_ok=True)
+                (ev / "recovered" / f"{m}-s{float(s)}.json").write_text(json.dumps(
+                    dict(r, ppl={c: 0.6 * v for c, v in r["ppl"].items()})))
+                first = next(iter(ppl_base))
+                (timing / f"recover-{m}-s{float(s)}.json").write_text(json.dumps(
+                    {"method": m, "sparsity": s, "time_s": 300.0, "tokens": 102400, "tokens_per_s": 341.3,
+                     "steps": 100, "curve": {"corpus": first, "blocks": 32, "points": [
+                         {"step": 25 * i, "ppl": r["ppl"][first] * (1 - 0.1 * i)} for i in range(5)]}}))
     return {"sparsities": list(sparsities), "methods": list(methods), "corpora": list(corpora)}
 
 

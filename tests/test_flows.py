@@ -248,7 +248,7 @@ def test_commands(monkeypatch):
     assert repro_command("search", force=True) == ["dvc-x", "repro", "--single-item", "--force", "search"]
     assert exp_run_command(["a.b=1", "c=[1, 2]"]) == ["dvc-x", "exp", "run", "-S", "a.b=1", "-S", "c=[1, 2]"]
     assert sweep_units(["0.4", "search.steps=5 search.seed=1"]) == [
-        ["compare.sparsities=[0.4]", "export.sparsity=0.4"], ["search.steps=5", "search.seed=1"]]
+        ["compare.sparsities=[0.4]", "recover.sparsities=[]", "export.sparsity=0.4"], ["search.steps=5", "search.seed=1"]]
     with pytest.raises(ValueError, match="in \\(0, 1\\)"):
         sweep_units(["1.5"])
     with pytest.raises(ValueError, match="key=value"):
@@ -305,7 +305,8 @@ def test_flows_cli_dry_run():
     r = subprocess.run([sys.executable, "-m", "pipeline.flows", "--dry-run", "--sweep", "0.4", "search.steps=5"],
                        cwd=ROOT, capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.splitlines() == ["dvc exp run -S compare.sparsities=[0.4] -S export.sparsity=0.4",
+    assert r.stdout.splitlines() == ["dvc exp run -S compare.sparsities=[0.4] -S recover.sparsities=[] -S "
+                                     "export.sparsity=0.4",
                                      "dvc exp run -S search.steps=5"]
     r = subprocess.run([sys.executable, "-m", "pipeline.flows", "--dry-run", "--stages", "nope"],
                        cwd=ROOT, capture_output=True, text=True, env=env)

@@ -31,7 +31,7 @@ def _opts(entries):
 # --- dvc.yaml and params.yaml -----------------------------------------------------------------------------------
 def test_stage_layout():
     assert list(STAGES) == ["model", "data", "init", "search", "baseline", "evaluate_dense", "evaluate_search",
-                            "evaluate_baseline", "export", "report"]
+                            "evaluate_baseline", "recover", "evaluate_recovered", "export", "report"]
     assert STAGES["search"]["matrix"] == {"method": "${compare.searches}", "sparsity": "${compare.sparsities}"}
     assert STAGES["baseline"]["matrix"] == {"method": "${compare.baselines}", "sparsity": "${compare.sparsities}"}
     assert STAGES["evaluate_search"]["matrix"] == STAGES["search"]["matrix"]
@@ -44,6 +44,13 @@ def test_stage_layout():
     assert _paths(STAGES["search"]["outs"]) == [cell] == _paths(STAGES["baseline"]["outs"])
     assert cell in _paths(STAGES["evaluate_search"]["deps"]) and cell in _paths(STAGES["evaluate_baseline"]["deps"])
     assert "${paths.masks}/${export.method}/s${export.sparsity}" in _paths(STAGES["export"]["deps"])
+    # recovery: a cell's masks in, a model folder out, evaluated by evaluate_recovered
+    assert STAGES["recover"]["matrix"] == {"method": "${recover.methods}", "sparsity": "${recover.sparsities}"}
+    assert STAGES["evaluate_recovered"]["matrix"] == STAGES["recover"]["matrix"]
+    folder = "${paths.recovered}/${item.method}/s${item.sparsity}"
+    assert cell in _paths(STAGES["recover"]["deps"]) and _paths(STAGES["recover"]["outs"]) == [folder]
+    assert folder in _paths(STAGES["evaluate_recovered"]["deps"]) and "--pruned " + folder in \
+        STAGES["evaluate_recovered"]["cmd"]
 
 
 def test_no_stage_imports_another_and_stages_are_thin():
@@ -90,7 +97,11 @@ def test_params_lists_are_exact_keys():
                            "data.seq_len"]
     assert p["model"] == ["model.source", "model.dtype"] and p["data"] == ["data"]
     assert p["init"] == ["init", *placement]
-    assert p["report"] == ["report", "compare", "export", "search.init"]
+    assert p["report"] == ["report", "compare", "export", "search.init", "search.seeds", "recover"]
+    assert p["evaluate_recovered"] == p["evaluate_dense"]
+    assert p["recover"] == ["recover", "refit", "eval.curve_blocks", "eval.ppl_batch_size", "eval.ppl_seq_len",
+                            "eval.ppl_blocks", "data.evaluation", "data.calibration", "data.calib_blocks",
+                            "data.seq_len", "model.source", *placement]
     assert not any("model.threads" in (v or []) or "model" in (v or []) for v in p.values())  # operational only
 
 
@@ -103,7 +114,8 @@ def test_plots_columns_are_the_method_registry():
         plots[key] = val
     assert plots["ppl_vs_sparsity"]["y"]["report/plots/ppl_vs_sparsity.csv"] == ["dense", *METHODS]
     assert plots["search_loss"]["y"]["report/plots/search_loss.csv"] == ["loss_mean", "baseline", "val_loss"]
-    for png in ("report/ppl_vs_sparsity.png", "report/search_curve.png", "report/kept_per_layer.png"):
+    for png in ("report/ppl_vs_sparsity.png", "report/search_curve.png", "report/kept_per_layer.png",
+                "report/recovery_curve.png"):
         assert png in plots and png.replace("report/", "${paths.report}/") in _paths(STAGES["report"]["outs"])
 
 
@@ -186,6 +198,7 @@ def _status(path) -> set[str]:
 # a smaller grid than params.yaml's (DVC needs about a second per stage), with one baseline held back to be added
 TOY = {"sparsities": [0.2, 0.3], "searches": PARAMS["compare"]["searches"], "baselines": ["flap", "layer_drop"]}
 NEW = "random"
+TOY_RECOVER = {"methods": ["pg", "flap"], "sparsities": [0.3]}
 
 
 @pytest.fixture(scope="module")
@@ -194,6 +207,8 @@ def toy(tmp_path_factory):
     for k, v in TOY.items():
         set_param(path, f"compare.{k}", v)
     set_param(path, "export.sparsity", 0.3)
+    for k, v in TOY_RECOVER.items():
+        set_param(path, f"recover.{k}", v)
     first = ran_stages(dvc("repro", cwd=path).stdout)
     return path, first
 
@@ -210,7 +225,11 @@ def test_the_whole_pipeline_runs_once_in_dag_order(toy):
                                     *_cells("search", c["searches"], c["sparsities"]),
                                     *_cells("baseline", c["baselines"], c["sparsities"]),
                                     *_cells("evaluate_search", c["searches"], c["sparsities"]),
-                                    *_cells("evaluate_baseline", c["baselines"], c["sparsities"])])
+                                    *_cells("evaluate_baseline", c["baselines"], c["sparsities"]),
+                                    *_cells("recover", TOY_RECOVER["methods"], TOY_RECOVER["sparsities"]),
+                                    *_cells("evaluate_recovered", TOY_RECOVER["methods"], TOY_RECOVER["sparsities"])])
+    assert first.index("recover@pg-0.3") > first.index("search@pg-0.3")
+    assert first.index("evaluate_recovered@flap-0.3") > first.index("recover@flap-0.3")
     assert _status(path) == set()
 
 
@@ -222,8 +241,10 @@ def test_each_parameter_reruns_exactly_the_stages_it_affects(toy):
     # an evaluation setting: every evaluation, nothing searched (dvc status lists the stages it hits directly;
     # repro also reruns what depends on their outputs: export's model card holds the metrics, and the report)
     set_param(path, "eval.zero_shot_limit", 8)
+    r = TOY_RECOVER
+    recovered = _cells("evaluate_recovered", r["methods"], r["sparsities"])
     evals = ["evaluate_dense", *_cells("evaluate_search", c["searches"], c["sparsities"]),
-             *_cells("evaluate_baseline", c["baselines"], c["sparsities"])]
+             *_cells("evaluate_baseline", c["baselines"], c["sparsities"]), *recovered]
     assert _status(path) == set(evals)
     assert sorted(ran_stages(dvc("repro", cwd=path).stdout)) == sorted([*evals, "export", "report"])
 
@@ -233,8 +254,14 @@ def test_each_parameter_reruns_exactly_the_stages_it_affects(toy):
     assert _status(path) == set(searches)
     ran = ran_stages(dvc("repro", cwd=path).stdout)
     assert sorted(ran) == sorted([*searches, *_cells("evaluate_search", c["searches"], c["sparsities"]),
-                                  "export", "report"])
+                                  "recover@pg-0.3", "evaluate_recovered@pg-0.3", "export", "report"])
     assert export_cell in ran
+
+    # a recovery setting: only the recovery cells and their evaluations
+    set_param(path, "recover.steps", 3)
+    rec = _cells("recover", r["methods"], r["sparsities"])
+    assert _status(path) == {*rec, "report"}  # the report states the settings
+    assert sorted(ran_stages(dvc("repro", cwd=path).stdout)) == sorted([*rec, *recovered, "report"])
 
     # adding a baseline and a sparsity runs only the new cells (and the report, which lists them)
     set_param(path, "compare.baselines", [*c["baselines"], NEW])

@@ -41,6 +41,8 @@ def tiny_params(model_dir: Path) -> dict:
         "eval": {"ppl_seq_len": 32, "ppl_blocks": 8, "zero_shot": False, "speed": {"enabled": False}},
         "compare": {"sparsities": [0.5], "searches": ["pg"], "baselines": ["flap"]},
         "export": {"method": "pg", "sparsity": 0.5, "save_dtype": "float32"},
+        "recover": {"methods": ["flap"], "sparsities": [0.5], "steps": 2, "batch_size": 2, "seq_len": 16,
+                    "curve_every": 1},
     }
 
 
@@ -145,7 +147,7 @@ def test_an_eval_setting_reevaluates_without_searching(project):
     set_param(repo, "eval.ppl_batch_size", 4)
     ran = _ran(_repro(repo, env))
     assert sorted(ran) == sorted(["evaluate_dense", "evaluate_search@pg-0.5", "evaluate_baseline@flap-0.5",
-                                  "export", "report"])
+                                  "recover@flap-0.5", "evaluate_recovered@flap-0.5", "export", "report"])
     set_param(repo, "eval.ppl_batch_size", 8)
     _repro(repo, env)
 

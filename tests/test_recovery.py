@@ -222,6 +222,20 @@ def test_prune_then_recover_in_one_command(tiny_tokenizer, tmp_path, capsys):
     assert "## Recovery" in (tmp_path / "o" / "README.md").read_text()
 
 
+def test_the_config_recover_section_is_the_default_and_keywords_win(pruned_hetero):
+    """params.yaml's recover section is what pgprune.recover() (and `pgprune recover`) use; a keyword overrides it."""
+    import pgprune
+    from pgprune.config import Params
+
+    assert pgprune.recover is recover and pgprune.RecoverResult.__name__ == "RecoverResult" and "recover" in dir(pgprune)
+    assert Params().recover.settings() == RecoverSettings()  # the schema's defaults are the settings' defaults
+    cfg = {**SMALL, "recover": {"steps": 2, "rank": 2, "loss": "lm", "batch_size": 2, "seq_len": 16}}
+    rec = recover(pruned_hetero, data=TINY_TEXT, config=cfg, progress=False)
+    assert rec.info["steps"] == 2 and rec.info["settings"]["rank"] == 2 and rec.info["settings"]["loss"] == "lm"
+    rec = recover(pruned_hetero, data=TINY_TEXT, config=cfg, progress=False, steps=1)
+    assert rec.info["steps"] == 1 and len(rec.info["losses"]) == 1 and rec.info["settings"]["rank"] == 2
+
+
 @pytest.mark.gpu
 def test_recovery_on_gpu_with_bf16_autocast(pruned_hetero, tiny_tokenizer):
     import copy

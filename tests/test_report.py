@@ -46,7 +46,8 @@ def test_report_stage_writes_report_figures_and_plots_data(workdir):
     _set(workdir / "params.yaml", "init.scorers", list(SCORER_NAMES))
     make_fake_artifacts(workdir, sparsities=(0.2, 0.3, 0.5), corpora=("local", "wikitext2"))
     report.main(REPORT_ARGS)
-    for png in ("ppl_vs_sparsity.png", "search_curve.png", "kept_per_layer.png", "quality_vs_cost.png"):
+    for png in ("ppl_vs_sparsity.png", "search_curve.png", "kept_per_layer.png", "quality_vs_cost.png",
+                "recovery_curve.png"):
         data = (workdir / "report" / png).read_bytes()
         assert data.startswith(PNG) and len(data) > 5000, png
     md = (workdir / "report" / "report.md").read_text()
@@ -60,6 +61,13 @@ def test_report_stage_writes_report_figures_and_plots_data(workdir):
     assert "ppl local: mean ± sd over seeds" in md and "(n=3)" in md  # the search rows' spread over seeds
     assert "`models/pruned` (the `export` stage): PG search (`pg`) at sparsity 0.3" in md
     assert "## Search quality vs cost" in md and "(0.958×)" in md  # ppl after 1/4 of the forwards vs step 0
+    # recovery: each recovered cell before -> after with the ratio, and the curve's rows
+    assert "## Recovery" in md and "100 steps of 8 × 128 tokens, loss `kd`" in md
+    rec_row = next(ln for ln in md.splitlines() if ln.startswith("| PG search (`pg`) | 0.5 |"))
+    assert "(0.60×)" in rec_row and "| 100 | 300 | 341 |" in rec_row
+    rec_curve = list(csv.DictReader(open(workdir / "report/plots/recovery_curve.csv")))
+    assert len(rec_curve) == 2 * 5 and rec_curve[0] == {"method": "pg", "sparsity": "0.5", "step": "0",
+                                                        "ppl": rec_curve[0]["ppl"]}
     curve = list(csv.DictReader(open(workdir / "report/plots/quality_vs_cost.csv")))
     assert len(curve) == 5 * 2 * 3 and curve[1]["seconds"] == "4"
 
@@ -90,12 +98,21 @@ def test_report_stage_writes_report_figures_and_plots_data(workdir):
 def test_report_stage_names_a_missing_result(workdir, capsys):
     from stages import _common, report
 
-    make_fake_artifacts(workdir, sparsities=(0.2, 0.3))
+    make_fake_artifacts(workdir, sparsities=(0.2, 0.3), recovered=[("pg", 0.3)])
     _set(workdir / "params.yaml", "compare.sparsities", [0.2, 0.3, 0.4])
+    _set(workdir / "params.yaml", "recover.sparsities", [0.3])
     with pytest.raises(SystemExit) as e:
         _common.run(lambda: report.main(REPORT_ARGS))
     assert e.value.code == 2
     assert "evaluation of pg at sparsity 0.4 not found at 'artifacts/eval/pg-s0.4.json'" in capsys.readouterr().err
+    # a recovered cell without its evaluation is named too
+    _set(workdir / "params.yaml", "compare.sparsities", [0.2, 0.3])
+    _set(workdir / "params.yaml", "recover.methods", ["pg", "flap_refit"])
+    with pytest.raises(SystemExit) as e:
+        _common.run(lambda: report.main(REPORT_ARGS))
+    assert e.value.code == 2
+    assert ("evaluation of the recovered flap_refit at 0.3 (evaluate_recovered stage) not found at "
+            "'artifacts/eval/recovered/flap_refit-s0.3.json'") in capsys.readouterr().err
 
 
 def test_comparison_rows_conventions_and_speedup(tmp_path):
@@ -195,7 +212,7 @@ def test_dvc_plots_show_renders_offline(tmp_path):
     assert "https://cdn" not in page and "<script src" not in page
     for plot in ("ppl_vs_sparsity", "search_loss", "kept_per_layer"):
         assert f'id = "{plot}"' in page or f'id="{plot}"' in page, plot
-    assert len(list((tmp_path / "dvc_plots" / "static").glob("*.png"))) == 4
+    assert len(list((tmp_path / "dvc_plots" / "static").glob("*.png"))) == 5
 
 
 def test_rows_off_their_target_sparsity_are_marked_and_never_bold():

@@ -33,6 +33,8 @@ def tiny_params(model_dir: Path) -> dict:
         "compare": {"sparsities": [0.5], "searches": ["pg", "pg_uniform"],
                     "baselines": ["wanda_sp", "flap", "flap_refit", "magnitude", "taylor", "random", "layer_drop"]},
         "export": {"method": "pg", "sparsity": 0.5, "save_dtype": "float32"},
+        "recover": {"steps": 3, "batch_size": 2, "seq_len": 16, "checkpoint_every": 0, "curve_every": 2,
+                    "methods": ["pg", "flap"], "sparsities": [0.5]},
     }
 
 
@@ -202,13 +204,33 @@ def test_all_stages(workdir, monkeypatch):
     assert json.loads((Path("models/pruned") / "masks.json").read_text()) == json.loads((pg / "masks.json").read_text())
     report = Path("report/report.md").read_text()
     assert "PG search (uniform layout)" in report and "mean ± sd over seeds" in report and "licenses" in report
+    # recovery: each cell's model trained, saved in its layout, evaluated, and set beside the cell in the report
+    from pgprune.hf.slicing import load_pruned
+
+    for m in ("pg", "flap"):
+        folder = Path("models/recovered") / m / "s0.5"
+        rec = json.loads((folder / "recovery.json").read_text())
+        assert rec["steps"] == 3 and len(rec["losses"]) == 3 and rec["settings"]["loss"] == "kd"
+        assert "## Recovery" in (folder / "README.md").read_text()
+        assert json.loads((folder / "masks.json").read_text()) == json.loads(
+            (Path("artifacts/masks") / m / "s0.5" / "masks.json").read_text())
+        load_pruned(folder)  # loads as users load it
+        t = json.loads(Path(f"artifacts/timing/recover-{m}-s0.5.json").read_text())
+        assert [p["step"] for p in t["curve"]["points"]] == [0, 2, 3] and t["curve"]["corpus"] == "local"
+        r = json.loads(Path(f"artifacts/eval/recovered/{m}-s0.5.json").read_text())
+        assert r["ppl"]["local"] > 1 and r["method"] == m
+        before = json.loads(Path(f"artifacts/eval/{m}-s0.5.json").read_text())
+        assert r["ppl"]["local"] != before["ppl"]["local"]  # the weights changed
+    assert "## Recovery" in report and "before → after" in report
+    assert len(Path("report/plots/recovery_curve.csv").read_text().splitlines()) == 1 + 2 * 3
+    assert Path("report/recovery_curve.png").stat().st_size > 1000
 
     # byte-reproducible: the same inputs give the same bytes
     before = {p: _digest(Path(p)) for p in ("data/prepared", "artifacts/init/scores.safetensors", "artifacts/masks",
-                                            "models/base", "models/tokenizer", "models/pruned")}
+                                            "models/base", "models/tokenizer", "models/pruned", "models/recovered")}
     for module, argv in cmds:
         if module in ("stages.model", "stages.data", "stages.init", "stages.search", "stages.baseline",
-                      "stages.export"):
+                      "stages.export", "stages.recover"):
             run_stage(module, argv)
     after = {p: _digest(Path(p)) for p in before}
     assert before == after
@@ -230,8 +252,14 @@ def test_stage_reports_missing_and_damaged_inputs(workdir, capsys):
     from stages import _common, evaluate, model
 
     tmp, params = workdir
-    cmds = dict((m + (a[a.index("--method") + 1] if "--method" in a else ""), a) for m, a in stage_commands(params))
+    cmds = dict((m + (a[a.index("--method") + 1] if "--method" in a else ""), a) for m, a in stage_commands(params)
+                if "--pruned" not in a)
     model.main(cmds["stages.model"])
+    recovered = next(a for m, a in stage_commands(params) if "--pruned" in a)
+    with pytest.raises(SystemExit):
+        _common.run(lambda: evaluate.main(recovered))
+    assert "model folder 'models/recovered/pg/s0.5' not found (no config.json); run the stage that writes it first" \
+        in capsys.readouterr().err
     argv = cmds["stages.evaluatepg"]
     with pytest.raises(SystemExit):
         _common.run(lambda: evaluate.main(argv))

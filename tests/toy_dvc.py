@@ -124,7 +124,8 @@ def dvc(*args, cwd, check=True, env_extra: dict | None = None) -> subprocess.Com
 
 
 def make_toy_repo(path: Path, *, commit: bool = True) -> Path:
-    """git + dvc repo at ``path`` mirroring dvc.yaml's structure with dummy commands; not reproduced yet."""
+    """git + dvc repo at ``path`` mirroring dvc.yaml's structure with dummy commands; not reproduced yet. Its
+    params.yaml is the repository's with recover.sparsities empty (no recovery cells)."""
     path.mkdir(parents=True, exist_ok=True)
     spec = yaml.safe_load((ROOT / "dvc.yaml").read_text())
     produced, render = _templated_paths(spec)
@@ -149,6 +150,7 @@ def make_toy_repo(path: Path, *, commit: bool = True) -> Path:
                 (p / "__init__.py").write_text(f"# placeholder for {d}\n")
     (path / "dvc.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
     (path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    set_param(path, "recover.sparsities", [])  # no recovery cells: tests narrow compare.* freely (test_pipeline adds some)
     (path / "fake_stage.py").write_text(FAKE_STAGE)
     if (ROOT / ".gitignore").exists():  # the project's ignore rules (they decide what experiments commit)
         (path / ".gitignore").write_text((ROOT / ".gitignore").read_text())

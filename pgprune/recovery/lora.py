@@ -279,10 +279,12 @@ def recover_model(model, blocks: torch.Tensor, settings: RecoverSettings, *, tea
             opt.step()
             losses.append(total)
             if callback is not None:
+                t_cb = time.perf_counter()
                 peft_model.eval()
                 with torch.no_grad():
                     callback(step + 1, peft_model.get_base_model())  # the model with the LoRA layers in it
                 peft_model.train()
+                t0 += time.perf_counter() - t_cb  # the callback's time is not the recovery's
             bar.set_postfix(loss=f"{total:.3f}", tok_s=f"{tokens / max(1e-9, time.perf_counter() - t0):.0f}")
             if ckpt is not None and settings.checkpoint_every and (step + 1) % settings.checkpoint_every == 0 \
                     and step + 1 < settings.steps:

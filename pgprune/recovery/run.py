@@ -142,10 +142,71 @@ def recover_result(result, params: Params, settings: RecoverSettings, *, data=No
     return rec, desc
 
 
+def recut_blocks(blocks: torch.Tensor, seq_len: int, max_blocks: int) -> torch.Tensor:
+    """``blocks`` [n, T] as [m, seq_len] (the tokens in order, the remainder dropped; unchanged when T == seq_len),
+    the first ``max_blocks``."""
+    n, t = blocks.shape
+    if t != seq_len:
+        m = (n * t) // seq_len
+        if m < 1:
+            raise PgpruneError(f"recover.seq_len={seq_len} is longer than the {n * t} calibration tokens; allowed: "
+                               f"at most {n * t}")
+        blocks = blocks.reshape(-1)[: m * seq_len].reshape(m, seq_len)  # [m, seq_len]
+    return blocks[:max_blocks]
+
+
+def recover_masks(model, masks_dir: str | Path, calib: torch.Tensor, params: Params, *,
+                  curve_blocks: torch.Tensor | None = None, checkpoint_dir: str | Path | None = None,
+                  progress: bool = True) -> tuple[Any, dict | None, Recovered, list[dict]]:
+    """The pipeline's recovery of one masks cell (stage ``recover@<method>-<S>``).
+
+    The masks of ``masks_dir`` are sliced out of ``model`` (the base model, left untouched; it is also the ``kd``
+    teacher) with their compensation (a refit recipe is refit on ``calib``, as the evaluation does), then trained
+    with ``params.recover``'s settings on ``calib`` [n, T] (the calibration blocks, never held-out text; re-cut to
+    recover.seq_len when it differs from T). ``curve_blocks`` [m, T']: held-out blocks whose perplexity is measured
+    before the first step, every ``recover.curve_every`` steps and after the last. Returns (masks, extra_bias of
+    the compensation, the :class:`~pgprune.recovery.lora.Recovered` run with the merged model, the curve
+    ``[{"step", "ppl"}]``)."""
+    from pgprune.core.adapters import get_adapter
+    from pgprune.core.compensation import compensated_source
+    from pgprune.core.handoff import load_masks, load_recipe
+    from pgprune.eval.perplexity import perplexity
+    from pgprune.hf.export import build_model
+
+    settings = params.recover.settings()
+    masks, extra = load_masks(masks_dir, get_adapter(model).layout())
+    recipe = load_recipe(masks_dir)
+    src, extra = compensated_source(model, masks, extra, recipe, calib)
+    student = build_model(src, masks, extra, layout="auto").to(next(model.parameters()).device)
+    del src
+    for p in student.parameters():
+        p.requires_grad_(False)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.eval()
+    blocks = recut_blocks(calib, settings.seq_len, settings.max_blocks)
+    curve: list[dict] = []
+    bs = params.eval.ppl_batch_size
+
+    def measure(step: int, m) -> None:
+        if curve_blocks is not None:
+            curve.append({"step": step, "ppl": perplexity(m, curve_blocks, batch_size=bs)["ppl"]})
+
+    every = params.recover.curve_every
+    measure(0, student)
+    rec = recover_model(student, blocks, settings, teacher=model, teacher_id=params.model.source,
+                        checkpoint_dir=checkpoint_dir, progress=progress,
+                        callback=(lambda step, m: measure(step, m) if step % every == 0 and step < settings.steps
+                                  else None) if every and curve_blocks is not None else None)
+    measure(settings.steps, rec.model)
+    rec.info["data"] = f"the calibration blocks ({blocks.shape[0]} of {blocks.shape[1]} tokens)"
+    return masks, extra, rec, curve
+
+
 def _dtype(name: str) -> torch.dtype:
     from pgprune.hf.loading import torch_dtype
 
     return torch_dtype(name)
 
 
-__all__ = ["training_blocks", "recover_folder", "recover_result"]
+__all__ = ["training_blocks", "recover_folder", "recover_result", "recover_masks", "recut_blocks"]

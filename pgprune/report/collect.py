@@ -51,3 +51,21 @@ def search_summary(masks_dir: str | Path, timing_dir: str | Path, method: str, s
     t = read_json(require_file(Path(timing_dir) / f"search-{method}-{tag}.json", f"search timing of {method}"))
     summary["time_s"] = {k: v["time_s"] for k, v in t["seeds"].items()}
     return summary
+
+
+def collect_recovery(eval_dir: str | Path, timing_dir: str | Path, methods, sparsities) -> list[dict]:
+    """Per recovered cell: ``{"method", "sparsity", "before": the cell's evaluation, "after": the recovered model's,
+    "recovery": the recover stage's metrics (time, tokens/s, losses, curve)}``; a missing file is named."""
+    ev, timing = Path(eval_dir), Path(timing_dir)
+    out = []
+    for s in sparsities:
+        tag = sparsity_tag(s)
+        for m in methods:
+            out.append({"method": m, "sparsity": float(s),
+                        "before": read_json(require_file(ev / f"{m}-{tag}.json", f"evaluation of {m} at {s:g}")),
+                        "after": read_json(require_file(ev / "recovered" / f"{m}-{tag}.json",
+                                                        f"evaluation of the recovered {m} at {s:g} "
+                                                        "(evaluate_recovered stage)")),
+                        "recovery": read_json(require_file(timing / f"recover-{m}-{tag}.json",
+                                                           f"recovery of {m} at {s:g} (recover stage)"))})
+    return out

@@ -148,3 +148,30 @@ def plot_quality_vs_cost(curves: Sequence[dict], path: str | os.PathLike,
         if a.lines:
             a.legend(fontsize=7)
     _save(fig, path)
+
+
+def plot_recovery_curve(cells: Sequence[dict], path: str | os.PathLike,
+                        title: str = "Recovery: held-out perplexity vs LoRA steps") -> None:
+    """Held-out perplexity (log scale) of each recovered cell's model against the recovery steps done (step 0: the
+    pruned model before recovery); the dashed line is the dense model's on the same blocks when given.
+
+    ``cells``: ``{"method", "sparsity", "recovery": {"curve": {"corpus", "points": [{"step", "ppl"}]}}}``."""
+    fig = Figure(figsize=(7.0, 4.2), layout="constrained")
+    ax = fig.add_subplot()
+    corpus = None
+    for cell in cells:
+        curve = cell["recovery"].get("curve") or {}
+        pts = [p for p in curve.get("points", []) if _num(p.get("ppl")) is not None]
+        if not pts:
+            continue
+        corpus = corpus or curve.get("corpus")
+        ax.plot([p["step"] for p in pts], [p["ppl"] for p in pts], marker="o", ms=3,
+                label=f"{method_label(cell['method'])} @ {cell['sparsity']:g}")
+    ax.set_yscale("log")
+    ax.set_xlabel("recovery steps")
+    ax.set_ylabel("perplexity" + (f" ({corpus}, held out)" if corpus else ""))
+    ax.set_title(title)
+    ax.grid(alpha=0.3, which="both")
+    if ax.lines:
+        ax.legend(fontsize=8)
+    _save(fig, path)

@@ -360,3 +360,47 @@ def quality_vs_cost_table(curves: Sequence[dict]) -> str:
         lines.append(f"| {method_label(c['method'])} | {c['sparsity']:g} | " + " | ".join(cells)
                      + f" | {_fmt(secs[-1] if secs else None, '.0f')} |")
     return "\n".join(lines) + "\n"
+
+# --- recovery --------------------------------------------------------------------------------------------------
+def recovery_table(cells: Sequence[dict]) -> str:
+    """Markdown: each recovered cell (``collect_recovery``) before → after recovery: perplexity on every corpus
+    (and the ratio after/before), zero-shot, the recovery's steps, time and tokens/s."""
+    if not cells:
+        return ""
+    corpora = list(dict.fromkeys(c for cell in cells for c in cell["after"].get("ppl", {})))
+    head = ["method", "sparsity", *[f"ppl {c} before → after" for c in corpora], "zero-shot before → after",
+            "steps", "time (s)", "tokens/s"]
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * 2 + "---:|" * (len(head) - 2)]
+    for cell in cells:
+        b, a, r = cell["before"], cell["after"], cell["recovery"]
+        row = [f"{method_label(cell['method'])} (`{cell['method']}`)", f"{cell['sparsity']:g}"]
+        for c in corpora:
+            vb, va = _num(b.get("ppl", {}).get(c)), _num(a.get("ppl", {}).get(c))
+            ratio = f" ({va / vb:.2f}×)" if vb and va is not None else ""
+            row.append(f"{_ppl(vb)} → **{_ppl(va)}**{ratio}")
+        zb, za = (b.get("zero_shot") or {}).get("average"), (a.get("zero_shot") or {}).get("average")
+        row.append(f"{_fmt(zb, '.3f')} → {_fmt(za, '.3f')}")
+        row += [str(r.get("steps", "–")), _fmt(r.get("time_s"), ".0f"), _fmt(r.get("tokens_per_s"), ".0f")]
+        out.append("| " + " | ".join(row) + " |")
+    return "\n".join(out)
+
+
+def recovery_curve_rows(cells: Sequence[dict]) -> list[dict]:
+    """One row per (method, sparsity, step) of the recovery curves: the held-out perplexity after that many steps."""
+    return [{"method": cell["method"], "sparsity": cell["sparsity"], "step": p["step"], "ppl": p["ppl"]}
+            for cell in cells for p in (cell["recovery"].get("curve") or {}).get("points", [])]
+
+
+def recovery_section(cells: Sequence[dict], settings, seed: int) -> list[str]:
+    """The report's Recovery section (markdown lines; none without recovered cells): what was run, then
+    :func:`recovery_table`. ``settings``: the RecoverSettings the cells ran with; ``seed``: the search seed whose
+    masks a search cell exports."""
+    if not cells:
+        return []
+    s = settings
+    kd = " (distillation from the dense model)" if s.loss == "kd" else ""
+    return ["## Recovery", "",
+            f"Each cell's masks (a search cell: seed {seed}'s) after a LoRA recovery on the calibration blocks "
+            f"(`recover` stage: {s.steps} steps of {s.batch_size * s.grad_accum} × {s.seq_len} tokens, loss "
+            f"`{s.loss}`{kd}, rank {s.rank}, lr {s.lr:g}), evaluated like every cell (`evaluate_recovered`). "
+            "Ratio: after / before.", "", recovery_table(cells), ""]
