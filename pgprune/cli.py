@@ -535,9 +535,8 @@ def cmd_plan(a, argv: list[str]) -> int:
 
 # --- gguf ------------------------------------------------------------------------------------------------------
 def cmd_export(a, argv: list[str]) -> int:
-    """`pgprune export FOLDER --format gguf --out x.gguf`: a saved folder as one llama.cpp file (deci)."""
-    from pgprune.hf.gguf import save_gguf
-
+    """`pgprune export FOLDER --format gguf --out x.gguf`: a saved folder as one llama.cpp file (deci);
+    `--format vllm --out DIR`: as a vLLM DeciLMForCausalLM folder."""
     folder = Path(a.model)
     if not folder.is_dir():
         raise ConfigError(f"{a.model!r}: not a folder; allowed: a folder saved by `pgprune prune` or "
@@ -547,8 +546,13 @@ def cmd_export(a, argv: list[str]) -> int:
             raise ConfigError(f"{a.model!r} has no {name}; allowed: a folder saved by `pgprune prune` (or "
                               "`pgprune recover`, or the pipeline's models/pruned)")
     out = Path(a.out)
+    if a.format == "vllm":
+        return _export_vllm(a, folder, out)
+    from pgprune.hf.gguf import save_gguf
+
     if out.is_dir():
         raise ConfigError(f"--out {a.out!r} is a folder; allowed: the path of the .gguf file to write")
+    a.type = a.type or "f16"
     model, _, _ = load_for_eval(str(folder), "float32", "cpu")
     info = save_gguf(model, out, folder, dtype=GGUF_TYPES[a.type], tokenizer_pre=a.tokenizer_pre)
     heads = [s["heads"] for s in info["layers"]]
@@ -559,6 +563,33 @@ def cmd_export(a, argv: list[str]) -> int:
         print(f"saved {info['path']}: llama.cpp architecture {info['architecture']}, {len(heads)} layers, "
               f"{info['tensors']} tensors, {a.type}; query heads per layer {min(heads)}-{max(heads)}, "
               f"MLP channels per layer {min(ff)}-{max(ff)}")
+        for note in info.get("notes") or ():
+            print(f"  {note}")
+    return 0
+
+
+def _export_vllm(a, folder: Path, out: Path) -> int:
+    from pgprune.hf.vllm import save_vllm
+
+    for flag, value in (("--type", a.type), ("--tokenizer-pre", a.tokenizer_pre)):
+        if value is not None:
+            raise ConfigError(f"{flag} is for --format gguf; allowed with --format vllm: --out and --json")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {a.out!r} is a file; allowed: the folder to write")
+    if out.resolve() == folder.resolve():
+        raise ConfigError(f"--out {a.out!r} is the input folder; allowed: another folder")
+    cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    dtype = str(cfg.get("dtype") or cfg.get("torch_dtype") or "float32")  # the folder's own: the same bytes out
+    model, _, _ = load_for_eval(str(folder), dtype, "cpu")
+    info = save_vllm(model, out, folder)
+    if a.json:
+        print(json.dumps(info))
+    else:
+        kv = [x["kv_heads"] for x in info["layers"]]
+        ff = [x["ff"] for x in info["layers"]]
+        print(f"saved {info['path']}: vLLM architecture {info['architecture']}, {len(kv)} layers, "
+              f"{info['query_heads']} query heads per layer (zero-padded), KV heads per layer {min(kv)}-{max(kv)}, "
+              f"MLP channels per layer {min(ff)}-{max(ff)}; load with trust_remote_code=True")
         for note in info.get("notes") or ():
             print(f"  {note}")
     return 0
@@ -705,16 +736,20 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--json", action="store_true", help="print the plan as one JSON line")
     pl.set_defaults(func=cmd_plan, quiet=False)
 
-    ex = sub.add_parser("export", help="write a saved pruned model for another engine (llama.cpp: --format gguf)",
+    ex = sub.add_parser("export", help="write a saved pruned model for another engine (llama.cpp: --format gguf; "
+                        "vLLM: --format vllm)",
                         description="Convert a folder saved by `pgprune prune` (either layout) into one GGUF file "
                                     "that llama.cpp loads as its deci architecture (per-layer head counts and FFN "
-                                    "widths, compensation biases, the tokenizer and the card's metadata).")
+                                    "widths, compensation biases, the tokenizer and the card's metadata), or into a "
+                                    "DeciLMForCausalLM folder for vLLM (per-layer KV heads and exact MLP widths, "
+                                    "query heads zero-padded to the global count).")
     ex.add_argument("model", metavar="FOLDER", help="a folder saved by `pgprune prune` (or models/pruned)")
-    ex.add_argument("--format", choices=("gguf",), default="gguf", help="gguf: llama.cpp (default)")
-    ex.add_argument("--out", required=True, help="the .gguf file to write")
-    ex.add_argument("--type", choices=tuple(GGUF_TYPES), default="f16",
-                    help="type of the weight matrices (default f16; q8_0 for rows that are multiples of 32, else "
-                         "f16; norms and biases stay f32)")
+    ex.add_argument("--format", choices=("gguf", "vllm"), default="gguf", help="gguf: llama.cpp (default); vllm: "
+                    "a vLLM DeciLMForCausalLM folder")
+    ex.add_argument("--out", required=True, help="the .gguf file (gguf) or the folder (vllm) to write")
+    ex.add_argument("--type", choices=tuple(GGUF_TYPES), default=None,
+                    help="gguf: type of the weight matrices (default f16; q8_0 for rows that are multiples of 32, "
+                         "else f16; norms and biases stay f32)")
     ex.add_argument("--tokenizer-pre", help="llama.cpp's pre-tokenizer name, e.g. smollm (SmolLM2), llama-bpe "
                     "(Llama 3); default: llama.cpp's default regex")
     ex.add_argument("--json", action="store_true", help="print what was written as one JSON line")

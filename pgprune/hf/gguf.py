@@ -117,7 +117,7 @@ def rope_freq_factors(params: dict, hd: int) -> torch.Tensor:
     return torch.tensor(out, dtype=torch.float32)
 
 
-def _adapter(model):
+def family_adapter(model):
     """The model's family adapter; transformers' ``seed_oss`` (the uniform layout's Llama layer when LlamaConfig
     refuses the head count, :mod:`pgprune.hf.export`) has the Llama layer's modules and math: the Llama adapter."""
     if getattr(model.config, "model_type", None) == "seed_oss":
@@ -129,7 +129,7 @@ def _adapter(model):
 
 def layer_shapes(model) -> list[dict]:
     """Per decoder layer of ``model``: heads, kv_heads, ff (channels) and which biases it has."""
-    adapter = _adapter(model)
+    adapter = family_adapter(model)
     hd = adapter.head_dim()
     out = []
     for i in range(len(adapter.layers())):
@@ -160,7 +160,7 @@ def _bias(linear) -> torch.Tensor | None:
 def plan_blocks(model) -> tuple[list[_Block], torch.Tensor | None, list[str]]:
     """(the written layers, the constant [hidden] added to every token embedding or None, notes on what was
     rewritten); refuses a first written layer without heads and a model that keeps no layer."""
-    adapter = _adapter(model)
+    adapter = family_adapter(model)
     shapes = layer_shapes(model)
     blocks: list[_Block] = []
     shift = None
@@ -299,7 +299,7 @@ def save_gguf(model, out_path: str | Path, tokenizer_dir: str | Path, *, dtype: 
     tok_dir = Path(tokenizer_dir)
     if not (tok_dir / "tokenizer.json").is_file():
         raise PgpruneError(f"no tokenizer.json in {tok_dir}; the GGUF export needs the model's tokenizer files")
-    adapter = _adapter(model)
+    adapter = family_adapter(model)
     cfg = model.config
     _check(model)
     blocks, shift, notes = plan_blocks(model)
@@ -398,4 +398,4 @@ def save_gguf(model, out_path: str | Path, tokenizer_dir: str | Path, *, dtype: 
             "notes": notes, "metadata": meta}
 
 
-__all__ = ["ARCH", "DTYPES", "save_gguf", "layer_shapes", "plan_blocks", "rope_freq_factors"]
+__all__ = ["ARCH", "DTYPES", "save_gguf", "family_adapter", "layer_shapes", "plan_blocks", "rope_freq_factors"]
