@@ -175,7 +175,7 @@ def test_cli_writes_the_file_and_rejects_a_missing_folder(pruned, tmp_path, caps
     assert json.loads(capsys.readouterr().out)["dtype"] == "q8_0"
     cli_fails(capsys, ["export", tmp_path / "nope", "--out", tmp_path / "d.gguf"], "nope", "not a folder")
     cli_fails(capsys, ["export", folder, "--out", tmp_path / "d.gguf", "--type", "q4_k"], "--type", "q8_0")
-    cli_fails(capsys, ["export", folder, "--out", tmp_path / "d.gguf", "--format", "vllm"], "--format", "gguf")
+    cli_fails(capsys, ["export", folder, "--out", tmp_path / "d.gguf", "--format", "onnx"], "--format", "vllm")
     cli_fails(capsys, ["export", folder, "--out", tmp_path], "is a folder")
     (tmp_path / "empty").mkdir()
     cli_fails(capsys, ["export", tmp_path / "empty", "--out", tmp_path / "d.gguf"], "config.json")
