@@ -30,6 +30,7 @@ from bench._common import SMOKE_SHAPE, parser, synthetic_model
 from pgprune.config import load_params
 from pgprune.core.compensation import compensated_source
 from pgprune.core.masked_forward import MaskedModel
+from pgprune.core.masks import Masks
 from pgprune.core.refit import GramRefit
 from pgprune.data.prepare import load_calibration, load_eval_data
 from pgprune.errors import ConfigError, PgpruneError
@@ -39,7 +40,7 @@ from pgprune.hf.loading import load_model
 from pgprune.hf.slicing import slice_model
 from pgprune.io import load_tensors
 from pgprune.pruning.pg import run_pg_search
-from pgprune.pruning.run import metric_masks, recipe_of, search_compensation, setup_torch
+from pgprune.pruning.run import metric_masks, recipe_of, search_compensation, search_init, setup_torch
 from pgprune.scorers import compute_all_scores
 
 # --smoke: extra arguments -> the RESULT lines they must print, as regular expressions (tests/test_bench_smoke.py)
@@ -135,6 +136,7 @@ def main() -> None:
     record = {"sparsity": args.sparsity, "layout": args.layout, "device": str(args.device), "init": base,
               "init_search_view": base_bias, "compensation": recipe.kind, "variants": []}
     grams: dict = {}  # the search's refit loss: Gram matrices computed once, shared by the variants
+    init_for: dict = {}  # the search's init scores per init_allocation (slimgpt: SlimGPT's masks as scores)
     gram_s = 0.0
     for spec in args.variants or [""]:
         upd = overrides([s for s in spec.split(",") if s], params.search)
@@ -146,18 +148,31 @@ def main() -> None:
         sp = params.search.without_rules_for(upd).at(args.sparsity, args.layout).model_copy(update=upd)
         values, runs = [], []
         for seed in args.seeds or sp.seeds:
+            if init_for.get(sp.init_allocation) is None:  # SlimGPT's masks as the start: once per run
+                init_for[sp.init_allocation] = search_init(model, calib, scores, sp, args.sparsity, args.layout,
+                                                           recipe, progress=False)[::2]  # scores, start masks
+                sg = init_for[sp.init_allocation][1]
+                if sg is not None:  # SlimGPT's masks, the start
+                    record["slimgpt"] = final_ppl(sg)
+                    print("  slimgpt masks (the start): ppl " + ", ".join(f"{c} {v:.2f}" for c, v in
+                                                                          record["slimgpt"].items()), flush=True)
             t0 = time.perf_counter()
             gram = None
+            start = init_for[sp.init_allocation][1] if sp.refit_reference else None
             if recipe.kind == "refit" and sp.refit_loss:
-                if grams.get("refit") is None:
+                which = "dense" if start is None else f"reference {sp.init_allocation}"
+                if grams.get(which) is None:
                     t1 = time.perf_counter()
-                    grams["refit"] = GramRefit(model, calib[:recipe.blocks], damp=recipe.damp,
-                                               batch_size=recipe.batch_size)
+                    grams[which] = GramRefit(model, calib[:recipe.blocks], damp=recipe.damp,
+                                             batch_size=recipe.batch_size, reference=start)
                     gram_s = time.perf_counter() - t1
-                    print(f"  refit Gram matrices: {gram_s:.0f}s", flush=True)
-                gram = grams["refit"]
+                    print(f"  refit Gram matrices ({which} inputs): {gram_s:.0f}s", flush=True)
+                gram = grams[which]
                 t0 = time.perf_counter()
-            out = run_pg_search(model, calib, scores[sp.init], sp, sparsity=args.sparsity, layout=args.layout,
+            sp_run = sp.model_copy(update={"init_allocation": "global"}) if sp.init_allocation == "slimgpt" and \
+                args.layout == "heterogeneous" else sp
+            out = run_pg_search(model, calib, init_for[sp.init_allocation][0], sp_run, sparsity=args.sparsity,
+                                layout=args.layout,
                                 seed=seed, device=args.device, compensation=comp, progress=False, refit=gram,
                                 record_trajectory=args.curve_every > 0)
             seconds = time.perf_counter() - t0  # the search alone, not the scoring below

@@ -597,6 +597,7 @@ def _export_vllm(a, folder: Path, out: Path) -> int:
 
 # --- parser ----------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
+    from pgprune.config import EvalParams
     from pgprune.methods import METHODS
 
     ap = _Parser(prog="pgprune", description="Policy-gradient structural pruning of LLaMA-family LLMs.")
@@ -695,8 +696,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--include", metavar="DIR", help="a folder of extra lm-eval task yamls (lm-eval's include_path, "
                     "e.g. the pipeline's data/tasks)")
     ev.add_argument("--limit", type=int, help="examples per zero-shot task")
-    ev.add_argument("--seq-len", type=int, help="tokens per perplexity block (eval.ppl_seq_len, default 128)")
-    ev.add_argument("--blocks", type=int, help="perplexity blocks per corpus (eval.ppl_blocks, default 256)")
+    ev.add_argument("--seq-len", type=int, help="tokens per perplexity block (eval.ppl_seq_len, default "
+                    f"{EvalParams().ppl_seq_len})")
+    ev.add_argument("--blocks", type=int, help="perplexity blocks per corpus (eval.ppl_blocks, default "
+                    f"{EvalParams().ppl_blocks})")
     ev.add_argument("--batch-size", type=int, help="perplexity batch size (eval.ppl_batch_size)")
     ev.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (model.device, default cpu)")
     ev.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype the model is loaded and evaluated in "

@@ -110,7 +110,7 @@ class SearchParams(SearchSettings):
     layer_sparsity: float = Field(0.0, ge=0, lt=1, description="fraction of layers dropped when 'layers' is searched")
     init: Scorer = "flap"
     init_map: Literal["sigmap", "norm", "const", "uniform"] = "const"
-    init_allocation: Literal["global", "uniform"] = "uniform"
+    init_allocation: Literal["global", "uniform", "slimgpt"] = "slimgpt"
     init_const: float = Field(0.95, gt=0.5, le=1.0, description="keep-probability of the init mask's units with "
                               "init_map: const (1 - init_const for the others)")
     init_free_heads: float = Field(0.5, ge=0, lt=1, description="init_map: const: fraction of the head budget left "
@@ -142,6 +142,9 @@ class SearchParams(SearchSettings):
                              "that of the model whose kept o_proj/down_proj weights are refit for it (from Gram "
                              "matrices of the dense model's calibration inputs, cached once; one mask per forward); "
                              "false: the search optimises the mean-compensated loss and only the final masks are refit")
+    refit_reference: bool = Field(True, description="with the refit loss and a start mask (init_allocation: slimgpt): "
+                                  "its Gram matrices are taken on the calibration stream of the start's pruned, refit "
+                                  "model (sequential inputs: the start's refit is exact) instead of the dense model's")
     validate_every: int = Field(10, ge=0, description="steps between hard-mask validations (0: start and end only)")
     val_blocks: int = Field(32, ge=0, description="calibration blocks held back to validate hard masks (0: off)")
     select: Literal["best", "last"] = Field("best", description="final mask: best validated, or the last probs")
@@ -251,14 +254,17 @@ class EvalParams(_Strict):
 
 
 class CompareParams(_Strict):
-    sparsities: list[float] = Field([0.2, 0.3, 0.5], description="sparsities every method is run and evaluated at")
+    sparsities: list[float] = Field([0.2, 0.5], description="sparsities every method is run and evaluated at "
+                                    "(30% left out of the default cells for time: README 'Which cells the pipeline "
+                                    "runs')")
     searches: list[SearchMethodName] = Field(["pg"], description="policy-gradient methods (pgprune/methods.py): "
                                              "pg (free widths), pg_uniform (stock layout; not in the default cells: "
                                              "README 'Which cells the pipeline runs')")
-    baselines: list[MetricMethodName] = Field(["flap", "flap_refit"], description="metric baselines "
+    baselines: list[MetricMethodName] = Field(["flap", "flap_refit", "slimgpt"], description="metric baselines "
                                               "(pgprune/methods.py); the default cells separate FLAP's mask with its "
-                                              "bias-only compensation (flap) from the same mask refit (flap_refit); "
-                                              "wanda_sp is not in them (README 'Which cells the pipeline runs')")
+                                              "bias-only compensation (flap) from the same mask refit (flap_refit), "
+                                              "and SlimGPT (its own OBS-chosen masks, refit); wanda_sp is not in "
+                                              "them (README 'Which cells the pipeline runs')")
 
     @field_validator("sparsities")
     @classmethod
@@ -274,7 +280,7 @@ class CompareParams(_Strict):
 class ExportParams(_Strict):
     method: MethodName = Field("pg", description="whose masks make models/pruned (pg_uniform or a uniform metric "
                                "baseline gives a stock-architecture model)")
-    sparsity: float = Field(0.3, gt=0, lt=1, description="one of compare.sparsities")
+    sparsity: float = Field(0.5, gt=0, lt=1, description="one of compare.sparsities")
     save_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
 
 
@@ -342,7 +348,7 @@ class Params(_Strict):
                              "(or set search.compensation: none)")
         for m in self.compare.baselines:
             scorer = METHODS[m].scorer
-            if scorer not in self.init.scorers:
+            if scorer is not None and scorer not in self.init.scorers:
                 raise ValueError(f"compare.baselines has {m!r}, which needs the scorer {scorer!r}: add it to "
                                  f"init.scorers={self.init.scorers} or remove {m!r}")
         if self.export.sparsity not in self.compare.sparsities:
@@ -472,7 +478,9 @@ _DESCRIPTIONS = {
     "search.lr_layers": "learning rate of the layer keep-probabilities",
     "search.init_map": "metric -> initial keep-probabilities: const (the metric's mask, see init_free_*), sigmap, "
                        "norm (the reference code's), uniform",
-    "search.init_allocation": "allocation of the init metric's mask: uniform (same fraction per layer) or global",
+    "search.init_allocation": "allocation of the init metric's mask: uniform (same fraction per layer), global, or "
+                              "slimgpt (SlimGPT's masks at the cell's sparsity: its log-increasing per-layer widths "
+                              "and OBS-chosen units; the metric orders the units within; heterogeneous layout)",
     "search.granularity": "unit groups searched: heads, channels, layers",
     "search.lr_schedule": "learning-rate schedule over the steps: cosine, const, linear, poly, exp, step",
     "search.penalty_final": "entropy-penalty weight at the last step (linear from penalty_init)",

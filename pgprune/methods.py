@@ -9,7 +9,10 @@ reads this table; adding a method means adding one entry here (and, for a metric
   LlamaForCausalLM/MistralForCausalLM/Qwen2ForCausalLM).
 * ``kind="metric"``: a one-shot baseline that keeps the top units of ``scorer``'s importance with ``allocation``
   ``uniform`` (the same fraction in every layer, exact total budget: FLAP's UL-UM, Wanda-sp, LLM-Pruner) or
-  ``global``; ``granularity`` says which unit groups it removes (``layer_drop`` removes whole layers).
+  ``global``; ``granularity`` says which unit groups it removes (``layer_drop`` removes whole layers). A metric
+  method with a ``selector`` instead of a scorer chooses its units itself, layer by layer on the calibration blocks
+  (``slimgpt``: structured OBS with the Incremental Pruning Ratio, ``allocation="ipr"``,
+  :mod:`pgprune.pruning.slimgpt`); it needs no init scores.
 
 ``compensation`` is what the kept weights get (:mod:`pgprune.core.compensation`): ``none`` (frozen), ``bias`` (the
 removed inputs' calibration means folded into the output biases, FLAP's) or ``refit`` (the least-squares refit of
@@ -38,11 +41,12 @@ class Method:
     label: str
     kind: Kind
     scorer: str | None = None  # metric methods: the scorer whose importances rank the units
-    allocation: Literal["uniform", "global"] = "uniform"
+    allocation: Literal["uniform", "global", "ipr"] = "uniform"
     granularity: tuple[str, ...] = ("heads", "channels")
     layout: Layout = "heterogeneous"
     compensation: Compensation | None = None  # metric methods: theirs (none/bias/refit); search: search.compensation
     description: str = ""
+    selector: str | None = None  # a one-shot method that chooses its own units on calibration blocks (no scorer)
 
 
 METHODS: dict[str, Method] = {m.name: m for m in (
@@ -58,6 +62,9 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            description="FLAP fluctuation metric with bias compensation, same fraction per layer (UL-UM)"),
     Method("flap_refit", "FLAP + refit", "metric", scorer="flap", compensation="refit",
            description="FLAP's masks, kept o_proj/down_proj weights refit by least squares (instead of its bias)"),
+    Method("slimgpt", "SlimGPT", "metric", selector="slimgpt", allocation="ipr", compensation="refit",
+           description="structured OBS layer by layer (batched greedy KV groups, dynamic group size channels, "
+                       "log-increasing per-layer ratio), kept o_proj/down_proj weights refit by least squares"),
     Method("magnitude", "magnitude", "metric", scorer="magnitude", compensation="none",
            description="weight magnitude"),
     Method("taylor", "Taylor", "metric", scorer="taylor", compensation="none",

@@ -8,8 +8,10 @@ from conftest import make_tiny_model
 from pgprune.config import SearchParams as _SearchParams
 from pgprune.core.adapters import get_adapter
 
-# the paper's units policy on single channels (the tiny models' MLPs are 48 wide); tests override what they study
-SearchParams = partial(_SearchParams, policy="units", channel_group=1, init_free_channels=0.0, lr_channels=0.02)
+# the paper's units policy on single channels (the tiny models' MLPs are 48 wide), started from the metric's mask
+# (init_allocation uniform; SlimGPT's start: tests/test_slimgpt.py); tests override what they study
+SearchParams = partial(_SearchParams, init_allocation="uniform", policy="units", channel_group=1,
+                       init_free_channels=0.0, lr_channels=0.02)
 from pgprune.core.allocation import masks_from_scores
 from pgprune.core.masked_forward import MaskedModel
 from pgprune.core.masks import sparsity_report

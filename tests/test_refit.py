@@ -342,6 +342,34 @@ def test_gram_refit_is_the_sequential_refit_where_the_inputs_are_dense():
     assert gram.digest() != GramRefit(model, blocks(12, 16, 5), damp=0.01, batch_size=4).digest()
 
 
+def test_gram_refit_on_a_reference_is_the_sequential_refit_of_that_reference():
+    """GramRefit(reference=masks) takes its sums on the reference's pruned, refit calibration stream: the refit of
+    the reference itself is exactly refit_weights' (every layer, both modules), and the masked forward with it equals
+    the sliced refit model."""
+    from pgprune.core.masked_forward import MaskedModel
+    from pgprune.core.refit import GramRefit, kept_columns
+
+    model = make_tiny_model("llama", n_heads=4, n_kv=2, layers=3, ffn=40)
+    lay = get_adapter(model).layout()
+    masks = random_masks(lay, 3)
+    calib = blocks(12, 16, 3)
+    gram = GramRefit(model, calib, damp=0.01, batch_size=4, reference=masks)
+    ref = refit_weights(model, masks, calib, damp=0.01, batch_size=4, progress=False)
+    for i in range(lay.num_layers):
+        cols = kept_columns(lay, masks, i)
+        for name in ("o_proj", "down_proj"):
+            w, b = gram.weights(i, name, cols[name])
+            torch.testing.assert_close(w, ref[i][name][0], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(b, ref[i][name][1], atol=1e-5, rtol=1e-5)
+    mm = MaskedModel(model)
+    mm.set_refit(gram)
+    ids = blocks(2, 10, 4)
+    with torch.no_grad():
+        src, extra = apply_refit(model, masks, ref)
+        assert (mm.logits(ids, masks) - slice_model(src, masks, extra)(input_ids=ids).logits).abs().max() < 1e-4
+    assert gram.digest() != GramRefit(model, calib, damp=0.01, batch_size=4).digest()
+
+
 def test_refit_loss_needs_one_mask_per_forward():
     from pgprune.core.masked_forward import MaskedModel
     from pgprune.core.refit import GramRefit

@@ -59,7 +59,7 @@ def test_report_stage_writes_report_figures_and_plots_data(workdir):
     assert "sparsity (decoder linear)" in md and "sparsity (total)" in md and "ppl wikitext2" in md
     assert "![" in md and "(ppl_vs_sparsity.png)" in md
     assert "ppl local: mean ± sd over seeds" in md and "(n=3)" in md  # the search rows' spread over seeds
-    assert "`models/pruned` (the `export` stage): PG search (`pg`) at sparsity 0.3" in md
+    assert "`models/pruned` (the `export` stage): PG search (`pg`) at sparsity 0.5" in md
     assert "## Search quality vs cost" in md and "(0.958×)" in md  # ppl after 1/4 of the forwards vs step 0
     # recovery: each recovered cell before -> after with the ratio, and the curve's rows
     assert "## Recovery" in md and "100 steps of 8 × 128 tokens, loss `kd`" in md
@@ -100,6 +100,7 @@ def test_report_stage_names_a_missing_result(workdir, capsys):
 
     make_fake_artifacts(workdir, sparsities=(0.2, 0.3), recovered=[("pg", 0.3)])
     _set(workdir / "params.yaml", "compare.sparsities", [0.2, 0.3, 0.4])
+    _set(workdir / "params.yaml", "export.sparsity", 0.3)
     _set(workdir / "params.yaml", "recover.sparsities", [0.3])
     with pytest.raises(SystemExit) as e:
         _common.run(lambda: report.main(REPORT_ARGS))

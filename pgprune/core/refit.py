@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -54,6 +55,8 @@ from pgprune.errors import PgpruneError
 
 MODULES = ("o_proj", "down_proj")
 Refit = dict[int, dict[str, tuple[torch.Tensor, torch.Tensor]]]
+# select(layer, module name, module, full-input sums g [m+1, m+1] float64, tokens) -> bool keep-mask of its units
+Selector = Callable[[int, str, torch.nn.Linear, torch.Tensor, int], torch.Tensor]
 
 _CONST_REL = 1e-9  # a kept input whose calibration variance is below this fraction of its mean square is constant
 _PIVOT_REL = 1e-12  # smallest accepted squared Cholesky pivot of the unit-diagonal (Jacobi-scaled) system
@@ -100,6 +103,26 @@ class _Gram:
         self.h = torch.zeros(k + 1, k + 1, dtype=torch.float64, device=device)
         self.c = torch.zeros(s, k + 1, dtype=torch.float64, device=device)
         self.n = 0
+
+    @classmethod
+    def view(cls, g: torch.Tensor, n: int, kept: torch.Tensor, removed: torch.Tensor) -> "_Gram":
+        """The statistics of the split (kept, removed) read out of the full sums ``g`` = sum z z^T, z = [x; 1]
+        (float64 [m+1, m+1] over all m inputs, the ones row last) of ``n`` tokens."""
+        idx = torch.cat([kept.cpu(), torch.tensor([g.shape[0] - 1])]).to(g.device)  # kept inputs and the ones row
+        out = cls.__new__(cls)
+        out.h, out.c, out.n = g[idx][:, idx], g[removed.to(g.device)][:, idx], n
+        return out
+
+    @staticmethod
+    def full(xs: list[torch.Tensor]) -> tuple[torch.Tensor, int]:
+        """(sum z z^T float64 [m+1, m+1], tokens) over the batches ``xs`` ([rows, t, m] each), z = [x; 1]."""
+        g, n = None, 0
+        for x in xs:
+            z = torch.cat([x.reshape(-1, x.shape[-1]).double(),
+                           torch.ones(x.numel() // x.shape[-1], 1, dtype=torch.float64, device=x.device)], dim=1)
+            g = z.t() @ z if g is None else g.addmm_(z.t(), z)  # [m+1, m+1]
+            n += z.shape[0]
+        return g, n
 
     def add(self, x_k: torch.Tensor, x_s: torch.Tensor) -> None:
         z = torch.cat([x_k.reshape(-1, x_k.shape[-1]).double(),
@@ -202,9 +225,14 @@ def _mlp_input(p, x: torch.Tensor, rows: tuple) -> torch.Tensor:
 
 @torch.no_grad()
 def _run(model, masks: Masks, blocks: torch.Tensor, batch_size: int, progress: bool, refit: Refit | None,
-         damp: float) -> tuple[Refit, MaskedModel, list[torch.Tensor]]:
+         damp: float, select: Selector | None = None) -> tuple[Refit, MaskedModel, list[torch.Tensor]]:
     """Layer-major pass of ``blocks`` through the masked model whose kept o_proj/down_proj weights are ``refit``
-    (given) or fitted on the way (``refit=None``). Returns the refit and the final (pre-norm) hidden states."""
+    (given) or fitted on the way (``refit=None``). Returns the refit and the final (pre-norm) hidden states.
+
+    With ``select`` (fitting only) the masks of each kept layer are *chosen* on the way and written into ``masks``:
+    before a module is fitted, ``select(i, name, lin, g, n)`` gets the module, the sums g = sum z z^T of its full
+    input z = [x; 1] (float64 [m+1, m+1], the ones row last) over the n calibration tokens of the pruned, refit
+    model so far, and returns the bool keep-mask of layer i's KV groups (o_proj) or channels (down_proj)."""
     mm = MaskedModel(model)
     layout = mm.layout
     masks.validate(layout)
@@ -212,6 +240,8 @@ def _run(model, masks: Masks, blocks: torch.Tensor, batch_size: int, progress: b
     if batch_size < 1:
         raise PgpruneError(f"batch_size={batch_size}; allowed: >= 1")
     fit = refit is None
+    if select is not None and not fit:
+        raise PgpruneError("masks are chosen (select) only while fitting the refit, not with given refit weights")
     out: Refit = {} if fit else refit
     ids = blocks.to(mm.device)
     hs = [mm.adapter.embed(ids[s:s + batch_size]) for s in range(0, ids.shape[0], batch_size)]
@@ -229,7 +259,6 @@ def _run(model, masks: Masks, blocks: torch.Tensor, batch_size: int, progress: b
             if not fit and i not in out:
                 raise PgpruneError(f"the refit weights have no entry for kept layer {i}")
             dev = mm.source.devices[i]
-            cols = kept_columns(layout, masks, i)
             with mm.source.layer(i) as p:
                 hs = [h if h.device == dev else h.to(dev) for h in hs]
                 dtype = hs[0].dtype
@@ -237,17 +266,31 @@ def _run(model, masks: Masks, blocks: torch.Tensor, batch_size: int, progress: b
                 if fit:
                     out[i] = {}
                 # attention: o_proj
+                if select is not None:  # choose the layer's KV groups on its full input, then fit as below
+                    xs = []
+                    for h in hs:
+                        xs.append(_attention_input(mm, i, p, h, cos, sin))
+                        _check_finite(xs[-1], i, "o_proj")
+                    g, ntok = _Gram.full(xs)
+                    masks.heads[i] = select(i, "o_proj", p.o_proj, g, ntok)
+                    masks.check_tensors()
+                cols = kept_columns(layout, masks, i)
                 kept = cols["o_proj"]
                 removed = _removed(p.o_proj.in_features, kept)
                 kd, rd = kept.to(dev), removed.to(dev)
-                gram = _Gram(kept.numel(), removed.numel(), dev) if fit and removed.numel() else None
-                xk = []
-                for h in hs:
-                    x = _attention_input(mm, i, p, h, cos, sin)
-                    _check_finite(x, i, "o_proj")
-                    xk.append(x.index_select(-1, kd))
-                    if gram is not None:
-                        gram.add(xk[-1], x.index_select(-1, rd))
+                if select is not None:
+                    gram = _Gram.view(g, ntok, kept, removed) if removed.numel() else None
+                    xk = [x.index_select(-1, kd) for x in xs]
+                    del xs, g
+                else:
+                    gram = _Gram(kept.numel(), removed.numel(), dev) if fit and removed.numel() else None
+                    xk = []
+                    for h in hs:
+                        x = _attention_input(mm, i, p, h, cos, sin)
+                        _check_finite(x, i, "o_proj")
+                        xk.append(x.index_select(-1, kd))
+                        if gram is not None:
+                            gram.add(xk[-1], x.index_select(-1, rd))
                 if fit:
                     out[i]["o_proj"] = _solve(p.o_proj.weight, p.o_proj.bias, kept, removed, gram or _Gram(0, 0, dev),
                                               damp, f"layer {i} o_proj")
@@ -255,10 +298,28 @@ def _run(model, masks: Masks, blocks: torch.Tensor, batch_size: int, progress: b
                 hs = [h + F.linear(x, w, b) for h, x in zip(hs, xk)]
                 del xk
                 # MLP: down_proj
-                kept = cols["down_proj"]
+                xk = None
+                if select is not None:  # choose the layer's channels on their full input, then fit on the split
+                    every = torch.arange(p.down_proj.in_features)
+                    rows_all = _mlp_rows(p, every, dev)
+                    xs = []
+                    for h in hs:
+                        xs.append(_mlp_input(p, p.post_attention_norm(h), rows_all))
+                        _check_finite(xs[-1], i, "down_proj")
+                    g, ntok = _Gram.full(xs)
+                    masks.channels[i] = select(i, "down_proj", p.down_proj, g, ntok)
+                    masks.check_tensors()
+                    kept = kept_columns(layout, masks, i)["down_proj"]
+                    removed = _removed(p.down_proj.in_features, kept)
+                    out[i]["down_proj"] = _solve(p.down_proj.weight, p.down_proj.bias, kept, removed,
+                                                 _Gram.view(g, ntok, kept, removed) if removed.numel()
+                                                 else _Gram(0, 0, dev), damp, f"layer {i} down_proj")
+                    xk = [x.index_select(-1, kept.to(dev)) for x in xs]
+                    del xs, g, rows_all
+                kept = kept_columns(layout, masks, i)["down_proj"]
                 removed = _removed(p.down_proj.in_features, kept)
                 rows_k = _mlp_rows(p, kept, dev)
-                if fit:
+                if fit and xk is None:
                     gram = _Gram(kept.numel(), removed.numel(), dev) if removed.numel() else None
                     if gram is not None:
                         rows_s = _mlp_rows(p, removed, dev)
@@ -272,12 +333,13 @@ def _run(model, masks: Masks, blocks: torch.Tensor, batch_size: int, progress: b
                                                  gram or _Gram(0, 0, dev), damp, f"layer {i} down_proj")
                 w, b = _propagation(p.down_proj, *_checked(out, i, "down_proj", p.down_proj, kept), dev, dtype)
                 new = []
-                for h in hs:
-                    x_k = _mlp_input(p, p.post_attention_norm(h), rows_k)
+                for j, h in enumerate(hs):
+                    x_k = _mlp_input(p, p.post_attention_norm(h), rows_k) if xk is None else xk[j]
                     if not fit:
                         _check_finite(x_k, i, "down_proj")
                     new.append(h + F.linear(x_k, w, b))
                 hs = new
+                del xk
     finally:
         mm.source.release()
     head = mm._head_device
@@ -308,6 +370,20 @@ def refit_weights(model, masks: Masks, calib_blocks: torch.Tensor, *, damp: floa
         raise PgpruneError(f"damp={damp!r}; allowed: a finite number >= 0 (default 0.01)")
     refit, _, _ = _run(model, masks, calib_blocks, batch_size, progress, None, float(damp))
     return refit
+
+
+def select_and_refit(model, calib_blocks: torch.Tensor, select: Selector, *, damp: float = 0.01,
+                     batch_size: int = 8, progress: bool = True) -> tuple[Masks, Refit]:
+    """Choose the masks layer by layer while refitting (a sequential one-shot method such as SlimGPT,
+    :mod:`pgprune.pruning.slimgpt`): layer i's KV groups are chosen by ``select`` on o_proj's full input, o_proj is
+    refit, then its channels on down_proj's full input (after the refit attention), down_proj is refit, and the
+    calibration blocks move on through the pruned, refit layer. Returns (masks, refit weights); the refit equals
+    :func:`refit_weights` of those masks (the same inputs, the same solves)."""
+    if not (isinstance(damp, (int, float)) and not isinstance(damp, bool) and damp >= 0 and damp < float("inf")):
+        raise PgpruneError(f"damp={damp!r}; allowed: a finite number >= 0 (default 0.01)")
+    masks = Masks.full(get_adapter(model).layout())
+    refit, _, _ = _run(model, masks, calib_blocks, batch_size, progress, None, float(damp), select)
+    return masks, refit
 
 
 @torch.no_grad()
@@ -368,11 +444,16 @@ class GramRefit:
     module (cached per kept set: the widths policy's prefixes repeat) instead of a sequential pass. It is the
     search's approximation of the refit model's loss; the final masks get the sequential refit.
 
+    With ``reference`` masks the sums are taken instead on the calibration stream of the **reference's pruned and
+    refit model** (layer i's full inputs after layers 0..i-1 pruned by the reference and refit: the sequential
+    inputs, one pass of :func:`select_and_refit`), so the refit of the reference itself is exact and masks near it
+    are refit on nearly their own sequential inputs (the search started from SlimGPT's masks).
+
     Memory: (n+1)^2 float64 per module and layer (SmolLM2-135M: ~0.6 GB; a 7B model's down_proj Grams are ~1 GB per
     layer, so this is for small and mid-size models on CPU memory)."""
 
     def __init__(self, model, calib_blocks: torch.Tensor, *, damp: float = 0.01, batch_size: int = 8,
-                 progress: bool = False, cache_size: int = 1024):
+                 progress: bool = False, cache_size: int = 1024, reference: Masks | None = None):
         import functools
 
         blocks = _check_blocks(calib_blocks)
@@ -396,8 +477,20 @@ class GramRefit:
             g.addmm_(z.t().cpu(), z.cpu())  # [n+1, n+1]
             self._n[(i, name)] += z.shape[0]
 
-        with torch.no_grad():
-            mm.scan(blocks, taps, batch_size=batch_size, progress=progress, desc="refit grams")
+        if reference is not None:
+            reference.validate(self.layout)
+
+            def record(i, name, lin, g, n):  # keep the full-input sums, follow the reference's masks
+                self._grams[(i, name)], self._n[(i, name)] = g.cpu(), n
+                return (reference.heads[i] if name == "o_proj" else reference.channels[i]).clone()
+
+            start = Masks.full(self.layout)
+            start.layers = reference.layers.clone()
+            with torch.no_grad():
+                _run(model, start, blocks, batch_size, progress, None, self.damp, record)
+        else:
+            with torch.no_grad():
+                mm.scan(blocks, taps, batch_size=batch_size, progress=progress, desc="refit grams")
         self._cached = functools.lru_cache(maxsize=cache_size)(self._solve_cols)
 
     def _solve_cols(self, i: int, name: str, cols: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -405,13 +498,7 @@ class GramRefit:
         g, n = self._grams[(i, name)], self._n[(i, name)]
         kept = torch.tensor(cols, dtype=torch.long)
         removed = _removed(lin.in_features, kept)
-        idx = torch.cat([kept, torch.tensor([lin.in_features])])  # kept inputs and the ones row
-
-        class _View:  # the _Gram fields _solve reads
-            pass
-
-        view = _View()
-        view.h, view.c, view.n = g[idx][:, idx], g[removed][:, idx], n
+        view = _Gram.view(g, n, kept, removed)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # per-sample solves: the final refit reports what matters
             w32, b32 = _solve(lin.weight.detach(), lin.bias, kept, removed, view, self.damp, f"layer {i} {name}")

@@ -137,6 +137,8 @@ _ALLOCATION_LINE = {
     "uniform": "the same fraction of every layer's KV-head groups and of its MLP channels, each layer's count "
                "rounded (largest remainder), so the counts can differ by one unit between layers",
     "global": "the top units over all layers together (per-layer widths free)",
+    "ipr": "per-layer fractions of KV-head groups and MLP channels rising with depth on a log curve (SlimGPT's "
+           "Incremental Pruning Ratio), chosen layer by layer on the calibration text",
 }
 
 

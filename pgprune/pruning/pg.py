@@ -118,9 +118,11 @@ def build_search(masked: MaskedModel, init_scores: dict[str, torch.Tensor], p: S
     """The search over ``p.granularity`` at ``sparsity``: groups with budgets, initial probabilities (from the
     metric ``init_scores``) and the unit blocks of heads and channels (channel blocks of ``channel_group``; with
     ``policy: widths`` both in the metric's rank order within each layer); ``seed`` defaults to the first of
-    ``p.seeds``."""
+    ``p.seeds``. ``init_allocation: slimgpt`` allocates ``init_scores`` globally: they are SlimGPT's masks as
+    scores (:func:`pgprune.pruning.run.search_init` makes them; other scores give their metric's global cut)."""
     _check_layout(layout, p)
     lay = masked.layout
+    alloc = "global" if p.init_allocation == "slimgpt" else p.init_allocation
     missing = [g for g in p.granularity if g not in init_scores]
     if missing:
         raise PgpruneError(f"search.init scorer provides {sorted(init_scores)}, not {missing}; pick a scorer that "
@@ -154,18 +156,18 @@ def build_search(masked: MaskedModel, init_scores: dict[str, torch.Tensor], p: S
             # widths policy: each layer's width starts uniform around the metric's (step 0 = the metric's mask)
             free = p.init_free_heads if g == "heads" else p.init_free_channels
             probs[g] = ramp_init(score, seg, k=None if quota else int(budget), quota=quota,
-                                 allocation=p.init_allocation, minimum=minimum, free=free)
+                                 allocation=alloc, minimum=minimum, free=free)
             continue
         if p.init_map == "const" and g != "layers":
             # exactly the metric baseline's mask (same allocation, same k): the search starts from it
             # (boundary units nearly undecided when search.init_free_<group> > 0)
             free = p.init_free_heads if g == "heads" else p.init_free_channels
             probs[g] = boundary_init(score, seg, k=None if quota else int(budget), quota=quota,
-                                     allocation=p.init_allocation, minimum=minimum, const=p.init_const, free=free,
+                                     allocation=alloc, minimum=minimum, const=p.init_const, free=free,
                                      margin=p.init_free_margin)
             probs[g] = probs[g].clamp(CLIP_EPS, 1.0 - CLIP_EPS)
             continue
-        per_layer = seg if (g != "layers" and (p.init_allocation == "uniform" or quota is not None)) else None
+        per_layer = seg if (g != "layers" and (alloc == "uniform" or quota is not None)) else None
         probs[g] = init_probs(score, budget / seg.numel(), method=p.init_map, segments=per_layer, const=p.init_const)
     seed = p.seeds[0] if seed is None else int(seed)
     return PolicyGradientSearch(groups, probs, p, seed=seed, key=key), probs, blocks

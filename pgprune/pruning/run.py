@@ -70,7 +70,7 @@ def scorers_needed(method: str, params: Params, compensation: str | None = None)
     """The scorers a method needs: its own metric, or the search's init metric (+ flap for the calibration means
     of bias compensation, and of a search compensated by bias or refit: its sampled masks are mean-compensated)."""
     m = get_method(method)
-    need = [m.scorer] if m.kind == "metric" else [params.search.init]
+    need = ([m.scorer] if m.scorer else []) if m.kind == "metric" else [params.search.init]
     kind = compensation_of(method, params, compensation)
     if kind == "bias" or (m.kind == "search" and kind != "none"):
         need.append("flap")
@@ -101,14 +101,54 @@ def metric_masks(method: str, layout, scores: dict, sparsity: float, params: Par
                  layout_kind: str = "heterogeneous", round_to: int = 1) -> Masks:
     """Masks of a metric baseline at ``sparsity``, by the registry's scorer/allocation/granularity."""
     m = get_method(method)
-    if m.kind != "metric":
-        raise PgpruneError(f"{method!r} is a search method, not a metric baseline")
+    if m.kind != "metric" or m.selector:
+        raise PgpruneError(f"{method!r} is not a scored metric baseline (a search, or a method that selects its own "
+                           "units: method_masks runs it)")
     if m.scorer not in scores:
         raise PgpruneError(f"method {method!r} needs the scorer {m.scorer!r}; scores exist for {sorted(scores)}")
     return masks_from_scores(layout, scores[m.scorer], sparsity, allocation=m.allocation, granularity=m.granularity,
                              min_heads_per_layer=params.search.min_heads_per_layer,
                              layout_kind=layout_kind if m.granularity != ("layers",) else "heterogeneous",
                              round_to=round_to)
+
+
+def masks_as_scores(masks: Masks, metric: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Scores whose top units, group by group, are exactly ``masks``' kept ones: 1 + r for a kept unit, r for a
+    removed one, with r in [0, 1/2) the unit's rank under ``metric`` (so the metric still orders the units within
+    the kept and within the removed ones: the widths policy's prefixes, the boundary's undecided units)."""
+    flat = masks.flat()
+    out = {}
+    for g in ("heads", "channels"):
+        s = metric[g].float().reshape(-1)
+        rank = torch.empty_like(s)
+        rank[torch.argsort(s, stable=True)] = torch.arange(s.numel(), dtype=s.dtype)
+        out[g] = flat[g].float() + 0.5 * rank / max(1, s.numel())
+    if "layers" in metric:
+        out["layers"] = metric["layers"]
+    return out
+
+
+def search_init(model, calib: torch.Tensor, scores: dict, p, sparsity: float, layout_kind: str, recipe: Recipe,
+                progress: bool = True):
+    """(init scores, search settings, start masks) a search starts from: search.init's metric scores (start None),
+    or with ``init_allocation: slimgpt`` (heterogeneous layout) SlimGPT's masks at ``sparsity`` (the start) as
+    scores (:func:`masks_as_scores`, the metric ordering the units within) allocated globally, so the search's
+    step-0 mask is SlimGPT's (channel blocks of search.channel_group rounded). The uniform layout starts from the
+    metric."""
+    if p.init not in scores:
+        raise PgpruneError(f"search.init={p.init!r} scores are missing; computed scorers: {sorted(scores)}")
+    if p.init_allocation != "slimgpt":
+        return scores[p.init], p, None
+    p = p.model_copy(update={"init_allocation": "global" if layout_kind == "heterogeneous" else "uniform"})
+    if layout_kind != "heterogeneous":
+        log.info("search.init_allocation slimgpt applies to the heterogeneous layout; the uniform layout starts "
+                 "from %s's mask", p.init)
+        return scores[p.init], p, None
+    from pgprune.pruning.slimgpt import slimgpt_masks
+
+    sg = slimgpt_masks(model, calib[:recipe.blocks], sparsity, min_heads_per_layer=p.min_heads_per_layer,
+                       damp=recipe.damp, batch_size=recipe.batch_size, progress=progress)
+    return masks_as_scores(sg, scores[p.init]), p, sg
 
 
 def method_masks(method: str, model, calib: torch.Tensor, scores: dict, params: Params, sparsity: float, *,
@@ -131,7 +171,19 @@ def method_masks(method: str, model, calib: torch.Tensor, scores: dict, params: 
     comp_kind = compensation_of(method, params, compensation)
     recipe = recipe_of(comp_kind, params)
     if m.kind == "metric":
-        masks = metric_masks(method, layout, scores, sparsity, params, kind, round_to)
+        if m.selector == "slimgpt":
+            from pgprune.pruning.slimgpt import slimgpt_masks
+
+            if kind != "heterogeneous":
+                raise PgpruneError(f"{method} sets per-layer widths by its Incremental Pruning Ratio; layout={kind!r} "
+                                   "is not allowed for it (allowed: heterogeneous)")
+            if calib is None:
+                raise PgpruneError(f"{method} chooses its masks on the calibration blocks; none were given")
+            masks = slimgpt_masks(model, calib[:recipe.blocks], sparsity,
+                                  min_heads_per_layer=params.search.min_heads_per_layer, damp=recipe.damp,
+                                  batch_size=recipe.batch_size, progress=progress)
+        else:
+            masks = metric_masks(method, layout, scores, sparsity, params, kind, round_to)
         extra, means = None, None
         if comp_kind == "bias":
             extra = compensation_biases(model, masks, scores["flap"])
@@ -140,23 +192,26 @@ def method_masks(method: str, model, calib: torch.Tensor, scores: dict, params: 
                             compensation_means=means, recipe=recipe)
     p = params.search.at(sparsity, kind)
     comp = search_compensation(comp_kind, scores)
-    if p.init not in scores:
-        raise PgpruneError(f"search.init={p.init!r} scores are missing; computed scorers: {sorted(scores)}")
+    t1 = time.perf_counter()
+    init_scores, p_run, start = search_init(model, calib, scores, p, sparsity, kind, recipe, progress)
+    init_s = time.perf_counter() - t1
     seeds = list(seeds or p.seeds)
     # the settings this cell ran with (search.at_sparsity resolved), less the knobs that only place the work
     settings = p.model_dump(mode="json", exclude={"seeds", "at_sparsity", "devices", "sample_mode",
                                                    "checkpoint_every"})
     outcomes, info = [], {"seeds": {}, "layout": kind, "device": params.model.device, "settings": settings}
+    if p.init_allocation == "slimgpt":
+        info["init_masks_s"] = init_s
     gram_refit = None
     if comp_kind == "refit" and p.refit_loss:  # the search's refit loss: Gram matrices once per cell
         from pgprune.core.refit import GramRefit
 
         t1 = time.perf_counter()
         gram_refit = GramRefit(model, calib[:recipe.blocks], damp=recipe.damp, batch_size=recipe.batch_size,
-                               progress=progress)
+                               progress=progress, reference=start if p.refit_reference else None)
         info["refit_grams_s"] = time.perf_counter() - t1
     for i, seed in enumerate(seeds):
-        out = run_pg_search(model, calib, scores[p.init], p, sparsity=sparsity, layout=kind, seed=seed,
+        out = run_pg_search(model, calib, init_scores, p_run, sparsity=sparsity, layout=kind, seed=seed,
                             checkpoint_dir=checkpoint_root, device=params.model.device, progress=progress,
                             compensation=comp, record_trajectory=i == 0, refit=gram_refit)
         r = out.result
@@ -169,7 +224,8 @@ def method_masks(method: str, model, calib: torch.Tensor, scores: dict, params: 
     per_seed = {o.seed: (o.masks, compensation_biases(model, o.masks, scores["flap"]) if comp is not None else None)
                 for o in outcomes}
     main = outcomes[0]
-    info["time_s"] = sum(v["time_s"] for v in info["seeds"].values()) + info.get("refit_grams_s", 0.0)
+    info["time_s"] = (sum(v["time_s"] for v in info["seeds"].values()) + info.get("refit_grams_s", 0.0)
+                      + info.get("init_masks_s", 0.0))
     info["trajectory_s"] = [t["elapsed_s"] for t in main.trajectory]
     return MethodResult(method, sparsity, main.masks, per_seed[main.seed][1], info, history=main.result.history,
                         seeds=per_seed, trajectory=main.trajectory, compensation_means=comp, recipe=recipe)
@@ -177,4 +233,5 @@ def method_masks(method: str, model, calib: torch.Tensor, scores: dict, params: 
 
 __all__ = ["CHECKPOINT_DIR_ENV", "DEFAULT_CHECKPOINT_DIR", "setup_torch", "checkpoint_dir", "compensation_of",
            "recipe_of", "scorers_needed",
-           "compensation_biases", "search_compensation", "metric_masks", "method_masks"]
+           "compensation_biases", "search_compensation", "metric_masks", "masks_as_scores", "search_init",
+           "method_masks"]

@@ -4,7 +4,8 @@ The pipeline writes one evaluation per (method, sparsity) cell (``<eval>/<method
 (``<eval>/dense.json``), the scorers' and searches' seconds (``<timing>/init.json``,
 ``<timing>/search-<method>-s<S>.json``) and the masks cells (``<masks>/<method>/s<S>/``). The report tables take,
 per sparsity, ``{"sparsity": S, "dense": R, "methods": {method: R}}``: :func:`collect_results` builds that, with
-each method's prune time = its scorer's calibration pass (+ the search of its first seed for a search).
+each method's prune time = its scorer's calibration pass (+ the search of its first seed for a search, + a
+baseline's masks: ``<timing>/baseline-<method>-s<S>.json``, e.g. SlimGPT's layer-by-layer selection).
 """
 from __future__ import annotations
 
@@ -37,8 +38,10 @@ def collect_results(eval_dir: str | Path, timing_dir: str | Path, sparsities, me
                 t = read_json(require_file(timing / f"search-{m}-{tag}.json", f"search timing of {m} at {s:g}"))
                 first = next(iter(t["seeds"].values()))  # the seed whose masks the row shows
                 r["time_s"] = first["time_s"] + scorer_time.get(search_init, 0.0)
-            else:
-                r["time_s"] = scorer_time.get(spec.scorer)
+            else:  # its scorer's pass (none for a selector) + its masks (baseline timing, when recorded)
+                masks_t = timing / f"baseline-{m}-{tag}.json"
+                own = read_json(masks_t)["time_s"] if masks_t.is_file() else 0.0
+                r["time_s"] = scorer_time.get(spec.scorer, 0.0) + own if spec.scorer or own else None
             cells[m] = r
         results.append({"sparsity": float(s), "dense": dense, "methods": cells})
     return results

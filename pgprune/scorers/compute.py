@@ -52,7 +52,7 @@ def compute_all_scores(init: InitParams, model, calib: torch.Tensor, scorers=Non
     is the params' ``init`` section (nsamples, seed, batch_size, flap_bias_compensation)."""
     n = min(init.nsamples, calib.shape[0])
     scores, timing = {}, {}
-    for name in scorers or init.scorers:
+    for name in init.scorers if scorers is None else scorers:
         t0 = time.perf_counter()
         opts = {"seed": init.seed} if name == "random" else {}
         if name == "flap":
