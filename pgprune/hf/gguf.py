@@ -157,26 +157,46 @@ def _bias(linear) -> torch.Tensor | None:
     return None if linear.bias is None else linear.bias.detach().to("cpu", torch.float32)
 
 
+def add_bias(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+    """a + b where either may be None (no bias); never an alias of ``b``."""
+    if b is None:
+        return a
+    return b.clone() if a is None else a + b
+
+
+class ResidualFold:
+    """Moves the constant output of something the engine does not compute (a layer left out, an o_proj bias of a
+    layer without attention) exactly onto an earlier bias of the residual stream: the previous written layer's,
+    which ``attach(prev, const)`` adds it to and names, or before any written layer the token embeddings
+    (``shift``, added to every embedding row, called ``embed_name`` in the notes)."""
+
+    def __init__(self, attach, embed_name: str, notes: list[str]):
+        self.shift: torch.Tensor | None = None
+        self._attach, self._embed, self._notes = attach, embed_name, notes
+
+    def __call__(self, blocks: list, const: torch.Tensor | None, what: str) -> None:
+        if const is None:
+            return
+        if blocks:
+            self._notes.append(f"{what} folded into {self._attach(blocks[-1], const)}")
+        else:
+            self.shift = add_bias(self.shift, const)
+            self._notes.append(f"{what} folded into {self._embed}")
+
+
 def plan_blocks(model) -> tuple[list[_Block], torch.Tensor | None, list[str]]:
     """(the written layers, the constant [hidden] added to every token embedding or None, notes on what was
     rewritten); refuses a first written layer without heads and a model that keeps no layer."""
     adapter = family_adapter(model)
     shapes = layer_shapes(model)
     blocks: list[_Block] = []
-    shift = None
-    notes = []
+    notes: list[str] = []
 
-    def fold(const: torch.Tensor | None, what: str) -> None:
-        nonlocal shift
-        if const is None:
-            return
-        if blocks:
-            prev = blocks[-1]
-            prev.down_bias = const.clone() if prev.down_bias is None else prev.down_bias + const
-            notes.append(f"{what} folded into layer {prev.src}'s ffn_down.bias")
-        else:
-            shift = const.clone() if shift is None else shift + const
-            notes.append(f"{what} folded into token_embd")
+    def attach(prev: _Block, const: torch.Tensor) -> str:
+        prev.down_bias = add_bias(prev.down_bias, const)
+        return f"layer {prev.src}'s ffn_down.bias"
+
+    fold = ResidualFold(attach, "token_embd", notes)
 
     for i, s in enumerate(shapes):
         p = adapter.parts(i)
@@ -184,21 +204,21 @@ def plan_blocks(model) -> tuple[list[_Block], torch.Tensor | None, list[str]]:
         if s["heads"] == 0 and s["ff"] == 0:
             down = _bias(p.down_proj)
             const = o_bias if down is None else (down if o_bias is None else o_bias + down)
-            fold(const, f"layer {i} (no head, no channel: left out): its constant output")
+            fold(blocks, const, f"layer {i} (no head, no channel: left out): its constant output")
             continue
         if s["heads"] == 0:
             if not blocks:
                 raise PgpruneError(f"layer {i} keeps no attention head and is the first layer written; llama.cpp's "
                                    "deci reads the head size from the first layer's head count (0: head size 0, no "
                                    "later attention layer loads); allowed: a first kept layer with >= 1 KV group")
-            fold(o_bias, f"layer {i} (no head): its o_proj bias")
+            fold(blocks, o_bias, f"layer {i} (no head): its o_proj bias")
         if s["ff"] == 0:
             notes.append(f"layer {i} (no channel): a zero MLP of width 1 carries its down_proj bias")
         blocks.append(_Block(i, s["heads"], s["kv_heads"], max(s["ff"], 1), s["ff"] == 0, _bias(p.down_proj)))
     if not blocks:
         raise PgpruneError("the model keeps no layer with an attention head or an MLP channel; allowed: at least "
                            "one such layer")
-    return blocks, shift, notes
+    return blocks, fold.shift, notes
 
 
 def _check(model) -> None:

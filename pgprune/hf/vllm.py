@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from pgprune.errors import PgpruneError
-from pgprune.hf.gguf import family_adapter, layer_shapes
+from pgprune.hf.gguf import ResidualFold, add_bias, family_adapter, layer_shapes
 
 ARCHITECTURE = "DeciLMForCausalLM"
 MODEL_TYPE = "nemotron-nas"
@@ -115,44 +115,34 @@ def plan_decilm(model) -> tuple[list[dict], torch.Tensor | None, list[str]]:
     heads, kv_global = int(cfg.num_attention_heads), int(cfg.num_key_value_heads)
     group = heads // kv_global
     blocks: list[dict] = []
-    shift = None
     notes: list[str] = []
 
-    def add(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
-        return b if a is None else (a if b is None else a + b)
+    def attach(prev: dict, const: torch.Tensor) -> str:
+        key = "down_bias" if prev["ff"] else "o_bias"
+        prev[key] = add_bias(prev[key], const)
+        return f"layer {prev['src']}'s {key.replace('_bias', '_proj')} bias"
 
-    def fold(const: torch.Tensor | None, what: str) -> None:
-        nonlocal shift
-        if const is None:
-            return
-        if blocks:
-            prev = blocks[-1]
-            key = "down_bias" if prev["ff"] else "o_bias"
-            prev[key] = add(prev[key], const)
-            notes.append(f"{what} folded into layer {prev['src']}'s {key.replace('_bias', '_proj')} bias")
-        else:
-            shift = add(shift, const)
-            notes.append(f"{what} folded into the token embeddings")
+    fold = ResidualFold(attach, "the token embeddings", notes)
 
     for i, s in enumerate(shapes):
         p = adapter.parts(i)
         kv, ff = s["kv_heads"], s["ff"]
         o_bias, down_bias = _bias(p.o_proj), _bias(p.down_proj)
         if kv == 0:
-            fold(o_bias, f"layer {i} (no attention head): its o_proj bias")
+            fold(blocks, o_bias, f"layer {i} (no attention head): its o_proj bias")
             o_bias = None
         if kv == 0 and ff == 0:
-            fold(down_bias, f"layer {i} (no head, no channel: left out): its down_proj bias")
+            fold(blocks, down_bias, f"layer {i} (no head, no channel: left out): its down_proj bias")
             continue
         if ff == 0 and down_bias is not None:
-            o_bias = add(o_bias, down_bias)
+            o_bias = add_bias(o_bias, down_bias)
             notes.append(f"layer {i} (no MLP channel): its down_proj bias added to its o_proj bias")
             down_bias = None
         n = group_size_for(heads, group, kv) if kv else None
         blocks.append({"src": i, "kv": kv, "ff": ff, "n": n, "o_bias": o_bias, "down_bias": down_bias})
     if not blocks:
         raise PgpruneError("the model keeps no layer with an attention head or an MLP channel; allowed: at least one")
-    return blocks, shift, notes
+    return blocks, fold.shift, notes
 
 
 def decilm_config(model, blocks: list[dict], untie: bool) -> dict:
