@@ -169,9 +169,7 @@ def main() -> None:
                     print(f"  refit Gram matrices ({which} inputs): {gram_s:.0f}s", flush=True)
                 gram = grams[which]
                 t0 = time.perf_counter()
-            sp_run = sp.model_copy(update={"init_allocation": "global"}) if sp.init_allocation == "slimgpt" and \
-                args.layout == "heterogeneous" else sp
-            out = run_pg_search(model, calib, init_for[sp.init_allocation][0], sp_run, sparsity=args.sparsity,
+            out = run_pg_search(model, calib, init_for[sp.init_allocation][0], sp, sparsity=args.sparsity,
                                 layout=args.layout,
                                 seed=seed, device=args.device, compensation=comp, progress=False, refit=gram,
                                 record_trajectory=args.curve_every > 0)
