@@ -31,7 +31,6 @@ from pgprune.config import load_params
 from pgprune.core.compensation import compensated_source
 from pgprune.core.masked_forward import MaskedModel
 from pgprune.core.masks import Masks
-from pgprune.core.refit import GramRefit
 from pgprune.data.prepare import load_calibration, load_eval_data
 from pgprune.errors import ConfigError, PgpruneError
 from pgprune.eval.evaluate import curve_points
@@ -40,7 +39,8 @@ from pgprune.hf.loading import load_model
 from pgprune.hf.slicing import slice_model
 from pgprune.io import load_tensors
 from pgprune.pruning.pg import run_pg_search
-from pgprune.pruning.run import metric_masks, recipe_of, search_compensation, search_init, setup_torch
+from pgprune.pruning.run import (metric_masks, recipe_of, search_compensation, search_init, search_refit,
+                                 setup_torch)
 from pgprune.scorers import compute_all_scores
 
 # --smoke: extra arguments -> the RESULT lines they must print, as regular expressions (tests/test_bench_smoke.py)
@@ -137,6 +137,7 @@ def main() -> None:
               "init_search_view": base_bias, "compensation": recipe.kind, "variants": []}
     grams: dict = {}  # the search's refit loss: Gram matrices computed once, shared by the variants
     init_for: dict = {}  # the search's init scores per init_allocation (slimgpt: SlimGPT's masks as scores)
+    sums: dict = {}  # per init_allocation: the Gram sums SlimGPT's pass left (its refit loss needs no second pass)
     gram_s = 0.0
     for spec in args.variants or [""]:
         upd = overrides([s for s in spec.split(",") if s], params.search)
@@ -149,8 +150,10 @@ def main() -> None:
         values, runs = [], []
         for seed in args.seeds or sp.seeds:
             if init_for.get(sp.init_allocation) is None:  # SlimGPT's masks as the start: once per run
+                sums[sp.init_allocation] = {}  # the Gram sums of SlimGPT's stream (the refit loss's reference)
                 init_for[sp.init_allocation] = search_init(model, calib, scores, sp, args.sparsity, args.layout,
-                                                           recipe, progress=False)[::2]  # scores, start masks
+                                                           recipe, progress=False, sums=sums[sp.init_allocation]
+                                                           )[::2]  # scores, start masks
                 sg = init_for[sp.init_allocation][1]
                 if sg is not None:  # SlimGPT's masks, the start
                     record["slimgpt"] = final_ppl(sg)
@@ -163,8 +166,8 @@ def main() -> None:
                 which = "dense" if start is None else f"reference {sp.init_allocation}"
                 if grams.get(which) is None:
                     t1 = time.perf_counter()
-                    grams[which] = GramRefit(model, calib[:recipe.blocks], damp=recipe.damp,
-                                             batch_size=recipe.batch_size, reference=start)
+                    grams[which] = search_refit(model, calib, sp, recipe, start, sums.get(sp.init_allocation),
+                                                progress=False)
                     gram_s = time.perf_counter() - t1
                     print(f"  refit Gram matrices ({which} inputs): {gram_s:.0f}s", flush=True)
                 gram = grams[which]
@@ -172,6 +175,7 @@ def main() -> None:
             out = run_pg_search(model, calib, init_for[sp.init_allocation][0], sp, sparsity=args.sparsity,
                                 layout=args.layout,
                                 seed=seed, device=args.device, compensation=comp, progress=False, refit=gram,
+                                start=init_for[sp.init_allocation][1],
                                 record_trajectory=args.curve_every > 0)
             seconds = time.perf_counter() - t0  # the search alone, not the scoring below
             t0 = time.perf_counter()
@@ -182,13 +186,13 @@ def main() -> None:
                 print(f"    step {c['step']:5d}  forwards {c['forward_passes']:5d}  {c['elapsed_s']:6.0f}s  "
                       f"val loss {c['val_loss']:.4f}  {first} ppl {c['ppl']:.2f}", flush=True)
             values.append(p[first])
-            runs.append({"seed": seed, "ppl": p, "best_step": out.result.best_step,
+            runs.append({"seed": seed, "ppl": p, "best_step": out.result.best_step, "start_chosen": out.start_chosen,
                          "seconds": seconds, "refit_s": refit_s,
                          "forward_passes": out.result.forward_passes,
                          "curve": curve})
             print(f"  {spec or 'params.yaml':40s} seed {seed}: pg ppl " + ", ".join(f"{c} {v:.2f}" for c, v in
                                                                                      p.items())
-                  + f"  best step {out.result.best_step}  search {seconds:.0f}s")
+                  + f"  best step {'start' if out.start_chosen else out.result.best_step}  search {seconds:.0f}s")
         mean = statistics.mean(values)
         sd = statistics.stdev(values) if len(values) > 1 else 0.0
         print(f"RESULT pg_vs_{init}_ppl[{spec or 'params.yaml'}]={mean / base[first]:.3f} "

@@ -223,12 +223,10 @@ class SearchParams(SearchSettings):
         return self.model_copy(update={"at_sparsity": [r for r in rules if r.set]})
 
 
-# the search section's default rules (params.yaml's, docs/defaults.md): up to 30% in the heterogeneous layout
-# the units policy on single channels, with the channels at the init metric's mask, measured better than widths
-DEFAULT_SEARCH_RULES = ({"up_to": 0.3, "layouts": ["heterogeneous"],
-                         "set": {"policy": "units", "channel_group": 1, "init_free_channels": 0.0,
-                                 "lr_heads": 0.1, "lr_channels": 0.02, "init_free_margin": 0.05,
-                                 "refit_loss": False}},)
+# the search section's default rules (params.yaml's): none since 2026-12-05 (the start is SlimGPT's masks at every
+# sparsity and the widths policy with the refit loss measured better than the units policy's rule up to 30%, which
+# only ever returned its start: docs/defaults.md); the mechanism stays for experiments and other settings
+DEFAULT_SEARCH_RULES: tuple[dict, ...] = ()
 
 
 class SpeedParams(_Strict):
@@ -289,7 +287,7 @@ class RefitParams(_Strict):
 
     damp: float = Field(0.01, ge=0, description="damping of the refit's least squares, a fraction of the mean "
                         "diagonal of the kept inputs' Gram matrix (raised automatically where singular)")
-    blocks: int = Field(64, ge=1, description="calibration blocks (the first of data.calib_blocks) the refit "
+    blocks: int = Field(128, ge=1, description="calibration blocks (the first of data.calib_blocks) the refit "
                         "propagates and fits on")
     batch_size: int = Field(8, ge=1, description="calibration blocks per forward of the refit")
 

@@ -38,16 +38,18 @@ def test_the_api_and_cli_defaults_resolve_like_the_pipeline():
     for s in (0.2, 0.3, 0.5):
         for layout in ("heterogeneous", "uniform"):
             assert api.search.at(s, layout) == pipeline.search.at(s, layout), (s, layout)
-    assert api.search.at(0.3).policy == "units" and api.search.at(0.5).policy == "widths"
+    assert api.search.at(0.3).policy == "widths" == api.search.at(0.5).policy  # no default rules since 2026-12-05
 
 
 def test_left_out_rules_are_the_default_ones():
-    """A search section that gives other keys still takes the default rules (like any key left out); an explicit
-    empty list turns them off; a search.* override drops only that key from the rules."""
+    """A search section that gives other keys still takes the default rules (like any key left out: none today); a
+    given list is used as it is; a search.* override drops only that key from the rules."""
     rules = [r.model_dump() for r in parse_params({"search": {"steps": 3}}).search.at_sparsity]
-    assert rules == list(DEFAULT_SEARCH_RULES)
-    assert parse_params({"search": {"at_sparsity": []}}).search.at(0.3).policy == "widths"
-    over = build_params(None, {"search.channel_group": 16}).search.at(0.3)
+    assert rules == list(DEFAULT_SEARCH_RULES) == []
+    given = {"search": {"at_sparsity": [{"up_to": 0.3, "set": {"policy": "units", "channel_group": 1}}]}}
+    assert parse_params(given).search.at(0.3).policy == "units"
+    assert parse_params(given).search.at(0.5).policy == "widths"
+    over = build_params(given, {"search.channel_group": 16}).search.at(0.3)
     assert (over.policy, over.channel_group) == ("units", 16)
     assert SearchParams().at_sparsity == []  # a search's settings built alone carry no rules
 
@@ -57,4 +59,4 @@ def test_params_reference_shows_the_defaults():
 
     table = params_reference()
     assert "| `search.seeds` | `[42, 43, 44]` |" in table
-    assert '| `search.at_sparsity` | `[{"up_to": 0.3, "layouts": ["heterogeneous"]' in table
+    assert "| `search.at_sparsity` | `[]` |" in table

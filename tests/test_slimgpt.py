@@ -218,3 +218,33 @@ def test_search_init_slimgpt_starts_the_search_at_slimgpts_masks(policy, group):
     same, p_u, none = search_init(model, calib, scores, p, 0.5, "uniform", recipe_of("refit", params),
                                   progress=False)
     assert same is scores["flap"] and p_u.init_allocation == "uniform" and none is None
+
+
+def test_slimgpt_sums_give_the_reference_grams_without_a_second_pass():
+    """The Gram sums SlimGPT's choices saw (search_init's ``sums``) are GramRefit(reference=SlimGPT's masks)'s, bit
+    for bit, so the search's refit loss on SlimGPT's stream (search_refit) needs no second sequential pass; without
+    sums (or without refit_reference) search_refit takes its own."""
+    from pgprune.config import Params
+    from pgprune.core.refit import GramRefit
+    from pgprune.pruning.run import recipe_of, search_init, search_refit
+    from pgprune.scorers.compute import compute_all_scores
+
+    model = make_tiny_model("qwen2", n_heads=4, n_kv=2, layers=3, ffn=48)
+    calib = blocks(16, 16, 1)
+    params = Params()
+    recipe = recipe_of("refit", params)
+    scores, _ = compute_all_scores(params.init, model, calib, scorers=["flap"], progress=False)
+    p = params.search.model_copy(update={"init_allocation": "slimgpt"})
+    sums: dict = {}
+    _, _, start = search_init(model, calib, scores, p, 0.5, "heterogeneous", recipe, progress=False, sums=sums)
+    assert sorted(sums) == [(i, m) for i in range(3) for m in ("down_proj", "o_proj")]
+    fast = search_refit(model, calib, p, recipe, start, sums, progress=False)
+    slow = GramRefit(model, calib[:recipe.blocks], damp=recipe.damp, batch_size=recipe.batch_size, reference=start)
+    assert fast.digest() == slow.digest() == search_refit(model, calib, p, recipe, start, None, progress=False).digest()
+    dense = search_refit(model, calib, p.model_copy(update={"refit_reference": False}), recipe, start, sums,
+                         progress=False)
+    assert dense.digest() == GramRefit(model, calib[:recipe.blocks], damp=recipe.damp,
+                                       batch_size=recipe.batch_size).digest() != fast.digest()
+    assert search_refit(model, calib, p.model_copy(update={"refit_loss": False}), recipe, start, sums) is None
+    with pytest.raises(PgpruneError, match="incomplete"):
+        GramRefit.from_sums(model, {k: v for k, v in sums.items() if k != (1, "o_proj")})

@@ -74,7 +74,8 @@ def save_masks(out_dir: str | Path, result: MethodResult, layout) -> dict:
         summary["search_settings"] = result.info["settings"]
     if "seeds" in result.info:
         summary["search"] = {s: {k: v for k, v in d.items() if k in ("steps", "forward_passes", "best_step",
-                                                                     "best_val_loss", "init_val_loss")}
+                                                                     "best_val_loss", "init_val_loss", "start_val_loss",
+                                                                     "start_chosen")}
                              for s, d in result.info["seeds"].items()}
     write_json(out / "summary.json", summary)
     return summary

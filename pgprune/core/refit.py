@@ -493,6 +493,28 @@ class GramRefit:
                 mm.scan(blocks, taps, batch_size=batch_size, progress=progress, desc="refit grams")
         self._cached = functools.lru_cache(maxsize=cache_size)(self._solve_cols)
 
+    @classmethod
+    def from_sums(cls, model, sums: dict, *, damp: float = 0.01, cache_size: int = 1024) -> "GramRefit":
+        """The GramRefit of sums already taken: ``sums`` = {(layer, module): (g float64 [m+1, m+1], n tokens)} for
+        every kept layer and both modules, e.g. those :func:`pgprune.pruning.slimgpt.slimgpt_masks` saw while
+        choosing its masks, which are exactly ``GramRefit(model, blocks, reference=those masks)``'s (the same
+        sequential pass), so the search's refit loss on SlimGPT's stream costs no second pass."""
+        import functools
+
+        self = cls.__new__(cls)
+        self.damp = float(damp)
+        mm = MaskedModel(model)
+        self.adapter, self.layout = mm.adapter, mm.layout
+        self._grams = {k: g for k, (g, _) in sums.items()}
+        self._n = {k: n for k, (_, n) in sums.items()}
+        odd = sorted({i for i, _ in self._grams} ^ {i for i, name in self._grams if name == "o_proj"}
+                     | {i for i, _ in self._grams} ^ {i for i, name in self._grams if name == "down_proj"})
+        if not self._grams or odd:
+            raise PgpruneError(f"GramRefit.from_sums: sums of layers {odd or 'none'} are incomplete; allowed: the sums "
+                               "of both modules (o_proj, down_proj) of every kept layer")
+        self._cached = functools.lru_cache(maxsize=cache_size)(self._solve_cols)
+        return self
+
     def _solve_cols(self, i: int, name: str, cols: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
         lin = getattr(self.adapter.parts(i), name)
         g, n = self._grams[(i, name)], self._n[(i, name)]

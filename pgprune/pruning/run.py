@@ -129,12 +129,13 @@ def masks_as_scores(masks: Masks, metric: dict[str, torch.Tensor]) -> dict[str, 
 
 
 def search_init(model, calib: torch.Tensor, scores: dict, p, sparsity: float, layout_kind: str, recipe: Recipe,
-                progress: bool = True):
+                progress: bool = True, sums: dict | None = None):
     """(init scores, search settings, start masks) a search starts from: search.init's metric scores (start None),
     or with ``init_allocation: slimgpt`` (heterogeneous layout) SlimGPT's masks at ``sparsity`` (the start) as
     scores (:func:`masks_as_scores`, the metric ordering the units within) allocated globally, so the search's
     step-0 mask is SlimGPT's (channel blocks of search.channel_group rounded). The uniform layout starts from the
-    metric."""
+    metric. A ``sums`` dict receives the Gram sums of SlimGPT's sequential stream (for
+    :func:`search_refit`; untouched when the start is not SlimGPT's)."""
     if p.init not in scores:
         raise PgpruneError(f"search.init={p.init!r} scores are missing; computed scorers: {sorted(scores)}")
     if p.init_allocation != "slimgpt":
@@ -147,8 +148,25 @@ def search_init(model, calib: torch.Tensor, scores: dict, p, sparsity: float, la
     from pgprune.pruning.slimgpt import slimgpt_masks
 
     sg = slimgpt_masks(model, calib[:recipe.blocks], sparsity, min_heads_per_layer=p.min_heads_per_layer,
-                       damp=recipe.damp, batch_size=recipe.batch_size, progress=progress)
+                       damp=recipe.damp, batch_size=recipe.batch_size, progress=progress, sums=sums)
     return masks_as_scores(sg, scores[p.init]), p, sg
+
+
+def search_refit(model, calib: torch.Tensor, p, recipe: Recipe, start: Masks | None, sums: dict | None = None,
+                 progress: bool = True):
+    """The search's refit loss (:class:`pgprune.core.refit.GramRefit`), or None when the search does not use one
+    (compensation not refit, or search.refit_loss false): on the start's sequential stream with
+    search.refit_reference and a start (from ``sums`` when :func:`search_init` left them: no second pass), else on
+    the dense model's."""
+    if recipe.kind != "refit" or not p.refit_loss:
+        return None
+    from pgprune.core.refit import GramRefit
+
+    reference = start if p.refit_reference else None
+    if reference is not None and sums:
+        return GramRefit.from_sums(model, sums, damp=recipe.damp)
+    return GramRefit(model, calib[:recipe.blocks], damp=recipe.damp, batch_size=recipe.batch_size,
+                     progress=progress, reference=reference)
 
 
 def method_masks(method: str, model, calib: torch.Tensor, scores: dict, params: Params, sparsity: float, *,
@@ -193,7 +211,9 @@ def method_masks(method: str, model, calib: torch.Tensor, scores: dict, params: 
     p = params.search.at(sparsity, kind)
     comp = search_compensation(comp_kind, scores)
     t1 = time.perf_counter()
-    init_scores, p_run, start = search_init(model, calib, scores, p, sparsity, kind, recipe, progress)
+    # SlimGPT's Gram sums, when the refit loss is taken on its stream: no second pass
+    sums = {} if recipe.kind == "refit" and p.refit_loss and p.refit_reference else None
+    init_scores, p_run, start = search_init(model, calib, scores, p, sparsity, kind, recipe, progress, sums)
     init_s = time.perf_counter() - t1
     seeds = list(seeds or p.seeds)
     # the settings this cell ran with (search.at_sparsity resolved), less the knobs that only place the work
@@ -202,22 +222,20 @@ def method_masks(method: str, model, calib: torch.Tensor, scores: dict, params: 
     outcomes, info = [], {"seeds": {}, "layout": kind, "device": params.model.device, "settings": settings}
     if p.init_allocation == "slimgpt":
         info["init_masks_s"] = init_s
-    gram_refit = None
-    if comp_kind == "refit" and p.refit_loss:  # the search's refit loss: Gram matrices once per cell
-        from pgprune.core.refit import GramRefit
-
-        t1 = time.perf_counter()
-        gram_refit = GramRefit(model, calib[:recipe.blocks], damp=recipe.damp, batch_size=recipe.batch_size,
-                               progress=progress, reference=start if p.refit_reference else None)
+    t1 = time.perf_counter()  # the search's refit loss: Gram matrices once per cell
+    gram_refit = search_refit(model, calib, p, recipe, start, sums, progress)
+    if gram_refit is not None:
         info["refit_grams_s"] = time.perf_counter() - t1
+    del sums
     for i, seed in enumerate(seeds):
         out = run_pg_search(model, calib, init_scores, p_run, sparsity=sparsity, layout=kind, seed=seed,
                             checkpoint_dir=checkpoint_root, device=params.model.device, progress=progress,
-                            compensation=comp, record_trajectory=i == 0, refit=gram_refit)
+                            compensation=comp, record_trajectory=i == 0, refit=gram_refit, start=start)
         r = out.result
         info["seeds"][str(seed)] = {
             "time_s": r.elapsed_s, "resumed_from_step": r.resumed_from, "steps": r.steps_done,
             "forward_passes": r.forward_passes, "best_step": r.best_step,
+            "start_val_loss": out.start_val_loss, "start_chosen": out.start_chosen,
             "best_val_loss": min((v["val_loss"] for v in r.validation), default=None),
             "init_val_loss": r.validation[0]["val_loss"] if r.validation else None}
         outcomes.append(out)
@@ -234,4 +252,4 @@ def method_masks(method: str, model, calib: torch.Tensor, scores: dict, params: 
 __all__ = ["CHECKPOINT_DIR_ENV", "DEFAULT_CHECKPOINT_DIR", "setup_torch", "checkpoint_dir", "compensation_of",
            "recipe_of", "scorers_needed",
            "compensation_biases", "search_compensation", "metric_masks", "masks_as_scores", "search_init",
-           "method_masks"]
+           "search_refit", "method_masks"]

@@ -170,14 +170,17 @@ class SlimGPTSelector:
     channels by OBS with the Dynamic Group Size, to the per-layer quotas of the Incremental Pruning Ratio."""
 
     def __init__(self, layout, sparsity: float, *, min_heads_per_layer: int = 1, damp: float = 0.01,
-                 ratio: float = IPR_RATIO):
+                 ratio: float = IPR_RATIO, sums: dict | None = None):
         counts = keep_counts(layout, sparsity)
         self.layout = layout
         self.damp = float(damp)
+        self.sums = sums  # when a dict: {(layer, module): (g, n)} of every call, for GramRefit.from_sums
         self.heads = ipr_quota(list(layout.kv_heads), counts["heads"], min_heads_per_layer, ratio)
         self.channels = ipr_quota(list(layout.intermediate), counts["channels"], 1, ratio)
 
     def __call__(self, i: int, name: str, lin, g: torch.Tensor, n: int) -> torch.Tensor:
+        if self.sums is not None:
+            self.sums[(i, name)] = (g.cpu(), n)
         h = damped_hessian(g, n, self.damp)
         if name == "o_proj":
             kv, width = self.layout.kv_heads[i], self.layout.group_size * self.layout.head_dim
@@ -195,15 +198,18 @@ class SlimGPTSelector:
 
 
 def slimgpt_masks(model, calib: torch.Tensor, sparsity: float, *, min_heads_per_layer: int = 1, damp: float = 0.01,
-                  batch_size: int = 8, progress: bool = True) -> Masks:
+                  batch_size: int = 8, progress: bool = True, sums: dict | None = None) -> Masks:
     """SlimGPT's masks of ``model`` at ``sparsity`` (the fraction of KV groups and of MLP channels removed, like
-    every metric baseline) chosen on the calibration blocks ``calib`` [n, T] (see the module docstring)."""
+    every metric baseline) chosen on the calibration blocks ``calib`` [n, T] (see the module docstring). With a
+    ``sums`` dict, the full-input sums every choice saw are left in it ({(layer, module): (g, n)}, the sequential
+    stream of SlimGPT's pruned, refit model): :meth:`pgprune.core.refit.GramRefit.from_sums` builds the search's
+    refit loss on them without a second pass."""
     from pgprune.core.refit import select_and_refit
 
     if calib is None:
         raise PgpruneError("slimgpt chooses its masks on calibration blocks; none were given")
     layout = get_adapter(model).layout()
-    select = SlimGPTSelector(layout, sparsity, min_heads_per_layer=min_heads_per_layer, damp=damp)
+    select = SlimGPTSelector(layout, sparsity, min_heads_per_layer=min_heads_per_layer, damp=damp, sums=sums)
     masks, _ = select_and_refit(model, calib, select, damp=damp, batch_size=batch_size, progress=progress)
     masks.validate(layout)
     return masks

@@ -241,7 +241,12 @@ def search_summary_text(summary: dict) -> str:
     bits = []
     for seed, d in (summary.get("search") or {}).items():
         part = f"seed {seed}: {d.get('steps')} steps, {d.get('forward_passes')} sampled-mask forwards"
-        if d.get("best_step") is not None:
+        if d.get("start_chosen"):
+            part += ", masks = its start (SlimGPT's, no validated step beat it"
+            if _num(d.get("start_val_loss")) is not None and _num(d.get("best_val_loss")) is not None:
+                part += f": held-back loss {d['start_val_loss']:.4f} vs the best step's {d['best_val_loss']:.4f}"
+            part += ")"
+        elif d.get("best_step") is not None:
             part += f", masks from step {d['best_step']} (best validated"
             if _num(d.get("init_val_loss")) is not None and _num(d.get("best_val_loss")) is not None:
                 part += f": held-back loss {d['init_val_loss']:.4f} at step 0 → {d['best_val_loss']:.4f}"
