@@ -156,6 +156,30 @@ def preimport(checkpoint) -> None:
     AutoModelForCausalLM.from_config(cfg.__class__(**tiny))
 
 
+def load_for_memory(args, offload: str, release: bool = True):
+    """The start of a memory measurement in a fresh child process: import the libraries first (they are not the
+    measured memory), set the threads, start CUDA's peak counter, then load ``args.checkpoint`` with ``offload``
+    (and, with ``release``, hand memory freed while loading back to the OS). Returns (model, the process's CPU
+    bytes before loading, load seconds, whether the device is CUDA)."""
+    from pgprune.hf.loading import load_weights, release_unused_memory
+    from pgprune.hf.memory import current_memory, reset_peak_memory
+
+    preimport(args.checkpoint)
+    cuda = str(args.device).startswith("cuda")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if cuda:
+        torch.cuda.init()
+        reset_peak_memory(args.device)
+    before = current_memory("cpu")
+    t0 = time.perf_counter()
+    model = load_weights(args.checkpoint, args.dtype, args.device, offload=offload)
+    load_s = time.perf_counter() - t0
+    if release:
+        release_unused_memory()
+    return model, before, load_s, cuda
+
+
 def uniform_masks(layout, sparsity: float, seed: int = 0):
     """Random masks keeping the fraction 1 - sparsity of KV groups and of channels in every layer."""
     from pgprune.core.allocation import masks_from_scores

@@ -24,12 +24,11 @@ import time
 
 import torch
 
-from bench._common import parser, preimport, smoke, uniform_masks
+from bench._common import load_for_memory, parser, smoke, uniform_masks
 from bench.search_cost import checkpoint
 from pgprune.core.adapters import get_adapter
 from pgprune.core.refit import refit_weights
-from pgprune.hf.loading import load_weights
-from pgprune.hf.memory import current_memory, peak_memory, reset_peak_memory
+from pgprune.hf.memory import current_memory, peak_memory, proc_status, reset_peak_memory
 
 # --smoke: extra arguments -> the RESULT lines they must print (tests/test_bench_smoke.py)
 SMOKE = {"--offload disk": ["refit_peak_memory_vs_weights", "refit_anon_memory_vs_weights", "refit_time_s",
@@ -49,18 +48,7 @@ def add_args(ap) -> None:
 
 def child(args) -> dict:
     """Load (with offload ``args.memory_child``), refit random masks, report peak memory and seconds."""
-    preimport(args.checkpoint)  # library code is not the refit's memory
-    cuda = str(args.device).startswith("cuda")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if cuda:
-        torch.cuda.init()
-        reset_peak_memory(args.device)
-    before = current_memory("cpu")
-    model = load_weights(args.checkpoint, args.dtype, args.device, offload=args.memory_child)
-    from pgprune.hf.loading import release_unused_memory
-
-    release_unused_memory()
+    model, before, _, cuda = load_for_memory(args, args.memory_child)
     resident = (current_memory("cpu") - before) / 2 ** 20
     weights = sum(p.numel() * p.element_size() for p in model.parameters()) / 2 ** 20
     layout = get_adapter(model).layout()
@@ -69,22 +57,27 @@ def child(args) -> dict:
     calib = torch.randint(0, model.config.vocab_size, (args.blocks, args.seq_len), generator=g)  # [n, T]
     if not cuda:
         reset_peak_memory("cpu")
-    peaks = {"RssAnon:": 0, "RssFile:": 0}  # CPU: anonymous (must fit) and file-backed (mapped weights) memory
-    base = {k: _status_bytes(k) for k in peaks}
+    # CPU: anonymous (must fit) and file-backed (mapped weights) memory, sampled every 20 ms and once at the end
+    base = {k: (proc_status(k) or 0) for k in ("RssAnon:", "RssFile:")}
+    peaks = dict(base)
     done = threading.Event()
 
     def sample() -> None:
-        while not done.wait(0.02):
-            for k in peaks:
-                peaks[k] = max(peaks[k], _status_bytes(k))
+        for k in peaks:
+            peaks[k] = max(peaks[k], (proc_status(k) or 0))
 
-    sampler = threading.Thread(target=sample, daemon=True)
+    def sampler_loop() -> None:
+        while not done.wait(0.02):
+            sample()
+
+    sampler = threading.Thread(target=sampler_loop, daemon=True)
     sampler.start()
     t0 = time.perf_counter()
     refit = refit_weights(model, masks, calib, batch_size=args.batch, progress=False)
     seconds = time.perf_counter() - t0
     done.set()
     sampler.join()
+    sample()
     result_mb = sum(w.numel() * w.element_size() + b.numel() * b.element_size()
                     for mods in refit.values() for w, b in mods.values()) / 2 ** 20
     peak = (peak_memory(args.device) if cuda else peak_memory("cpu") - before) / 2 ** 20
@@ -94,18 +87,6 @@ def child(args) -> dict:
             "resident_after_load_mb": resident, "refit_result_mb": result_mb, "seconds": seconds,
             "kind": "cuda max allocated (load + refit)" if cuda else
             "cpu peak RSS during the refit, over the RSS before loading the model"}
-
-
-def _status_bytes(key: str) -> int:
-    """A /proc/self/status field in bytes (0 where there is none: not Linux)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
 
 
 def run_child(args, folder: str, offload: str) -> dict:
@@ -141,14 +122,14 @@ def main() -> None:
         print(f"  offload {o:5s}: weights {r['weights_mb']:.0f} MiB, refit peak {r['peak_mb']:.0f} MiB "
               f"({r['ratio']:.2f}x; the refit weights themselves {r['refit_result_mb']:.0f} MiB), {r['seconds']:.1f} s "
               f"({r['kind']})")
-        if r.get("file_peak_mb"):
+        if "anon_growth_mb" in r and r["file_peak_mb"]:  # Linux
             print(f"    of which anonymous memory grew by {r['anon_growth_mb']:.0f} MiB during the refit "
                   f"({r['anon_growth_mb'] / r['weights_mb']:.2f}x the weights); file-backed pages (the mapped "
                   f"weights, reclaimable) peaked at {r['file_peak_mb']:.0f} MiB")
     main_run = runs[args.offload]
     target = " (target <= 0.35)" if args.offload == "disk" else ""
     print(f"RESULT refit_peak_memory_vs_weights={main_run['ratio']:.2f} (offload {args.offload}){target}")
-    if main_run.get("file_peak_mb"):
+    if main_run["file_peak_mb"]:  # Linux (/proc/self/status)
         print(f"RESULT refit_anon_memory_vs_weights={main_run['anon_growth_mb'] / main_run['weights_mb']:.2f} "
               f"(offload {args.offload}; the refit's own working memory, without the mapped weights)")
     print(f"RESULT refit_time_s={main_run['seconds']:.2f} (offload {args.offload})")

@@ -22,12 +22,11 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
-from bench._common import BASE, SMOKE_SHAPE, SYNTHETIC, add_smoke, preimport, write_synthetic_checkpoint
+from bench._common import BASE, SMOKE_SHAPE, SYNTHETIC, add_smoke, write_synthetic_checkpoint
 
 DEFAULT_ROWS = ["embedded:none", "tinyllama-1.1b:none", "tinyllama-1.1b:disk", "llama-7b:disk"]
 # --smoke: extra arguments -> the RESULT lines they must print (tests/test_bench_smoke.py)
@@ -38,22 +37,12 @@ SMOKE_SETTINGS = dict(rows=[f"{SMOKE_SHAPE}:none", f"{SMOKE_SHAPE}:disk"], dtype
 
 
 def child(args) -> dict:
-    preimport(args.checkpoint)  # libraries are not the search's memory
+    from bench._common import load_for_memory
     from bench.search_cost import random_inputs, search_runner
     from pgprune.core.masked_forward import MaskedModel
-    from pgprune.hf.loading import load_weights
-    from pgprune.hf.memory import current_memory, peak_memory, reset_peak_memory
+    from pgprune.hf.memory import peak_memory, reset_peak_memory
 
-    cuda = args.device.startswith("cuda")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if cuda:
-        torch.cuda.init()
-        reset_peak_memory(args.device)
-    before = current_memory("cpu")
-    t0 = time.perf_counter()
-    model = load_weights(args.checkpoint, args.dtype, args.device, offload=args.offload)
-    load_s = time.perf_counter() - t0
+    model, before, load_s, cuda = load_for_memory(args, args.offload, release=False)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     params = sum(p.numel() for p in model.parameters())
     scores, means, calib = random_inputs(MaskedModel(model), model.config.vocab_size, args)

@@ -31,7 +31,8 @@ from pathlib import Path
 
 import torch
 
-from bench._common import BASE, interleaved, parser, preimport, self_timed, smoke, write_synthetic_checkpoint
+from bench._common import (BASE, interleaved, load_for_memory, parser, self_timed, smoke,
+                           write_synthetic_checkpoint)
 from pgprune.config import SearchParams
 from pgprune.core.masked_forward import MaskedModel
 from pgprune.hf.loading import load_weights, prepare_model
@@ -105,18 +106,7 @@ def checkpoint(args) -> tuple[str, Path | None]:
 
 
 def memory_child(args) -> dict:
-    preimport(args.checkpoint)  # libraries (and their lazily imported modules) are not the search's memory
-    cuda = str(args.device).startswith("cuda")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if cuda:
-        torch.cuda.init()
-        reset_peak_memory(args.device)
-    before = current_memory("cpu")
-    model = load_weights(args.checkpoint, args.dtype, args.device, offload=args.offload)
-    from pgprune.hf.loading import release_unused_memory
-
-    release_unused_memory()
+    model, before, _, cuda = load_for_memory(args, args.offload)
     resident = (current_memory("cpu") - before) / 2 ** 20
     weights = sum(p.numel() * p.element_size() for p in model.parameters()) / 2 ** 20
     scores, means, calib = random_inputs(MaskedModel(model), model.config.vocab_size, args)

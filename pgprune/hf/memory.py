@@ -34,7 +34,8 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 # --- measured peaks ---------------------------------------------------------------------------------------------
-def _proc_status(key: str) -> int | None:
+def proc_status(key: str) -> int | None:
+    """A byte field of this process's /proc/self/status (e.g. ``"VmRSS:"``, ``"RssAnon:"``); None off Linux."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
@@ -50,7 +51,7 @@ def current_memory(device: str | torch.device = "cpu") -> int:
     device = torch.device(device)
     if device.type == "cuda":
         return int(torch.cuda.memory_allocated(device))
-    rss = _proc_status("VmRSS:")
+    rss = proc_status("VmRSS:")
     return rss if rss is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
@@ -60,7 +61,7 @@ def peak_memory(device: str | torch.device = "cpu") -> int:
     device = torch.device(device)
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
-    hwm = _proc_status("VmHWM:")
+    hwm = proc_status("VmHWM:")
     return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
