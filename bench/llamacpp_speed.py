@@ -4,8 +4,9 @@ The dense model and every pruned cell are written with :func:`pgprune.hf.gguf.sa
 float16) into a temporary folder. A cell ``method:sparsity[:layout]`` is the pipeline's masks
 (``artifacts/masks/<method>/s<sparsity>/``) sliced with their compensation, the refit recomputed from
 ``data/prepared/calib.safetensors`` like stages/export.py (``random``: random masks keeping the same fraction of
-every layer, no compensation); layout ``heterogeneous`` (default) or ``uniform`` (the stock LlamaForCausalLM, for
-masks that keep the same widths in every layer). llama-cpp-python then measures, with ``--threads`` threads for
+every layer, no compensation); layout ``heterogeneous`` (default) or ``uniform`` (the stock LlamaForCausalLM: the
+pipeline's masks when they keep the same widths in every layer, else the method run here in the uniform layout
+with params.yaml's settings on the calibration blocks, MLP widths in ``--round-to`` blocks). llama-cpp-python then measures, with ``--threads`` threads for
 every model:
 
 * prefill: tokens/s of one ``--prompt-len``-token prompt evaluated at once (an empty cache);
@@ -118,6 +119,17 @@ def pruned_model(model, method: str, sparsity: float, layout: str, args, calib_f
     from pgprune.core.handoff import load_masks, load_recipe
 
     folder = Path(args.masks_dir) / method / f"s{sparsity:g}"
+    if layout == "uniform" and not _uniform_cell(folder, lay):
+        # the pipeline's cells of a metric are heterogeneous (global allocation): its uniform layout is pruned here,
+        # with params.yaml's settings on the calibration blocks, MLP widths in blocks of --round-to channels
+        import pgprune
+
+        res = pgprune.prune(model, None, sparsity=sparsity, method=method, calibration=calib_fn(), layout="uniform",
+                            round_to=args.round_to, config=args.params, progress=False)
+        rep = res.info["report"]
+        print(f"  {cell_name(method, sparsity, layout)}: pruned here in the uniform layout ({res.info['compensation']} "
+              f"compensation; decoder-linear sparsity {rep.get('prunable_sparsity', float('nan')):.3f})", flush=True)
+        return res.model
     if not (folder / "masks.json").is_file():
         raise PgpruneError(f"--cells {method}:{sparsity:g}: no masks at {folder}; run the pipeline (dvc repro) or "
                            "name a computed cell (artifacts/masks/<method>/s<sparsity>/)")
@@ -125,6 +137,18 @@ def pruned_model(model, method: str, sparsity: float, layout: str, args, calib_f
     recipe = load_recipe(folder)
     src, extra = compensated_source(model, masks, extra, recipe, calib_fn() if recipe.kind == "refit" else None)
     return build_model(src, masks, extra, layout=layout)
+
+
+def _uniform_cell(folder: Path, lay) -> bool:
+    """The pipeline's masks at ``folder`` exist and keep the same widths in every layer (a uniform-layout cell)."""
+    from pgprune.core.handoff import load_masks
+
+    if not (folder / "masks.json").is_file():
+        return False
+    masks, _ = load_masks(folder, lay)
+    heads = {int(h.sum()) for h in masks.heads}
+    channels = {int(c.sum()) for c in masks.channels}
+    return bool(masks.layers.all()) and len(heads) == 1 and len(channels) == 1
 
 
 def open_llama(path: Path, args, n_ctx: int, logits_all: bool = False):
@@ -175,6 +199,8 @@ def main() -> None:
     ap.add_argument("--data", default="data/prepared", help="calib.safetensors (refit) and eval/ (--ppl)")
     ap.add_argument("--params", default="params.yaml", help="eval.ppl_seq_len / ppl_blocks of --ppl")
     ap.add_argument("--gguf-dtype", default="float16", choices=list(DTYPES), help="matrices of the GGUF files")
+    ap.add_argument("--round-to", type=int, default=64, help="a uniform cell pruned here: MLP widths in blocks of "
+                    "this many channels (default 64, the search's channel blocks)")
     ap.add_argument("--tokenizer-pre", default="smollm", help="llama.cpp's pre-tokenizer name (SmolLM2: smollm)")
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=64)

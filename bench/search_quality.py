@@ -175,7 +175,6 @@ def main() -> None:
             out = run_pg_search(model, calib, init_for[sp.init_allocation][0], sp, sparsity=args.sparsity,
                                 layout=args.layout,
                                 seed=seed, device=args.device, compensation=comp, progress=False, refit=gram,
-                                start=init_for[sp.init_allocation][1],
                                 record_trajectory=args.curve_every > 0)
             seconds = time.perf_counter() - t0  # the search alone, not the scoring below
             t0 = time.perf_counter()
@@ -186,13 +185,13 @@ def main() -> None:
                 print(f"    step {c['step']:5d}  forwards {c['forward_passes']:5d}  {c['elapsed_s']:6.0f}s  "
                       f"val loss {c['val_loss']:.4f}  {first} ppl {c['ppl']:.2f}", flush=True)
             values.append(p[first])
-            runs.append({"seed": seed, "ppl": p, "best_step": out.result.best_step, "start_chosen": out.start_chosen,
+            runs.append({"seed": seed, "ppl": p, "best_step": out.result.best_step,
                          "seconds": seconds, "refit_s": refit_s,
                          "forward_passes": out.result.forward_passes,
                          "curve": curve})
             print(f"  {spec or 'params.yaml':40s} seed {seed}: pg ppl " + ", ".join(f"{c} {v:.2f}" for c, v in
                                                                                      p.items())
-                  + f"  best step {'start' if out.start_chosen else out.result.best_step}  search {seconds:.0f}s")
+                  + f"  best step {out.result.best_step}  search {seconds:.0f}s")
         mean = statistics.mean(values)
         sd = statistics.stdev(values) if len(values) > 1 else 0.0
         print(f"RESULT pg_vs_{init}_ppl[{spec or 'params.yaml'}]={mean / base[first]:.3f} "

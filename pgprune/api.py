@@ -279,7 +279,8 @@ def run_prune(model, tokenizer, params: Params, *, method: str, sparsity: float,
     t_method = time.perf_counter() - t0
     del scores
     t0 = time.perf_counter()
-    source, extra = compensated_source(model, res.masks, res.extra_bias, res.recipe, calib, progress=progress)
+    source, extra = compensated_source(model, res.masks, res.extra_bias, res.recipe, calib, progress=progress,
+                                       refit=res.refit)
     t_refit = time.perf_counter() - t0
     t0 = time.perf_counter()
     plan = plan_export(source, res.masks, extra, export_layout)

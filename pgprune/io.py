@@ -111,8 +111,14 @@ def unflatten_tensors(flat: dict[str, Any]) -> Any:
 
 def save_tensors(path: str | os.PathLike, tensors: Any, metadata: dict[str, str] | None = None) -> None:
     """Write (nested) tensors as safetensors, atomically. The bytes depend only on the tensors and the metadata
-    (no file names or timestamps inside), so the same inputs give the same file hash on every run."""
+    (no file names or timestamps inside), so the same inputs give the same file hash on every run. ``metadata``: at
+    most one entry (safetensors writes a metadata map of several entries in no fixed order; pack them into one JSON
+    string)."""
     from safetensors.torch import save
+
+    if metadata is not None and len(metadata) > 1:
+        raise ValueError(f"save_tensors: {len(metadata)} metadata entries would be written in no fixed order; pack "
+                         "them into one (a JSON string)")
 
     flat = {k: v.detach().contiguous().cpu() for k, v in flatten_tensors(tensors).items()}
     write_bytes(path, save(flat, metadata=metadata))
@@ -135,6 +141,21 @@ def load_tensors(path: str | os.PathLike, what: str = "tensors", nested: bool = 
     except MissingFileError:  # pragma: no cover
         raise
     return unflatten_tensors(flat) if nested else flat
+
+
+def tensor_digest(tensors) -> str:
+    """sha256 over the names, shapes, dtypes and bytes of a state dict (or of a list of tensors)."""
+    import hashlib
+
+    import torch
+
+    h = hashlib.sha256()
+    items = tensors.items() if isinstance(tensors, dict) else enumerate(tensors)
+    for name, t in items:
+        t = t.detach().to("cpu").contiguous()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
 
 
 def _json_default(o: Any):

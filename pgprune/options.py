@@ -117,11 +117,7 @@ NOT_PARAMS: dict[str, dict[str, str]] = {
     "recover": {"model": "model folder", "--out": "output folder", "--calibration": "training text",
                 "--teacher": "kd teacher", "--eval-ppl": "corpora measured before and after",
                 "--config": "params file", "--checkpoint-dir": "checkpoint folder", "--json": "output format",
-                "--quiet": "logging", **{f: "recovery setting (RecoverSettings)" for f in (
-                    "--steps", "--loss", "--temperature", "--rank", "--alpha", "--dropout", "--target-modules",
-                    "--lr", "--weight-decay", "--schedule", "--warmup-ratio", "--batch-size", "--grad-accum",
-                    "--seq-len", "--max-blocks", "--max-grad-norm", "--seed", "--checkpoint-every",
-                    "--gradient-checkpointing", "--autocast")}},
+                "--quiet": "logging"},  # + the flags pgprune.recovery.settings.cli_flags() generates
 }
 
 

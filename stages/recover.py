@@ -2,6 +2,7 @@
 a short LoRA recovery on the calibration blocks (recover.*: distillation from the base model by default), merged
 and saved as a model folder in the layout the export would give it (card with a Recovery section, recovery.json).
 The recovery curve (held-out perplexity every recover.curve_every steps), time and tokens/s go to a metrics JSON.
+With recover.teacher_topk > 0 the distillation targets are the `teacher` stage's top-k cache (--teacher).
 Checkpoints ($PGPRUNE_CHECKPOINT_DIR or artifacts/checkpoints, never a DVC output) let a killed run resume."""
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from pgprune.io import write_json
 from pgprune.pruning.run import checkpoint_dir
 from pgprune.recovery.folder import write_recovered
 from pgprune.recovery.run import recover_masks
+from pgprune.recovery.teacher import TeacherTopK
 from stages._common import parse, run
 
 
@@ -26,14 +28,20 @@ def main(argv=None):
         ap.add_argument("--masks", required=True, help="masks folder of the cell")
         ap.add_argument("--out", required=True, help="recovered model folder")
         ap.add_argument("--timing", required=True, help="recovery curve, time and tokens/s (json, not cached)")
+        ap.add_argument("--teacher", default=None, help="the teacher stage's folder (its top-k cache, used when "
+                        "recover.teacher_topk > 0)")
 
     params, a = parse(__doc__, args, argv)
     model, tok = load_configured(a.model, params.model)
     evals, _ = load_eval_data(a.data, tok, params)
     corpus = params.data.evaluation[0]
     curve_blocks = evals[corpus][: params.eval.curve_blocks] if params.eval.curve_blocks else None
+    cache = None
+    if params.recover.loss == "kd" and params.recover.teacher_topk and a.teacher is not None:
+        cache = TeacherTopK.load(a.teacher)
     masks, extra, rec, curve = recover_masks(model, a.masks, load_calibration(a.data), params,
-                                             curve_blocks=curve_blocks, checkpoint_dir=checkpoint_dir())
+                                             curve_blocks=curve_blocks, checkpoint_dir=checkpoint_dir(),
+                                             teacher_cache=cache)
     recipe = load_recipe(a.masks)
     card = CardInfo(base_model=params.model.source, method=a.method, sparsity=a.sparsity,
                     calibration=f"{params.data.calibration} ({params.data.calib_blocks} blocks of "

@@ -31,7 +31,7 @@ def _opts(entries):
 # --- dvc.yaml and params.yaml -----------------------------------------------------------------------------------
 def test_stage_layout():
     assert list(STAGES) == ["model", "data", "init", "search", "baseline", "evaluate_dense", "evaluate_search",
-                            "evaluate_baseline", "recover", "evaluate_recovered", "export", "report"]
+                            "evaluate_baseline", "teacher", "recover", "evaluate_recovered", "export", "report"]
     assert STAGES["search"]["matrix"] == {"method": "${compare.searches}", "sparsity": "${compare.sparsities}"}
     assert STAGES["baseline"]["matrix"] == {"method": "${compare.baselines}", "sparsity": "${compare.sparsities}"}
     assert STAGES["evaluate_search"]["matrix"] == STAGES["search"]["matrix"]
@@ -221,7 +221,7 @@ def test_the_whole_pipeline_runs_once_in_dag_order(toy):
     path, first = toy
     c = TOY
     assert first[:3] == ["model", "data", "init"] and first[-2:] == ["export", "report"]
-    assert sorted(first) == sorted(["model", "data", "init", "evaluate_dense", "export", "report",
+    assert sorted(first) == sorted(["model", "data", "init", "evaluate_dense", "teacher", "export", "report",
                                     *_cells("search", c["searches"], c["sparsities"]),
                                     *_cells("baseline", c["baselines"], c["sparsities"]),
                                     *_cells("evaluate_search", c["searches"], c["sparsities"]),
@@ -230,6 +230,7 @@ def test_the_whole_pipeline_runs_once_in_dag_order(toy):
                                     *_cells("evaluate_recovered", TOY_RECOVER["methods"], TOY_RECOVER["sparsities"])])
     assert first.index("recover@pg-0.3") > first.index("search@pg-0.3")
     assert first.index("evaluate_recovered@flap-0.3") > first.index("recover@flap-0.3")
+    assert first.index("recover@pg-0.3") > first.index("teacher")
     assert _status(path) == set()
 
 
@@ -262,6 +263,10 @@ def test_each_parameter_reruns_exactly_the_stages_it_affects(toy):
     rec = _cells("recover", r["methods"], r["sparsities"])
     assert _status(path) == {*rec, "report"}  # the report states the settings
     assert sorted(ran_stages(dvc("repro", cwd=path).stdout)) == sorted([*rec, *recovered, "report"])
+    # the teacher's top-k: the teacher stage, then the recovery cells that read it
+    set_param(path, "recover.teacher_topk", 4)
+    assert _status(path) == {"teacher", *rec, "report"}
+    assert sorted(ran_stages(dvc("repro", cwd=path).stdout)) == sorted(["teacher", *rec, *recovered, "report"])
 
     # adding a baseline and a sparsity runs only the new cells (and the report, which lists them)
     set_param(path, "compare.baselines", [*c["baselines"], NEW])

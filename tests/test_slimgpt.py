@@ -182,6 +182,29 @@ def test_slimgpt_through_method_masks_and_bad_input(tmp_path):
     assert scorers_needed("slimgpt", params) == []
     r = method_masks("slimgpt", model, blocks(8, 16, 0), {}, params, 0.3, progress=False)
     assert r.recipe.kind == "refit" and r.extra_bias is None and r.info["time_s"] > 0
+    # the refit SlimGPT computed on the way is the refit of its masks: slicing uses it instead of refitting again
+    again = refit_weights(model, r.masks, blocks(8, 16, 0), progress=False)
+    assert sorted(r.refit) == sorted(again)
+    for i in again:
+        for name in again[i]:
+            torch.testing.assert_close(r.refit[i][name][0], again[i][name][0], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(r.refit[i][name][1], again[i][name][1], atol=1e-5, rtol=1e-5)
+    from pgprune.core import compensation
+
+    def no_second_refit(*a, **k):
+        raise AssertionError("refit again")
+
+    monkey = pytest.MonkeyPatch()
+    monkey.setattr("pgprune.core.refit.refit_model", no_second_refit)
+    try:
+        src, extra = compensation.compensated_source(model, r.masks, r.extra_bias, r.recipe, blocks(8, 16, 0),
+                                                     refit=r.refit)
+    finally:
+        monkey.undo()
+    assert extra is not None and set(extra) == set(r.refit)
+    biased = method_masks("slimgpt", model, blocks(8, 16, 0), {"flap": {}}, params, 0.3, progress=False,
+                          compensation="none")
+    assert biased.refit is None and biased.recipe.kind == "none"
     with pytest.raises(PgpruneError, match="calibration blocks"):
         method_masks("slimgpt", model, None, {}, params, 0.3, progress=False)
     with pytest.raises(PgpruneError, match="layout='uniform' is not allowed"):
@@ -246,5 +269,5 @@ def test_slimgpt_sums_give_the_reference_grams_without_a_second_pass():
     assert dense.digest() == GramRefit(model, calib[:recipe.blocks], damp=recipe.damp,
                                        batch_size=recipe.batch_size).digest() != fast.digest()
     assert search_refit(model, calib, p.model_copy(update={"refit_loss": False}), recipe, start, sums) is None
-    with pytest.raises(PgpruneError, match="incomplete"):
+    with pytest.raises(PgpruneError, match="sums of 1.o_proj are missing"):
         GramRefit.from_sums(model, {k: v for k, v in sums.items() if k != (1, "o_proj")})

@@ -35,7 +35,7 @@ def tiny_params(model_dir: Path) -> dict:
                                   "layer_drop"]},
         "export": {"method": "pg", "sparsity": 0.5, "save_dtype": "float32"},
         "recover": {"steps": 3, "batch_size": 2, "seq_len": 16, "checkpoint_every": 0, "curve_every": 2,
-                    "methods": ["pg", "flap"], "sparsities": [0.5]},
+                    "teacher_topk": 8, "methods": ["pg", "flap"], "sparsities": [0.5]},
     }
 
 
@@ -212,6 +212,7 @@ def test_all_stages(workdir, monkeypatch):
         folder = Path("models/recovered") / m / "s0.5"
         rec = json.loads((folder / "recovery.json").read_text())
         assert rec["steps"] == 3 and len(rec["losses"]) == 3 and rec["settings"]["loss"] == "kd"
+        assert rec["settings"]["teacher_topk"] == 8  # distilled from the teacher stage's top-k cache
         assert "## Recovery" in (folder / "README.md").read_text()
         assert json.loads((folder / "masks.json").read_text()) == json.loads(
             (Path("artifacts/masks") / m / "s0.5" / "masks.json").read_text())
@@ -227,11 +228,14 @@ def test_all_stages(workdir, monkeypatch):
     assert Path("report/recovery_curve.png").stat().st_size > 1000
 
     # byte-reproducible: the same inputs give the same bytes
+    teacher = json.loads(Path("artifacts/teacher/teacher.json").read_text())
+    assert teacher["teacher_topk"] == 8 and teacher["blocks"] > 0
     before = {p: _digest(Path(p)) for p in ("data/prepared", "artifacts/init/scores.safetensors", "artifacts/masks",
-                                            "models/base", "models/tokenizer", "models/pruned", "models/recovered")}
+                                            "models/base", "models/tokenizer", "models/pruned", "models/recovered",
+                                            "artifacts/teacher")}
     for module, argv in cmds:
         if module in ("stages.model", "stages.data", "stages.init", "stages.search", "stages.baseline",
-                      "stages.export", "stages.recover"):
+                      "stages.export", "stages.teacher", "stages.recover"):
             run_stage(module, argv)
     after = {p: _digest(Path(p)) for p in before}
     assert before == after

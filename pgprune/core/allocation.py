@@ -68,31 +68,34 @@ def keep_counts(layout: Layout, sparsity: float, layer_sparsity: float = 0.0,
             "layers": max(1, keep_count(n["layers"], 1.0 - layer_sparsity))}
 
 
-def uniform_quota(sizes: list[int], k: int, minimum: int = 0) -> list[int]:
-    """Split k kept units over segments proportionally to their sizes (largest remainder, ties to lower index)."""
-    total = sum(sizes)
-    if not sum(min(minimum, s) for s in sizes) <= k <= total:
-        raise BudgetError(f"cannot keep {k} of {total} units with at least {minimum} in each of {len(sizes)} layers")
-    exact = [k * s / total for s in sizes]
-    quota = [max(min(minimum, s), min(s, int(math.floor(e)))) for s, e in zip(sizes, exact)]
-    order = sorted(range(len(sizes)), key=lambda i: (-(exact[i] - math.floor(exact[i])), i))
+def round_to_total(exact: list[float], lo: list[int], hi: list[int], k: int) -> list[int]:
+    """Integer counts q_i in [lo_i, hi_i] summing to ``k``, nearest to the fractional ``exact`` counts: floors
+    (clipped), then units added or taken by largest remainder (ties to the lower index). BudgetError when the
+    bounds cannot sum to k."""
+    quota = [min(h, max(lo_i, int(math.floor(e)))) for lo_i, h, e in zip(lo, hi, exact)]
+    order = sorted(range(len(exact)), key=lambda i: (-(exact[i] - math.floor(exact[i])), i))
     diff = k - sum(quota)
     while diff != 0:
         moved = False
         for i in order:
-            if diff > 0 and quota[i] < sizes[i]:
-                quota[i] += 1
-                diff -= 1
-                moved = True
-            elif diff < 0 and quota[i] > min(minimum, sizes[i]):
-                quota[i] -= 1
-                diff += 1
-                moved = True
+            if diff > 0 and quota[i] < hi[i]:
+                quota[i], diff, moved = quota[i] + 1, diff - 1, True
+            elif diff < 0 and quota[i] > lo[i]:
+                quota[i], diff, moved = quota[i] - 1, diff + 1, True
             if diff == 0:
                 break
         if not moved:
-            raise BudgetError(f"cannot split {k} units over sizes {sizes}")
+            raise BudgetError(f"cannot split {k} units over sizes {list(hi)}")
     return quota
+
+
+def uniform_quota(sizes: list[int], k: int, minimum: int = 0) -> list[int]:
+    """Split k kept units over segments proportionally to their sizes (largest remainder, ties to lower index)."""
+    total = sum(sizes)
+    lo = [min(minimum, s) for s in sizes]
+    if not sum(lo) <= k <= total:
+        raise BudgetError(f"cannot keep {k} of {total} units with at least {minimum} in each of {len(sizes)} layers")
+    return round_to_total([k * s / total for s in sizes], lo, list(sizes), k)
 
 
 def uniform_widths(layout: Layout, sparsity: float, *, round_to: int = 1, min_heads: int = 1) -> dict[str, int]:

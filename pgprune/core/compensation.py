@@ -53,13 +53,17 @@ class Recipe:
 
 
 def compensated_source(model, masks: Masks, extra_bias: dict | None, recipe: Recipe | None,
-                       calib: torch.Tensor | None, *, progress: bool = False):
+                       calib: torch.Tensor | None, *, progress: bool = False, refit: dict | None = None):
     """(source model, extra_bias) to slice ``masks`` from (``slice_model(source, masks, extra_bias)``): the model
     and the stored biases for ``none``/``bias``; for ``refit`` a copy of ``model`` holding the refit kept columns
-    and the refit biases, from ``calib`` [n, T] (its first ``recipe.blocks`` blocks)."""
+    and the refit biases, from ``calib`` [n, T] (its first ``recipe.blocks`` blocks), or from ``refit`` when the
+    method already computed the refit weights of ``masks`` (:attr:`pgprune.core.handoff.MethodResult.refit`)."""
     if recipe is None or recipe.kind != "refit":
         return model, extra_bias
-    from pgprune.core.refit import refit_model
+    from pgprune.core.refit import apply_refit, refit_model
+
+    if refit is not None:
+        return apply_refit(model, masks, refit)
 
     if calib is None:
         raise PgpruneError("these masks are compensated by refit, which needs the calibration blocks they were made "

@@ -34,6 +34,9 @@ class MethodResult:
     compensation_means: dict | None = None
     # how the sliced model is compensated (the refit is recomputed from it by whoever slices)
     recipe: Recipe | None = None
+    # the refit weights of ``masks`` when the method computed them on the way (SlimGPT): whoever slices in the same
+    # process uses them instead of refitting again (pgprune.core.compensation.compensated_source); never saved
+    refit: dict | None = None
 
 
 def _write_masks(out: Path, masks: Masks, extra) -> None:
@@ -74,8 +77,7 @@ def save_masks(out_dir: str | Path, result: MethodResult, layout) -> dict:
         summary["search_settings"] = result.info["settings"]
     if "seeds" in result.info:
         summary["search"] = {s: {k: v for k, v in d.items() if k in ("steps", "forward_passes", "best_step",
-                                                                     "best_val_loss", "init_val_loss", "start_val_loss",
-                                                                     "start_chosen")}
+                                                                     "best_val_loss", "init_val_loss")}
                              for s, d in result.info["seeds"].items()}
     write_json(out / "summary.json", summary)
     return summary

@@ -23,8 +23,10 @@ larger than bias-only compensation's, whatever lam (and lam -> infinity gives ba
 Numerics: the Gram matrices are accumulated in float64 on the layer's device, lam = damp * mean(diag(H_KK)) (the
 normalised Gram), the system is solved by Cholesky in float64. Where the factorisation fails or is numerically
 singular (dead or constant inputs, fewer tokens than unknowns) lam is raised tenfold until it is not, with a
-warning; the result is always finite. The refit weights are returned in float32; the model's own dtype is used to
-propagate the calibration blocks (what the sliced model computes).
+warning; the result is always finite. The refit weights are returned in the model's dtype (rounded once from float64
+through float32, the cast slicing applies anyway: a bfloat16 model's refit holds half the bytes) and the biases in
+float32; the model's own dtype is used to propagate the calibration blocks (what the sliced model computes). The
+solve works in place on the normalised statistics (at most three (k+1)^2 float64 matrices at once per module).
 
 Differences from SlimGPT (Ling et al., 2024): SlimGPT also *chooses* S (greedily, column group by column group, with
 its OBS error and a dynamic group size) and updates the remaining columns after each choice; here S is given by the
@@ -50,7 +52,7 @@ from pgprune.core.adapters import get_adapter
 from pgprune.core.adapters.base import Layout
 from pgprune.core.masked_forward import _FULL, MaskedModel
 from pgprune.core.masks import Masks
-from pgprune.core.weights import is_streamed
+from pgprune.core.weights import is_streamed, return_freed_memory
 from pgprune.errors import PgpruneError
 
 MODULES = ("o_proj", "down_proj")
@@ -135,18 +137,19 @@ class _Gram:
 
 def _solve(w: torch.Tensor, b: torch.Tensor | None, kept: torch.Tensor, removed: torch.Tensor, gram: _Gram,
            damp: float, where: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """float32 (W' [out, k], b' [out]) from the statistics (see the module docstring)."""
+    """(W' [out, k] in the weight's dtype, b' [out] float32) from the statistics ``gram`` (see the module docstring;
+    ``gram`` is consumed: normalised in place)."""
     k, n = kept.numel(), gram.n
     dev = gram.h.device
     w_k = w[:, kept.to(w.device)].to(dev, torch.float64)
     b0 = b.to(dev, torch.float64) if b is not None else torch.zeros(w.shape[0], dtype=torch.float64, device=dev)
     if removed.numel() == 0:  # nothing removed: the module is unchanged
-        return w_k.float().cpu(), b0.float().cpu()
+        return w_k.float().to(w.dtype).cpu(), b0.float().cpu()
     if n < k + 1:
         warnings.warn(f"refit {where}: {n} calibration tokens for {k} kept inputs (+1 intercept): the least-squares "
                       "problem is underdetermined and the result rests on the damping; use more calibration tokens",
                       RuntimeWarning, stacklevel=_STACK)
-    hn, cn = gram.h / n, gram.c / n
+    hn, cn = gram.h.div_(n), gram.c.div_(n)  # the normalised statistics, in place: _solve consumes ``gram``
     diag = torch.diagonal(hn)[:k]
     var = diag - hn[:k, k] ** 2
     n_const = int((var <= _CONST_REL * diag).sum())
@@ -161,17 +164,21 @@ def _solve(w: torch.Tensor, b: torch.Tensor | None, kept: torch.Tensor, removed:
     dmask = torch.ones(k + 1, dtype=torch.float64, device=dev)
     dmask[k] = 0.0
     rhs = (w[:, removed.to(w.device)].to(dev, torch.float64) @ cn).t()  # [(k+1), out] = (W_S C)^T
+    del cn
     delta = None
-    for _ in range(_MAX_RAISES + 1):
-        a = hn + torch.diag(lam * dmask)
+    for _ in range(_MAX_RAISES + 1):  # in place: at most hn, a and its factor ([(k+1), (k+1)] each) at once
+        a = hn.clone()
+        torch.diagonal(a).add_(lam * dmask)
         d = torch.diagonal(a)
         sc = torch.where(d > 0, d, torch.ones_like(d)).rsqrt()  # Jacobi scaling: unit diagonal, scale-free pivots
-        chol, info = torch.linalg.cholesky_ex(a * sc[:, None] * sc[None, :])
+        chol, info = torch.linalg.cholesky_ex(a.mul_(sc[:, None]).mul_(sc[None, :]))
+        del a
         if int(info) == 0 and float(torch.diagonal(chol).min()) ** 2 >= _PIVOT_REL:
             sol = torch.cholesky_solve(rhs * sc[:, None], chol) * sc[:, None]
             if bool(torch.isfinite(sol).all()):
                 delta = sol.t()  # [out, k+1]
                 break
+        del chol
         lam = max(lam * 10.0, 1e-6 * scale)
     if delta is None:
         raise PgpruneError(f"refit {where}: the Gram matrix of the calibration inputs stayed singular up to damping "
@@ -180,7 +187,7 @@ def _solve(w: torch.Tensor, b: torch.Tensor | None, kept: torch.Tensor, removed:
         warnings.warn(f"refit {where}: the Gram matrix is (numerically) singular; raised the damping from "
                       f"{lam0:.3g} to {lam:.3g} (= {lam / scale:.3g} * mean diagonal)", RuntimeWarning,
                       stacklevel=_STACK)
-    return (w_k + delta[:, :k]).float().cpu(), (b0 + delta[:, k]).float().cpu()
+    return (w_k + delta[:, :k]).float().to(w.dtype).cpu(), (b0 + delta[:, k]).float().cpu()
 
 
 def _extra_bias(lin, bias32: torch.Tensor) -> torch.Tensor:
@@ -340,6 +347,7 @@ def _run(model, masks: Masks, blocks: torch.Tensor, batch_size: int, progress: b
                     new.append(h + F.linear(x_k, w, b))
                 hs = new
                 del xk
+                return_freed_memory()  # this layer's temporaries: resident memory stays one layer's worth
     finally:
         mm.source.release()
     head = mm._head_device
@@ -362,10 +370,11 @@ def refit_weights(model, masks: Masks, calib_blocks: torch.Tensor, *, damp: floa
 
     ``calib_blocks``: token ids [n_blocks, T]. ``damp``: the damping relative to the mean diagonal of the kept
     inputs' Gram matrix (>= 0; raised automatically, with a warning, where the system is singular).
-    Returns {layer: {"o_proj": (weight float32 [hidden, kept columns], bias float32 [hidden]),
-    "down_proj": (weight float32 [hidden, kept channels], bias float32 [hidden])}} for every kept layer (dropped
-    layers have no entry; a module with nothing removed gets its own weights). The biases are the whole refit
-    output biases (the module's own bias, or zero, plus the correction). Deterministic for the same inputs."""
+    Returns {layer: {"o_proj": (weight [hidden, kept columns], bias float32 [hidden]),
+    "down_proj": (weight [hidden, kept channels], bias float32 [hidden])}} (weights in the model's dtype) for every
+    kept layer (dropped layers have no entry; a module with nothing removed gets its own weights). The biases are
+    the whole refit output biases (the module's own bias, or zero, plus the correction). Deterministic for the same
+    inputs."""
     if not (isinstance(damp, (int, float)) and not isinstance(damp, bool) and damp >= 0 and damp < float("inf")):
         raise PgpruneError(f"damp={damp!r}; allowed: a finite number >= 0 (default 0.01)")
     refit, _, _ = _run(model, masks, calib_blocks, batch_size, progress, None, float(damp))
@@ -433,6 +442,65 @@ def refit_model(model, masks: Masks, calib_blocks: torch.Tensor, *, damp: float 
     return apply_refit(model, masks, refit)
 
 
+def recording(select: Selector, sums: dict) -> Selector:
+    """``select`` that also leaves the full-input sums of every call in ``sums`` ({(layer, module): (g float64
+    [m+1, m+1] on the CPU, n tokens)}): the statistics a sequential selection saw, for :meth:`GramRefit.from_sums`."""
+
+    def select_and_record(i: int, name: str, lin, g: torch.Tensor, n: int) -> torch.Tensor:
+        sums[(i, name)] = (g.cpu(), n)
+        return select(i, name, lin, g, n)
+
+    return select_and_record
+
+
+def following(masks: Masks) -> Selector:
+    """The ``select`` that chooses exactly ``masks``' KV groups and channels (a sequential pass of given masks)."""
+
+    def select(i: int, name: str, lin, g: torch.Tensor, n: int) -> torch.Tensor:
+        return (masks.heads[i] if name == "o_proj" else masks.channels[i]).clone()
+
+    return select
+
+
+@torch.no_grad()
+def reference_sums(model, calib_blocks: torch.Tensor, reference: Masks, *, damp: float = 0.01, batch_size: int = 8,
+                   progress: bool = False) -> dict:
+    """{(layer, module): (g, n)}: the full-input sums of o_proj and down_proj of every kept layer on the calibration
+    stream of ``reference``'s pruned, refit model (the sequential inputs: one pass of :func:`select_and_refit`
+    following the reference)."""
+    layout = get_adapter(model).layout()
+    reference.validate(layout)
+    start = Masks.full(layout)
+    start.layers = reference.layers.clone()
+    sums: dict = {}
+    _run(model, start, _check_blocks(calib_blocks), batch_size, progress, None, float(damp),
+         recording(following(reference), sums))
+    return sums
+
+
+@torch.no_grad()
+def dense_sums(model, calib_blocks: torch.Tensor, *, batch_size: int = 8, progress: bool = False) -> dict:
+    """{(layer, module): (g, n)}: the full-input sums g = sum z z^T, z = [x; 1] (float64 [m+1, m+1], CPU) of
+    o_proj and down_proj of every layer on the calibration tokens of the dense model (one pass)."""
+    sums: dict = {}
+
+    def taps(i, name, x, *rest):
+        if name not in MODULES:
+            return
+        _check_finite(x, i, name)
+        z = torch.cat([x.reshape(-1, x.shape[-1]).double(),
+                       torch.ones(x.numel() // x.shape[-1], 1, dtype=torch.float64, device=x.device)], dim=1)
+        g, n = sums.get((i, name), (None, 0))
+        if g is None:
+            g = torch.zeros(z.shape[1], z.shape[1], dtype=torch.float64)
+        g.addmm_(z.t().cpu(), z.cpu())  # [m+1, m+1]
+        sums[(i, name)] = (g, n + z.shape[0])
+
+    MaskedModel(model).scan(_check_blocks(calib_blocks), taps, batch_size=batch_size, progress=progress,
+                            desc="refit grams")
+    return sums
+
+
 class GramRefit:
     """Refit weights of *any* kept set, from full-input Gram matrices cached once (the search's refit loss).
 
@@ -454,66 +522,37 @@ class GramRefit:
 
     def __init__(self, model, calib_blocks: torch.Tensor, *, damp: float = 0.01, batch_size: int = 8,
                  progress: bool = False, cache_size: int = 1024, reference: Masks | None = None):
-        import functools
-
         blocks = _check_blocks(calib_blocks)
-        self.damp = float(damp)
-        mm = MaskedModel(model)
-        self.adapter = mm.adapter
-        self.layout = mm.layout
-        self._grams: dict[tuple[int, str], torch.Tensor] = {}
-        self._n: dict[tuple[int, str], int] = {}
-
-        def taps(i, name, x, *rest):
-            if name not in MODULES:
-                return
-            _check_finite(x, i, name)
-            z = torch.cat([x.reshape(-1, x.shape[-1]).double(),
-                           torch.ones(x.numel() // x.shape[-1], 1, dtype=torch.float64, device=x.device)], dim=1)
-            g = self._grams.get((i, name))
-            if g is None:
-                g = self._grams[(i, name)] = torch.zeros(z.shape[1], z.shape[1], dtype=torch.float64)
-                self._n[(i, name)] = 0
-            g.addmm_(z.t().cpu(), z.cpu())  # [n+1, n+1]
-            self._n[(i, name)] += z.shape[0]
-
         if reference is not None:
-            reference.validate(self.layout)
-
-            def record(i, name, lin, g, n):  # keep the full-input sums, follow the reference's masks
-                self._grams[(i, name)], self._n[(i, name)] = g.cpu(), n
-                return (reference.heads[i] if name == "o_proj" else reference.channels[i]).clone()
-
-            start = Masks.full(self.layout)
-            start.layers = reference.layers.clone()
-            with torch.no_grad():
-                _run(model, start, blocks, batch_size, progress, None, self.damp, record)
+            sums = reference_sums(model, blocks, reference, damp=damp, batch_size=batch_size, progress=progress)
         else:
-            with torch.no_grad():
-                mm.scan(blocks, taps, batch_size=batch_size, progress=progress, desc="refit grams")
-        self._cached = functools.lru_cache(maxsize=cache_size)(self._solve_cols)
+            sums = dense_sums(model, blocks, batch_size=batch_size, progress=progress)
+        self._setup(model, sums, damp, cache_size)
 
     @classmethod
     def from_sums(cls, model, sums: dict, *, damp: float = 0.01, cache_size: int = 1024) -> "GramRefit":
         """The GramRefit of sums already taken: ``sums`` = {(layer, module): (g float64 [m+1, m+1], n tokens)} for
         every kept layer and both modules, e.g. those :func:`pgprune.pruning.slimgpt.slimgpt_masks` saw while
-        choosing its masks, which are exactly ``GramRefit(model, blocks, reference=those masks)``'s (the same
-        sequential pass), so the search's refit loss on SlimGPT's stream costs no second pass."""
+        choosing its masks, which are exactly :func:`reference_sums` of those masks (the same sequential pass), so
+        the search's refit loss on SlimGPT's stream costs no second pass."""
+        self = cls.__new__(cls)
+        self._setup(model, sums, damp, cache_size)
+        return self
+
+    def _setup(self, model, sums: dict, damp: float, cache_size: int) -> None:
         import functools
 
-        self = cls.__new__(cls)
+        layers = {i for i, _ in sums}
+        missing = [f"{i}.{name}" for i in sorted(layers) for name in MODULES if (i, name) not in sums]
+        if not sums or missing:
+            raise PgpruneError(f"GramRefit: the sums of {', '.join(missing) or 'every layer'} are missing; allowed: "
+                               "the sums of both modules (o_proj, down_proj) of every kept layer")
         self.damp = float(damp)
-        mm = MaskedModel(model)
-        self.adapter, self.layout = mm.adapter, mm.layout
+        self.adapter = get_adapter(model)
+        self.layout = self.adapter.layout()
         self._grams = {k: g for k, (g, _) in sums.items()}
         self._n = {k: n for k, (_, n) in sums.items()}
-        odd = sorted({i for i, _ in self._grams} ^ {i for i, name in self._grams if name == "o_proj"}
-                     | {i for i, _ in self._grams} ^ {i for i, name in self._grams if name == "down_proj"})
-        if not self._grams or odd:
-            raise PgpruneError(f"GramRefit.from_sums: sums of layers {odd or 'none'} are incomplete; allowed: the sums "
-                               "of both modules (o_proj, down_proj) of every kept layer")
         self._cached = functools.lru_cache(maxsize=cache_size)(self._solve_cols)
-        return self
 
     def _solve_cols(self, i: int, name: str, cols: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
         lin = getattr(self.adapter.parts(i), name)

@@ -303,6 +303,29 @@ def layer_homes(model, adapter: Adapter | None = None, device: torch.device | st
     return homes, devices
 
 
+_LIBC: object = None
+
+
+def return_freed_memory() -> None:
+    """Hand the C heap's free pages back to the OS (glibc ``malloc_trim(0)``; a no-op elsewhere). A layer-by-layer
+    pass frees and reallocates tensors of many sizes (a layer's weights, float64 Gram matrices of every width);
+    glibc keeps the freed ones below its mmap threshold in its heaps, so the process's resident memory grows with
+    the fragmentation, not with what is alive. Called once per layer by the refit: what is resident stays close to
+    what the current layer needs (bench.refit_cost)."""
+    global _LIBC
+    if _LIBC is None:
+        import ctypes
+        import ctypes.util
+
+        try:
+            lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            _LIBC = lib if hasattr(lib, "malloc_trim") else False
+        except OSError:
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
 def is_streamed(model) -> bool:
     """True when the model cannot run as one in-memory module: some layer is offloaded or layers are spread over
     several devices (then use :class:`pgprune.core.masked_forward.MaskedModel`, which executes layer by layer)."""

@@ -81,3 +81,16 @@ def calibration_blocks(text: str, tokenizer: Any, seq_len: int, n: int, seed: in
     gen = torch.Generator().manual_seed(int(seed))
     starts = torch.randint(0, len(ids) - seq_len + 1, (n,), generator=gen)
     return torch.stack([stream[s: s + seq_len] for s in starts.tolist()])
+
+
+def recut_blocks(blocks: torch.Tensor, seq_len: int, max_blocks: int) -> torch.Tensor:
+    """``blocks`` [n, T] as [m, seq_len] (the tokens in order, the remainder dropped; unchanged when T == seq_len),
+    the first ``max_blocks`` (the recovery's training blocks from the calibration blocks)."""
+    n, t = blocks.shape
+    if t != seq_len:
+        m = (n * t) // seq_len
+        if m < 1:
+            raise PgpruneError(f"recover.seq_len={seq_len} is longer than the {n * t} calibration tokens; allowed: "
+                               f"at most {n * t}")
+        blocks = blocks.reshape(-1)[: m * seq_len].reshape(m, seq_len)  # [m, seq_len]
+    return blocks[:max_blocks]

@@ -17,7 +17,6 @@ search and it is deleted once the search completes.
 """
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -46,9 +45,6 @@ class PGOutcome:
     # with record_trajectory: the hard mask of every validation, {"step", "forward_passes", "elapsed_s",
     # "val_loss", "masks"} (quality vs cost)
     trajectory: list[dict] = field(default_factory=list)
-    # with a start: its validated loss, and whether the start itself (not a validated step's mask) was returned
-    start_val_loss: float | None = None
-    start_chosen: bool = False
 
 
 # --- identity of a search --------------------------------------------------------------------------------------
@@ -249,20 +245,20 @@ def run_pg_search(model, calib: torch.Tensor, init_scores: dict[str, torch.Tenso
                   sparsity: float, layout: str = "heterogeneous", seed: int | None = None,
                   checkpoint_dir: str | Path | None = None, device: str = "cpu", progress: bool = True,
                   on_step=None, compensation: dict[str, list[torch.Tensor]] | None = None,
-                  stop_after: int | None = None, record_trajectory: bool = False, refit=None,
-                  start: Masks | None = None) -> PGOutcome:
+                  stop_after: int | None = None, record_trajectory: bool = False, refit=None) -> PGOutcome:
     """Search masks at ``sparsity`` in ``layout`` with ``seed`` (default: the first of ``p.seeds``).
 
     ``compensation`` (calibration means of o_proj/down_proj inputs, e.g. the flap scorer's "bias" entry) makes
     every evaluated mask mean-compensated, like the final sliced model; ``refit`` (a
     :class:`pgprune.core.refit.GramRefit`) evaluates every sampled and validated mask with its kept o_proj/down_proj
     weights refit instead (the search's refit loss). With ``checkpoint_dir`` the search checkpoints there every
-    ``p.checkpoint_every`` steps and resumes a checkpoint of exactly this search. ``p.at_sparsity`` rules are resolved here (:meth:`pgprune.config.SearchParams.at`).
+    ``p.checkpoint_every`` steps and resumes a checkpoint of exactly this search. ``p.at_sparsity`` rules are
+    resolved here (:meth:`pgprune.config.SearchParams.at`).
 
-    ``start``: the masks the init scores encode (SlimGPT's, :func:`pgprune.pruning.run.search_init`), a candidate of
-    the final choice with ``select: best``: the policy's step-0 hard mask is the start with its channels rounded to
-    search.channel_group blocks, so the start itself is validated too and returned when no validated step beats
-    it (the search then never ends above where it started, block rounding included)."""
+    The start (the init scores' hard mask, e.g. SlimGPT's masks with the MLP widths rounded to search.channel_group
+    blocks: :func:`pgprune.pruning.run.search_init`) is validated before the first step, so with ``select: best``
+    the search never returns a mask that validated worse than where it started, and its widths stay on the
+    channel-block grid (what llama.cpp runs fastest: docs/serving.md)."""
     p = p.at(sparsity, layout)
     check_val_blocks(calib.shape[0], p)
     masked = MaskedModel(model)
@@ -293,15 +289,7 @@ def run_pg_search(model, calib: torch.Tensor, init_scores: dict[str, torch.Tenso
                         record_trajectory=record_trajectory)
     masks = hard_masks(masked.layout, result.selected_probs(p.select), p, sparsity, layout_kind=layout,
                        blocks=blocks)
-    start_loss, chosen = None, False
-    if start is not None and validate_fn is not None and p.select == "best" and result.validation:
-        start.validate(masked.layout)
-        start_loss = float(masked.block_nll(val, start, batch_size=p.batch_size).sum()
-                           / (val.shape[0] * (val.shape[1] - 1)))
-        best = min(v["val_loss"] for v in result.validation)
-        if start_loss <= best:
-            masks, chosen = copy.deepcopy(start), True
     trajectory = [{k: v for k, v in t.items() if k != "probs"}
                   | {"masks": hard_masks(masked.layout, t["probs"], p, sparsity, layout_kind=layout, blocks=blocks)}
                   for t in result.trajectory]
-    return PGOutcome(masks, result, probs0, blocks, search.seed, key, trajectory, start_loss, chosen)
+    return PGOutcome(masks, result, probs0, blocks, search.seed, key, trajectory)

@@ -190,24 +190,27 @@ def method_masks(method: str, model, calib: torch.Tensor, scores: dict, params: 
     recipe = recipe_of(comp_kind, params)
     if m.kind == "metric":
         if m.selector == "slimgpt":
-            from pgprune.pruning.slimgpt import slimgpt_masks
+            from pgprune.pruning.slimgpt import slimgpt
 
             if kind != "heterogeneous":
                 raise PgpruneError(f"{method} sets per-layer widths by its Incremental Pruning Ratio; layout={kind!r} "
                                    "is not allowed for it (allowed: heterogeneous)")
             if calib is None:
                 raise PgpruneError(f"{method} chooses its masks on the calibration blocks; none were given")
-            masks = slimgpt_masks(model, calib[:recipe.blocks], sparsity,
-                                  min_heads_per_layer=params.search.min_heads_per_layer, damp=recipe.damp,
-                                  batch_size=recipe.batch_size, progress=progress)
+            masks, refit = slimgpt(model, calib[:recipe.blocks], sparsity,
+                                   min_heads_per_layer=params.search.min_heads_per_layer, damp=recipe.damp,
+                                   batch_size=recipe.batch_size, progress=progress)
+            if recipe.kind != "refit":  # --compensation none/bias: SlimGPT's masks without its refit
+                refit = None
         else:
+            refit = None
             masks = metric_masks(method, layout, scores, sparsity, params, kind, round_to)
         extra, means = None, None
         if comp_kind == "bias":
             extra = compensation_biases(model, masks, scores["flap"])
             means = scores["flap"]["bias"]
         return MethodResult(method, sparsity, masks, extra, {"time_s": time.perf_counter() - t0, "layout": kind},
-                            compensation_means=means, recipe=recipe)
+                            compensation_means=means, recipe=recipe, refit=refit)
     p = params.search.at(sparsity, kind)
     comp = search_compensation(comp_kind, scores)
     t1 = time.perf_counter()
@@ -230,12 +233,11 @@ def method_masks(method: str, model, calib: torch.Tensor, scores: dict, params: 
     for i, seed in enumerate(seeds):
         out = run_pg_search(model, calib, init_scores, p_run, sparsity=sparsity, layout=kind, seed=seed,
                             checkpoint_dir=checkpoint_root, device=params.model.device, progress=progress,
-                            compensation=comp, record_trajectory=i == 0, refit=gram_refit, start=start)
+                            compensation=comp, record_trajectory=i == 0, refit=gram_refit)
         r = out.result
         info["seeds"][str(seed)] = {
             "time_s": r.elapsed_s, "resumed_from_step": r.resumed_from, "steps": r.steps_done,
             "forward_passes": r.forward_passes, "best_step": r.best_step,
-            "start_val_loss": out.start_val_loss, "start_chosen": out.start_chosen,
             "best_val_loss": min((v["val_loss"] for v in r.validation), default=None),
             "init_val_loss": r.validation[0]["val_loss"] if r.validation else None}
         outcomes.append(out)

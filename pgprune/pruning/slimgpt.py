@@ -34,7 +34,7 @@ import math
 import torch
 
 from pgprune.core.adapters import get_adapter
-from pgprune.core.allocation import keep_counts
+from pgprune.core.allocation import keep_counts, round_to_total
 from pgprune.core.masks import Masks
 from pgprune.errors import BudgetError, PgpruneError
 
@@ -69,21 +69,7 @@ def ipr_quota(sizes: list[int], keep: int, minimum: int = 0, ratio: float = IPR_
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if sum(pruned(mid)) < want else (lo, mid)
     exact = [s - p for s, p in zip(sizes, pruned(hi))]  # kept, fractional
-    quota = [min(s, max(m, int(math.floor(e)))) for s, m, e in zip(sizes, lo_keep, exact)]
-    order = sorted(range(n), key=lambda i: (-(exact[i] - math.floor(exact[i])), i))
-    diff = keep - sum(quota)
-    while diff:
-        moved = False
-        for i in order:
-            if diff > 0 and quota[i] < sizes[i]:
-                quota[i], diff, moved = quota[i] + 1, diff - 1, True
-            elif diff < 0 and quota[i] > lo_keep[i]:
-                quota[i], diff, moved = quota[i] - 1, diff + 1, True
-            if not diff:
-                break
-        if not moved:
-            raise BudgetError(f"cannot split {keep} kept units over sizes {sizes}")
-    return quota
+    return round_to_total(exact, lo_keep, list(sizes), keep)
 
 
 def dgs_sizes(n_remove: int, dgs_min: int = DGS_MIN, dgs_max: int = DGS_MAX) -> list[int]:
@@ -100,8 +86,7 @@ def dgs_sizes(n_remove: int, dgs_min: int = DGS_MIN, dgs_max: int = DGS_MAX) -> 
 def damped_hessian(g: torch.Tensor, n: int, damp: float) -> torch.Tensor:
     """H = X X^T / N from the full-input sums g = sum [x; 1][x; 1]^T (the ones row last), float64 [m, m], with
     ``damp`` * mean diagonal added and dead inputs (zero diagonal) given diagonal 1 (SlimGPT's rule)."""
-    h = g[:-1, :-1] / max(n, 1)  # [m, m]
-    h = h.clone()
+    h = g[:-1, :-1] / max(n, 1)  # [m, m] (a new tensor: g is left alone)
     d = torch.diagonal(h)
     dead = d <= 0
     d[dead] = 1.0
@@ -170,17 +155,14 @@ class SlimGPTSelector:
     channels by OBS with the Dynamic Group Size, to the per-layer quotas of the Incremental Pruning Ratio."""
 
     def __init__(self, layout, sparsity: float, *, min_heads_per_layer: int = 1, damp: float = 0.01,
-                 ratio: float = IPR_RATIO, sums: dict | None = None):
+                 ratio: float = IPR_RATIO):
         counts = keep_counts(layout, sparsity)
         self.layout = layout
         self.damp = float(damp)
-        self.sums = sums  # when a dict: {(layer, module): (g, n)} of every call, for GramRefit.from_sums
         self.heads = ipr_quota(list(layout.kv_heads), counts["heads"], min_heads_per_layer, ratio)
         self.channels = ipr_quota(list(layout.intermediate), counts["channels"], 1, ratio)
 
     def __call__(self, i: int, name: str, lin, g: torch.Tensor, n: int) -> torch.Tensor:
-        if self.sums is not None:
-            self.sums[(i, name)] = (g.cpu(), n)
         h = damped_hessian(g, n, self.damp)
         if name == "o_proj":
             kv, width = self.layout.kv_heads[i], self.layout.group_size * self.layout.head_dim
@@ -197,23 +179,30 @@ class SlimGPTSelector:
         return keep
 
 
-def slimgpt_masks(model, calib: torch.Tensor, sparsity: float, *, min_heads_per_layer: int = 1, damp: float = 0.01,
-                  batch_size: int = 8, progress: bool = True, sums: dict | None = None) -> Masks:
-    """SlimGPT's masks of ``model`` at ``sparsity`` (the fraction of KV groups and of MLP channels removed, like
-    every metric baseline) chosen on the calibration blocks ``calib`` [n, T] (see the module docstring). With a
-    ``sums`` dict, the full-input sums every choice saw are left in it ({(layer, module): (g, n)}, the sequential
-    stream of SlimGPT's pruned, refit model): :meth:`pgprune.core.refit.GramRefit.from_sums` builds the search's
-    refit loss on them without a second pass."""
-    from pgprune.core.refit import select_and_refit
+def slimgpt(model, calib: torch.Tensor, sparsity: float, *, min_heads_per_layer: int = 1, damp: float = 0.01,
+            batch_size: int = 8, progress: bool = True, sums: dict | None = None) -> tuple[Masks, dict]:
+    """(masks, refit weights) of SlimGPT on ``model`` at ``sparsity`` (the fraction of KV groups and of MLP channels
+    removed, like every metric baseline), chosen on the calibration blocks ``calib`` [n, T] (see the module
+    docstring). The refit is :func:`pgprune.core.refit.refit_weights` of the masks (the same sequential inputs and
+    solves), so whoever slices them need not refit again. With a ``sums`` dict, the full-input sums every choice
+    saw are left in it ({(layer, module): (g, n)}, the sequential stream of SlimGPT's pruned, refit model):
+    :meth:`pgprune.core.refit.GramRefit.from_sums` builds the search's refit loss on them without a second pass."""
+    from pgprune.core.refit import recording, select_and_refit
 
     if calib is None:
         raise PgpruneError("slimgpt chooses its masks on calibration blocks; none were given")
     layout = get_adapter(model).layout()
-    select = SlimGPTSelector(layout, sparsity, min_heads_per_layer=min_heads_per_layer, damp=damp, sums=sums)
-    masks, _ = select_and_refit(model, calib, select, damp=damp, batch_size=batch_size, progress=progress)
+    select = SlimGPTSelector(layout, sparsity, min_heads_per_layer=min_heads_per_layer, damp=damp)
+    masks, refit = select_and_refit(model, calib, recording(select, sums) if sums is not None else select,
+                                    damp=damp, batch_size=batch_size, progress=progress)
     masks.validate(layout)
-    return masks
+    return masks, refit
+
+
+def slimgpt_masks(model, calib: torch.Tensor, sparsity: float, **kwargs) -> Masks:
+    """SlimGPT's masks (:func:`slimgpt` without its refit weights)."""
+    return slimgpt(model, calib, sparsity, **kwargs)[0]
 
 
 __all__ = ["IPR_RATIO", "DGS_MAX", "DGS_MIN", "ipr_quota", "dgs_sizes", "damped_hessian", "obs_prune",
-           "SlimGPTSelector", "slimgpt_masks"]
+           "SlimGPTSelector", "slimgpt", "slimgpt_masks"]

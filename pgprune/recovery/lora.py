@@ -7,7 +7,9 @@ warm-up then cosine/linear/constant schedule, gradient clipping). Losses per tok
 
 * ``lm``: ``-log p_s(x_{t+1} | x_{<=t})`` (the pruned model's own next-token cross-entropy);
 * ``kd``: ``T² · KL(p_t^T || p_s^T)`` with ``p^T = softmax(logits / T)`` of the dense teacher and the student
-  (Hinton et al.; Minitron-style logit distillation). A teacher equal to the student gives exactly 0.
+  (Hinton et al.; Minitron-style logit distillation). A teacher equal to the student gives exactly 0. With
+  ``teacher_topk`` k > 0 the teacher's distribution is its top-k tokens plus "the rest" as one event, cached once
+  per block before the first step (:mod:`pgprune.recovery.teacher`).
 
 Difference from LLM-Pruner's recovery (the paper this follows): LLM-Pruner tunes LoRA on ~50k Alpaca instructions
 for 2 epochs with the LM loss; here the data is plain text (the calibration corpus or any text file, never the
@@ -35,8 +37,9 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from pgprune.errors import PgpruneError
-from pgprune.io import atomic_path
+from pgprune.io import atomic_path, tensor_digest
 from pgprune.recovery.settings import RecoverSettings
+from pgprune.recovery.teacher import kd_topk_loss, logits_of, teacher_topk
 
 log = logging.getLogger("pgprune")
 CHECKPOINT_VERSION = 1
@@ -52,17 +55,6 @@ class Recovered:
 
 
 # --- digests ---------------------------------------------------------------------------------------------------
-def tensor_digest(tensors) -> str:
-    """sha256 over the names, shapes, dtypes and bytes of a state dict (or of a list of tensors)."""
-    h = hashlib.sha256()
-    items = tensors.items() if isinstance(tensors, dict) else enumerate(tensors)
-    for name, t in items:
-        t = t.detach().to("cpu").contiguous()
-        h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
-
-
 def run_key(model, blocks: torch.Tensor, settings: RecoverSettings, teacher_id: str | None) -> str:
     """The key a checkpoint must match: the student's weights, the training blocks, the settings and the
     teacher (None for the lm loss)."""
@@ -205,25 +197,33 @@ def _autocast(settings: RecoverSettings, device: torch.device):
     return contextlib.nullcontext()
 
 
-def _logits(model, ids: torch.Tensor) -> torch.Tensor:
-    out = model(input_ids=ids, use_cache=False)
-    return out.logits if hasattr(out, "logits") else out[0]
-
-
 def recover_model(model, blocks: torch.Tensor, settings: RecoverSettings, *, teacher=None,
                   teacher_id: str | None = None, checkpoint_dir: str | Path | None = None,
-                  progress: bool = True, callback=None) -> Recovered:
+                  progress: bool = True, callback=None, teacher_cache=None) -> Recovered:
     """Train LoRA adapters on ``model`` (changed in place: pass a copy to keep it) over ``blocks`` [n, seq_len]
     with ``settings`` and return the merged model. ``teacher``: the dense model for ``loss: kd`` (a callable
     ``ids -> logits`` or a model; kept frozen, on its own device), ``teacher_id`` names it in the checkpoint key.
     ``checkpoint_dir``: checkpoints every ``checkpoint_every`` steps and on an interruption; a run with the
     same key resumes from the last one. ``callback(steps_done, model)``: called after every step with the model as
     it is then (the transformers model with peft's LoRA layers in place, unmerged; e.g. a perplexity curve), under
-    no_grad in eval mode; it must leave the weights alone."""
-    if settings.loss == "kd" and teacher is None:
-        raise PgpruneError("loss 'kd' needs the dense teacher model; allowed: pass a teacher, or loss 'lm'")
+    no_grad in eval mode; it must leave the weights alone. ``teacher_cache``: the
+    :class:`~pgprune.recovery.teacher.TeacherTopK` of these blocks (``teacher_topk`` > 0; computed here from
+    ``teacher`` when not given; one made for other blocks, k or temperature is refused)."""
+    topk = settings.loss == "kd" and settings.teacher_topk > 0
+    if settings.loss == "kd" and teacher is None and not (topk and teacher_cache is not None):
+        raise PgpruneError("loss 'kd' needs the dense teacher model; allowed: pass a teacher (or, with "
+                           "teacher_topk, its cache), or loss 'lm'")
     if blocks.ndim != 2 or blocks.shape[1] < 2:
         raise PgpruneError(f"training blocks must be [n, seq_len >= 2] token ids, got {tuple(blocks.shape)}")
+    if topk:
+        if teacher_cache is None:  # the blocks this run visits (all of them after one epoch)
+            visited = torch.cat([batch_indices(step, micro, blocks.shape[0], settings)
+                                 for step in range(settings.steps) for micro in range(settings.grad_accum)])
+            teacher_cache = teacher_topk(teacher, blocks, settings.teacher_topk, settings.temperature,
+                                         teacher_id=teacher_id or "", batch_size=settings.batch_size,
+                                         progress=progress, only=visited)
+        teacher_cache.check(tensor_digest([blocks]), settings.teacher_topk, settings.temperature)
+        teacher_id = teacher_id or teacher_cache.teacher
     device = next(model.parameters()).device
     key = run_key(model, blocks, settings, teacher_id)
     ckpt = checkpoint_path(checkpoint_dir, key) if checkpoint_dir is not None else None
@@ -242,7 +242,7 @@ def recover_model(model, blocks: torch.Tensor, settings: RecoverSettings, *, tea
         losses, start = list(state["losses"]), int(state["step"])
         log.info("recovery: resumed from %s at step %d of %d", ckpt, start, settings.steps)
     teacher_fn = teacher if (teacher is None or not isinstance(teacher, torch.nn.Module)) else (
-        lambda ids: _logits(teacher, ids.to(next(teacher.parameters()).device)))
+        lambda ids: logits_of(teacher, ids.to(next(teacher.parameters()).device)))
     n = blocks.shape[0]
     peft_model.train()
     t0, tokens = time.perf_counter(), 0
@@ -256,12 +256,15 @@ def recover_model(model, blocks: torch.Tensor, settings: RecoverSettings, *, tea
             opt.zero_grad(set_to_none=True)
             total = 0.0
             for micro in range(settings.grad_accum):
-                ids = blocks[batch_indices(step, micro, n, settings)].to(device)  # [B, T]
+                idx = batch_indices(step, micro, n, settings)
+                ids = blocks[idx].to(device)  # [B, T]
                 torch.manual_seed(settings.seed * 7_919 + step * 131 + micro)  # dropout
                 with _autocast(settings, device):
-                    logits = _logits(peft_model, ids)  # [B, T, V]
+                    logits = logits_of(peft_model, ids)  # [B, T, V]
                     if settings.loss == "lm":
                         loss = lm_loss(logits, ids)
+                    elif topk:
+                        loss = kd_topk_loss(logits, *teacher_cache.batch(idx, logits.device), settings.temperature)
                     else:
                         with torch.no_grad():
                             t_logits = teacher_fn(ids).to(logits.device)  # [B, T, V]
@@ -304,7 +307,8 @@ def recover_model(model, blocks: torch.Tensor, settings: RecoverSettings, *, tea
     info = {"settings": settings.model_dump(mode="json"), "steps": settings.steps, "resumed_from_step": start,
             "losses": losses, "tokens": tokens, "time_s": elapsed,
             "tokens_per_s": tokens / elapsed if elapsed > 0 else None,
-            "adapters": sum(p.numel() for p in params), "blocks": n, "teacher": teacher_id}
+            "adapters": sum(p.numel() for p in params), "blocks": n, "teacher": teacher_id,
+            "teacher_topk": settings.teacher_topk if topk else None}
     return Recovered(model=merged, info=info)
 
 
@@ -314,4 +318,4 @@ def state_step(path: Path, key: str) -> int | None:
 
 
 __all__ = ["Recovered", "RecoverSettings", "recover_model", "lm_loss", "kd_loss", "lr_factor", "batch_indices",
-           "run_key", "tensor_digest", "target_names", "add_adapters", "checkpoint_path"]
+           "run_key", "target_names", "add_adapters", "checkpoint_path"]

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from pgprune.data.blocks import recut_blocks
 from pgprune.errors import PgpruneError
 from pgprune.recovery.folder import check_model_folder, teacher_source, write_recovered
 from pgprune.recovery.lora import Recovered, recover_model
@@ -142,22 +143,9 @@ def recover_result(result, params: Params, settings: RecoverSettings, *, data=No
     return rec, desc
 
 
-def recut_blocks(blocks: torch.Tensor, seq_len: int, max_blocks: int) -> torch.Tensor:
-    """``blocks`` [n, T] as [m, seq_len] (the tokens in order, the remainder dropped; unchanged when T == seq_len),
-    the first ``max_blocks``."""
-    n, t = blocks.shape
-    if t != seq_len:
-        m = (n * t) // seq_len
-        if m < 1:
-            raise PgpruneError(f"recover.seq_len={seq_len} is longer than the {n * t} calibration tokens; allowed: "
-                               f"at most {n * t}")
-        blocks = blocks.reshape(-1)[: m * seq_len].reshape(m, seq_len)  # [m, seq_len]
-    return blocks[:max_blocks]
-
-
 def recover_masks(model, masks_dir: str | Path, calib: torch.Tensor, params: Params, *,
                   curve_blocks: torch.Tensor | None = None, checkpoint_dir: str | Path | None = None,
-                  progress: bool = True) -> tuple[Any, dict | None, Recovered, list[dict]]:
+                  progress: bool = True, teacher_cache=None) -> tuple[Any, dict | None, Recovered, list[dict]]:
     """The pipeline's recovery of one masks cell (stage ``recover@<method>-<S>``).
 
     The masks of ``masks_dir`` are sliced out of ``model`` (the base model, left untouched; it is also the ``kd``
@@ -166,7 +154,8 @@ def recover_masks(model, masks_dir: str | Path, calib: torch.Tensor, params: Par
     recover.seq_len when it differs from T). ``curve_blocks`` [m, T']: held-out blocks whose perplexity is measured
     before the first step, every ``recover.curve_every`` steps and after the last. Returns (masks, extra_bias of
     the compensation, the :class:`~pgprune.recovery.lora.Recovered` run with the merged model, the curve
-    ``[{"step", "ppl"}]``)."""
+    ``[{"step", "ppl"}]``). ``teacher_cache``: the teacher's top-k of these training blocks (the `teacher` stage's,
+    :class:`~pgprune.recovery.teacher.TeacherTopK`) when recover.teacher_topk > 0; computed here when None."""
     from pgprune.core.adapters import get_adapter
     from pgprune.core.compensation import compensated_source
     from pgprune.core.handoff import load_masks, load_recipe
@@ -195,7 +184,7 @@ def recover_masks(model, masks_dir: str | Path, calib: torch.Tensor, params: Par
     every = params.recover.curve_every
     measure(0, student)
     rec = recover_model(student, blocks, settings, teacher=model, teacher_id=params.model.source,
-                        checkpoint_dir=checkpoint_dir, progress=progress,
+                        checkpoint_dir=checkpoint_dir, progress=progress, teacher_cache=teacher_cache,
                         callback=(lambda step, m: measure(step, m) if step % every == 0 and step < settings.steps
                                   else None) if every and curve_blocks is not None else None)
     measure(settings.steps, rec.model)
@@ -209,4 +198,4 @@ def _dtype(name: str) -> torch.dtype:
     return torch_dtype(name)
 
 
-__all__ = ["training_blocks", "recover_folder", "recover_result", "recover_masks", "recut_blocks"]
+__all__ = ["training_blocks", "recover_folder", "recover_result", "recover_masks"]

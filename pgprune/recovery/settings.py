@@ -21,6 +21,10 @@ class RecoverSettings(BaseModel):
     loss: Literal["lm", "kd"] = Field("kd", description="lm: next-token cross-entropy; kd: KL divergence to the "
                                       "dense teacher's next-token distribution (Hinton's T^2-scaled KL)")
     temperature: float = Field(1.0, gt=0, description="kd: softmax temperature of teacher and student")
+    teacher_topk: int = Field(0, ge=0, description="kd: distil from the teacher's k most likely tokens (+ the rest "
+                              "of its mass as one event), computed once per training block before the first step "
+                              "(the pipeline shares them between its recovery cells: stage teacher) instead of "
+                              "running the teacher every step; 0: the live teacher's whole distribution")
     rank: int = Field(16, ge=1, description="LoRA rank r")
     alpha: float = Field(32.0, gt=0, description="LoRA alpha (the update is scaled by alpha / r)")
     dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout on the adapters' input")

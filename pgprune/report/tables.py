@@ -241,10 +241,12 @@ def search_summary_text(summary: dict) -> str:
     bits = []
     for seed, d in (summary.get("search") or {}).items():
         part = f"seed {seed}: {d.get('steps')} steps, {d.get('forward_passes')} sampled-mask forwards"
-        if d.get("start_chosen"):
-            part += ", masks = its start (SlimGPT's, no validated step beat it"
-            if _num(d.get("start_val_loss")) is not None and _num(d.get("best_val_loss")) is not None:
-                part += f": held-back loss {d['start_val_loss']:.4f} vs the best step's {d['best_val_loss']:.4f}"
+        if d.get("best_step") == 0:
+            start = "SlimGPT's masks, MLP widths rounded to channel blocks" if (
+                summary.get("search_settings") or {}).get("init_allocation") == "slimgpt" else "the init metric's mask"
+            part += f", masks = its start (step 0: {start}; no validated step beat it"
+            if _num(d.get("best_val_loss")) is not None:
+                part += f", held-back loss {d['best_val_loss']:.4f}"
             part += ")"
         elif d.get("best_step") is not None:
             part += f", masks from step {d['best_step']} (best validated"
@@ -403,7 +405,10 @@ def recovery_section(cells: Sequence[dict], settings, seed: int) -> list[str]:
     if not cells:
         return []
     s = settings
-    kd = " (distillation from the dense model)" if s.loss == "kd" else ""
+    kd = ""
+    if s.loss == "kd":
+        kd = (f" (distillation from the dense model's top-{s.teacher_topk} tokens + the rest, cached once: "
+              "`teacher` stage)" if s.teacher_topk else " (distillation from the dense model)")
     return ["## Recovery", "",
             f"Each cell's masks (a search cell: seed {seed}'s) after a LoRA recovery on the calibration blocks "
             f"(`recover` stage: {s.steps} steps of {s.batch_size * s.grad_accum} × {s.seq_len} tokens, loss "
