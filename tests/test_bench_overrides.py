@@ -28,3 +28,41 @@ def test_curve_points_pick_every_nth_validation():
     assert curve_points(traj, lambda m: 0.0, 0) == []
     assert curve_points([{k: v for k, v in t.items() if k != "elapsed_s"} for t in traj[:2]], lambda m: 1.0) == [
         {"step": 0, "forward_passes": 0, "val_loss": 5.0, "ppl": 1.0}, {"step": 10, "forward_passes": 20, "val_loss": 4.9, "ppl": 1.0}]
+
+
+def test_llamacpp_uniform_cell_is_the_pipelines_or_pruned_here(tmp_path):
+    """bench.llamacpp_speed: a uniform cell uses the pipeline's masks when they keep the same widths in every layer,
+    else prunes with the method in the uniform layout (a stock model, MLP widths in --round-to blocks)."""
+    import types
+
+    import torch
+    import yaml
+    from conftest import make_tiny_model
+
+    from bench.llamacpp_speed import _uniform_cell, pruned_model
+    from pgprune.core.adapters import get_adapter
+    from pgprune.core.allocation import masks_from_scores
+    from pgprune.core.handoff import MethodResult, save_masks
+
+    model = make_tiny_model("llama", n_heads=4, n_kv=2, layers=3, ffn=32)
+    lay = get_adapter(model).layout()
+    assert not _uniform_cell(tmp_path / "flap" / "s0.5", lay)
+    g = torch.Generator().manual_seed(0)
+    scores = {"heads": torch.rand(sum(lay.kv_heads), generator=g),
+              "channels": torch.rand(sum(lay.intermediate), generator=g)}
+    for alloc, want in (("global", False), ("uniform", True)):
+        masks = masks_from_scores(lay, scores, 0.5, allocation=alloc, layout_kind="heterogeneous")
+        folder = tmp_path / alloc
+        save_masks(folder, MethodResult("flap", 0.5, masks, None), lay)
+        widths = {int(c.sum()) for c in masks.channels}
+        assert _uniform_cell(folder, lay) == (want and len(widths) == 1)
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"data": {"seq_len": 16, "calib_blocks": 8}, "init": {"nsamples": 8,
+                                                                                         "batch_size": 4},
+                                      "refit": {"blocks": 8, "batch_size": 4}}))
+    calib = torch.randint(0, 300, (8, 16), generator=g)
+    args = types.SimpleNamespace(masks_dir=str(tmp_path / "none"), round_to=8, params=str(params), synthetic=None)
+    pruned = pruned_model(model, "flap_refit", 0.5, "uniform", args, lambda: calib)
+    assert type(pruned).__name__ == "LlamaForCausalLM"
+    inter = {layer.mlp.down_proj.in_features for layer in pruned.model.layers}
+    assert len(inter) == 1 and next(iter(inter)) % 8 == 0 and next(iter(inter)) < 32
