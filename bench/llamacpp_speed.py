@@ -145,10 +145,7 @@ def _uniform_cell(folder: Path, lay) -> bool:
 
     if not (folder / "masks.json").is_file():
         return False
-    masks, _ = load_masks(folder, lay)
-    heads = {int(h.sum()) for h in masks.heads}
-    channels = {int(c.sum()) for c in masks.channels}
-    return bool(masks.layers.all()) and len(heads) == 1 and len(channels) == 1
+    return load_masks(folder, lay)[0].is_uniform()
 
 
 def open_llama(path: Path, args, n_ctx: int, logits_all: bool = False):
