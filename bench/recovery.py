@@ -19,6 +19,7 @@ over the student's weight bytes; the teacher's weights are loaded before and not
 from __future__ import annotations
 
 import time
+import typing
 
 import torch
 
@@ -46,11 +47,12 @@ def _args():
     ap.add_argument("--eval-every", type=int, default=0, help="also measure the perplexity every N steps (the "
                     "curve: RESULT recover_curve_<cell>[<corpus>,<step>])")
     ap.add_argument("--threads", type=int, default=None)
-    for name, f in RecoverSettings.model_fields.items():
+    for name, f in RecoverSettings.model_fields.items():  # every number or choice of the settings
+        flag = "--" + name.replace("_", "-")
         if f.annotation in (int, float):
-            ap.add_argument("--" + name.replace("_", "-"), type=f.annotation, default=None, help=f.description)
-    ap.add_argument("--loss", choices=("lm", "kd"), default=None)
-    ap.add_argument("--schedule", choices=("cosine", "linear", "constant"), default=None)
+            ap.add_argument(flag, type=f.annotation, default=None, help=f.description)
+        elif typing.get_origin(f.annotation) is typing.Literal:
+            ap.add_argument(flag, choices=typing.get_args(f.annotation), default=None, help=f.description)
     add_smoke(ap)
     return ap.parse_args()
 

@@ -124,9 +124,10 @@ def save_tensors(path: str | os.PathLike, tensors: Any, metadata: dict[str, str]
     write_bytes(path, save(flat, metadata=metadata))
 
 
-def load_tensors(path: str | os.PathLike, what: str = "tensors", nested: bool = True) -> Any:
-    """Read a safetensors file written by :func:`save_tensors`; a missing or damaged file raises an error that
-    names it and the stage that writes it."""
+def load_tensors(path: str | os.PathLike, what: str = "tensors", nested: bool = True, metadata: bool = False) -> Any:
+    """Read a safetensors file written by :func:`save_tensors` (with ``metadata``: (tensors, its metadata dict),
+    from the same single read); a missing or damaged file raises an error that names it and the stage that writes
+    it."""
     from safetensors import SafetensorError
     from safetensors.torch import load
 
@@ -134,13 +135,17 @@ def load_tensors(path: str | os.PathLike, what: str = "tensors", nested: bool = 
 
     p = require_file(path, what)
     try:
-        flat = load(Path(p).read_bytes())
+        raw = Path(p).read_bytes()
+        flat = load(raw)
+        # the header: 8 bytes of little-endian length, then JSON with the optional "__metadata__" entry
+        meta = json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")]).get("__metadata__") or {} if metadata else {}
     except (SafetensorError, OSError, ValueError) as e:
         raise PgpruneError(f"{what} at '{p}' is damaged or not a safetensors file ({e}); delete it and rerun the "
                            "stage that writes it (dvc repro)") from None
     except MissingFileError:  # pragma: no cover
         raise
-    return unflatten_tensors(flat) if nested else flat
+    out = unflatten_tensors(flat) if nested else flat
+    return (out, meta) if metadata else out
 
 
 def tensor_digest(tensors) -> str:

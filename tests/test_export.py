@@ -16,7 +16,7 @@ from conftest import make_tiny_model
 from pgprune.core.masked_forward import MaskedModel
 from pgprune.core.masks import Masks, sparsity_report
 from pgprune.errors import PgpruneError
-from pgprune.hf.export import LayoutError, build_model, is_uniform, kept_widths, plan_export, save_model, uniform_widths
+from pgprune.hf.export import LayoutError, build_model, kept_widths, plan_export, save_model, uniform_widths
 
 ROOT = Path(__file__).resolve().parents[1]
 CASES = [("llama", 4, 4), ("llama", 4, 2), ("mistral", 4, 2), ("qwen2", 4, 2)]
@@ -115,7 +115,7 @@ def test_build_model_in_memory_picks_the_layout():
     torch.testing.assert_close(small(input_ids=ids).logits, mm.logits(ids, uni), atol=1e-5, rtol=1e-5)
     het = uniform_masks(mm.layout, 1, 24, drop=())
     het.channels[0][torch.nonzero(het.channels[0]).flatten()[:3]] = False
-    assert not is_uniform(het) and is_uniform(uni) and uniform_widths(uni) == (1, 24)
+    assert not het.is_uniform() and uni.is_uniform() and uniform_widths(uni) == (1, 24)
     small = build_model(model, het)
     assert type(small).__name__ == "PgpruneLlamaForCausalLM"
     torch.testing.assert_close(small(input_ids=ids).logits, mm.logits(ids, het), atol=1e-5, rtol=1e-5)

@@ -8,6 +8,7 @@ float16/bfloat16/q8_0 matrices.
 
 pgprune's masks never keep a layer with no KV group or no channel (Masks.validate drops the layer instead); those
 layers are built here by giving a model zero-width projections (:func:`_zero_width`)."""
+import contextlib
 import copy
 import importlib.util
 import json
@@ -328,13 +329,35 @@ SHAPES = ["mha_flap_refit", "gqa_flap", "gqa_wanda_sp", "uniform_flap", "uniform
           "llama3_rope", "dropped_layers", *ZERO_WIDTH]
 
 
+@contextlib.contextmanager
+def _no_weight_repacking():
+    """Load without llama.cpp's extra buffer types (its weight repacking, `llama-cli --no-repack`): on a CPU with
+    AMX, llama.cpp 0.3.36's AMX q8_0 matmul segfaults on these tiny shapes (ggml-org/llama.cpp#20824, open;
+    observed on 2026-12-05's 2-core Xeon with AMX, the f32/f16/bf16 files are not repacked and pass either way)."""
+    from llama_cpp import llama_cpp as lib
+
+    default = lib.llama_model_default_params
+
+    def params():
+        p = default()
+        p.use_extra_bufts = False
+        return p
+
+    lib.llama_model_default_params = params
+    try:
+        yield
+    finally:
+        lib.llama_model_default_params = default
+
+
 def _llama_cpp_logits(path, ids: list[int]) -> torch.Tensor:
     """llama.cpp's logits [T, vocab]; a float32 KV cache (its default float16 cache alone costs ~5e-4 of the logit
-    range), one thread."""
+    range), one thread, no weight repacking."""
     from llama_cpp import GGML_TYPE_F32, Llama
 
-    llm = Llama(str(path), n_ctx=64, logits_all=True, n_threads=1, type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32,
-                verbose=False)
+    with _no_weight_repacking():
+        llm = Llama(str(path), n_ctx=64, logits_all=True, n_threads=1, type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32,
+                    verbose=False)
     try:
         llm.eval(ids)
         return torch.tensor(np.array(llm.scores[:len(ids)]))  # [T, vocab]

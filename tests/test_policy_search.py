@@ -256,3 +256,43 @@ def test_step_schedule_uses_its_milestones():
     w = make_w(1)
     res = make_search(steps=12, lr_schedule="step", lr_milestones=[4, 8]).run(make_loss(w), progress=False)
     assert [round(h["lr"], 6) for h in res.history] == [1.0] * 4 + [0.1] * 4 + [0.01] * 4
+
+
+def test_patience_stops_at_the_stale_validation_and_keeps_the_unstopped_best(tmp_path):
+    """search.patience: the search ends at the validation that makes ``patience`` in a row without a new best; its
+    steps up to there and its best probabilities are those of the search run to the end (which a later validation
+    does not beat here)."""
+    w = make_w(7)
+    script = [1.0, 0.9, 1.1, 1.2, 1.3, 1.4, 1.5, 1.6, 1.7, 1.8, 1.9]  # best at the 2nd validation (step 10)
+
+    def scripted():
+        calls = iter(script)
+        return lambda probs: next(calls)
+
+    full = make_search(steps=100, patience=0).run(make_loss(w), progress=False, validate_fn=scripted(),
+                                                  validate_every=10)
+    early = make_search(steps=100, patience=3).run(make_loss(w), progress=False, validate_fn=scripted(),
+                                                   validate_every=10, checkpoint_dir=tmp_path)
+    assert full.steps_done == 100 and not full.stopped_early and full.best_step == 10
+    assert early.completed and early.stopped_early and early.steps_done == 40 and early.best_step == 10
+    assert [v["step"] for v in early.validation] == [0, 10, 20, 30, 40]
+    assert torch.equal(early.best_probs["u"], full.best_probs["u"])
+    assert early.history == full.history[:40]
+    assert not list(tmp_path.iterdir())  # completed: no checkpoint left
+    # a new best resets the count: 1.0, 0.9, 1.1, 0.8 (step 30), then three worse -> stop at step 60
+    script[:] = [1.0, 0.9, 1.1, 0.8, 1.2, 1.3, 1.4, 1.5, 1.6, 1.7, 1.8]
+    again = make_search(steps=100, patience=3).run(make_loss(w), progress=False, validate_fn=scripted(),
+                                                   validate_every=10)
+    assert again.steps_done == 60 and again.best_step == 30
+    # patience is part of the fingerprint (it changes what a search returns)
+    assert make_search(patience=3).fingerprint != make_search(patience=4).fingerprint
+
+
+def test_patience_counts_periodic_validations_only():
+    """Without periodic validation (validate_every 0: the start and the end only) patience never stops a search."""
+    w = make_w(7)
+    calls = iter([1.0, 2.0])
+    res = make_search(steps=30, patience=1).run(make_loss(w), progress=False, validate_fn=lambda probs: next(calls),
+                                                validate_every=0)
+    assert res.steps_done == 30 and not res.stopped_early and res.best_step == 0
+    assert [v["step"] for v in res.validation] == [0, 30]

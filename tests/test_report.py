@@ -62,7 +62,7 @@ def test_report_stage_writes_report_figures_and_plots_data(workdir):
     assert "`models/pruned` (the `export` stage): PG search (`pg`) at sparsity 0.5" in md
     assert "## Search quality vs cost" in md and "(0.958×)" in md  # ppl after 1/4 of the forwards vs step 0
     # recovery: each recovered cell before -> after with the ratio, and the curve's rows
-    assert "## Recovery" in md and "100 steps of 8 × 128 tokens, loss `kd`" in md
+    assert "## Recovery" in md and "75 steps of 8 × 128 tokens, loss `kd`" in md
     rec_row = next(ln for ln in md.splitlines() if ln.startswith("| PG search (`pg`) | 0.5 |"))
     assert "(0.60×)" in rec_row and "| 100 | 300 | 341 |" in rec_row
     rec_curve = list(csv.DictReader(open(workdir / "report/plots/recovery_curve.csv")))
@@ -230,3 +230,21 @@ def test_rows_off_their_target_sparsity_are_marked_and_never_bold():
     assert "**240.00**" in lines["PG search"]
     assert "PG search (uniform layout) †" in lines and "**" not in lines["PG search (uniform layout) †"]
     assert "**" not in lines["FLAP"]
+
+
+def test_search_sentence_says_where_each_seed_stopped_and_what_it_returned():
+    from pgprune.report.tables import search_summary_text
+
+    summary = {"method": "pg", "sparsity": 0.5, "search_settings": {"init_allocation": "slimgpt", "patience": 3},
+               "search": {"42": {"steps": 30, "forward_passes": 60, "best_step": 0, "best_val_loss": 4.8384,
+                                 "stopped_early": True},
+                          "43": {"steps": 40, "forward_passes": 80, "best_step": 10, "init_val_loss": 4.8384,
+                                 "best_val_loss": 4.8012, "stopped_early": True},
+                          "44": {"steps": 100, "forward_passes": 200, "best_step": 90, "stopped_early": False}},
+               "time_s": {"42": 61.0, "43": 80.4}}
+    text = search_summary_text(summary)
+    assert text.startswith("Search `pg` at sparsity 0.5: seed 42: 30 steps (stopped early: 3 validations in a row "
+                           "without a better loss, search.patience), 60 sampled-mask forwards, masks = its start "
+                           "(step 0: SlimGPT's masks")
+    assert "seed 43: 40 steps (stopped early" in text and "4.8384 at step 0 → 4.8012" in text and "80 s" in text
+    assert "seed 44: 100 steps, 200 sampled-mask forwards, masks from step 90" in text

@@ -100,18 +100,12 @@ def _describe(widths: list[tuple[int, int, int]]) -> str:
     return ", ".join(f"{i}: ({kv}, {ch})" for i, kv, ch in widths)
 
 
-def is_uniform(masks: Masks) -> bool:
-    """Whether every kept layer keeps the same number of KV groups and the same number of MLP channels."""
-    w = kept_widths(masks)
-    return bool(w) and len({(kv, ch) for _, kv, ch in w}) == 1
-
-
 def uniform_widths(masks: Masks) -> tuple[int, int]:
     """(KV groups, MLP channels) that every kept layer keeps; LayoutError naming the per-layer widths otherwise."""
     w = kept_widths(masks)
     if not w:
         raise LayoutError("the masks keep no layer")
-    if not is_uniform(masks):
+    if not masks.is_uniform():
         raise LayoutError(
             "the uniform (stock architecture) layout needs every kept layer to keep the same number of KV groups "
             f"and MLP channels; these masks keep (KV groups, MLP channels) per kept layer {{{_describe(w)}}}. "
@@ -150,7 +144,7 @@ def plan_export(model, masks: Masks, extra_bias: dict | None = None, layout: str
     hetero = ExportPlan("heterogeneous", family, family, PRUNED_CLASSES[family][1].__name__, o_bias, down_bias)
     if layout == "heterogeneous":
         return hetero
-    if not is_uniform(masks):
+    if not (masks.kept_layer_indices() and masks.is_uniform()):
         if layout == "uniform":
             uniform_widths(masks)  # raises with the widths
         return hetero

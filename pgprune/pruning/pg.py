@@ -29,6 +29,7 @@ from pgprune.core.allocation import UnitBlocks, boundary_init, keep_counts, mask
 from pgprune.core.masked_forward import MaskedModel
 from pgprune.core.masks import Masks, segments
 from pgprune.errors import ConfigError, PgpruneError
+from pgprune.io import tensor_digest
 from pgprune.methods import LAYOUTS
 from pgprune.search import GroupSpec, PolicyGradientSearch, SearchResult
 from pgprune.search.init_map import CLIP_EPS, init_probs
@@ -55,12 +56,6 @@ def _sha(*parts: bytes) -> str:
     return h.hexdigest()
 
 
-def tensor_digest(t: torch.Tensor) -> str:
-    t = t.detach().contiguous().cpu()
-    raw = t.view(torch.uint8) if t.dtype in (torch.bfloat16, torch.float16) else t
-    return _sha(str(t.dtype).encode(), str(tuple(t.shape)).encode(), raw.numpy().tobytes())
-
-
 def nested_digest(obj) -> str:
     """Digest of a nested dict/list of tensors (e.g. init scores, compensation means)."""
     from pgprune.io import flatten_tensors
@@ -68,7 +63,7 @@ def nested_digest(obj) -> str:
     if obj is None:
         return "none"
     flat = flatten_tensors(obj)
-    return _sha(*[k.encode() + tensor_digest(v).encode() for k, v in sorted(flat.items())])
+    return tensor_digest({k: flat[k] for k in sorted(flat)})
 
 
 def model_digest(model, sample: int = 4096) -> str:
@@ -84,7 +79,7 @@ def model_digest(model, sample: int = 4096) -> str:
         if t.device.type != "meta" and t.numel():
             flat = t.detach().reshape(-1)
             step = max(1, flat.numel() // sample)
-            parts.append(tensor_digest(flat[::step][:sample]).encode())
+            parts.append(tensor_digest([flat[::step][:sample]]).encode())
     return _sha(*parts)
 
 
@@ -95,7 +90,7 @@ def search_key(model, calib: torch.Tensor, init_scores: dict, compensation, spar
     import transformers
 
     doc = {"model": model_digest(model), "dtype": str(next(model.parameters()).dtype), "device": str(device),
-           "calib": tensor_digest(calib), "init": nested_digest(init_scores), "comp": nested_digest(compensation),
+           "calib": tensor_digest([calib]), "init": nested_digest(init_scores), "comp": nested_digest(compensation),
            "sparsity": float(sparsity), "layout": layout, "torch": torch.__version__,
            "transformers": transformers.__version__}
     if refit is not None:

@@ -237,6 +237,7 @@ def method_masks(method: str, model, calib: torch.Tensor, scores: dict, params: 
         r = out.result
         info["seeds"][str(seed)] = {
             "time_s": r.elapsed_s, "resumed_from_step": r.resumed_from, "steps": r.steps_done,
+            "stopped_early": r.stopped_early,
             "forward_passes": r.forward_passes, "best_step": r.best_step,
             "best_val_loss": min((v["val_loss"] for v in r.validation), default=None),
             "init_val_loss": r.validation[0]["val_loss"] if r.validation else None}

@@ -55,13 +55,15 @@ class Recovered:
 
 
 # --- digests ---------------------------------------------------------------------------------------------------
-def run_key(model, blocks: torch.Tensor, settings: RecoverSettings, teacher_id: str | None) -> str:
-    """The key a checkpoint must match: the student's weights, the training blocks, the settings and the
-    teacher (None for the lm loss)."""
+def run_key(model, blocks: torch.Tensor, settings: RecoverSettings, teacher_id: str | None,
+            teacher_bf16: bool = False) -> str:
+    """The key a checkpoint must match: the student's weights, the training blocks, the settings, the teacher
+    (None for the lm loss) and whether its forward runs in bfloat16 (teacher_autocast resolved on this device)."""
     h = hashlib.sha256()
     h.update(tensor_digest(model.state_dict()).encode())
     h.update(tensor_digest([blocks]).encode())
     h.update(json.dumps(settings.model_dump(mode="json"), sort_keys=True).encode())
+    h.update(f"teacher_bf16={bool(teacher_bf16)}".encode())
     h.update(str(teacher_id if settings.loss == "kd" else None).encode())
     h.update(str(CHECKPOINT_VERSION).encode())
     return h.hexdigest()
@@ -197,6 +199,23 @@ def _autocast(settings: RecoverSettings, device: torch.device):
     return contextlib.nullcontext()
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes bfloat16 matmuls natively (CUDA with bf16; a CPU with AMX or AVX512-BF16, where
+    oneDNN's bf16 GEMMs run several times faster than float32; elsewhere bf16 is emulated and slower)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        cpu = torch.cpu
+        return any(bool(getattr(cpu, f, lambda: False)()) for f in ("_is_amx_tile_supported",
+                                                                   "_is_avx512_bf16_supported"))
+    return False
+
+
+def teacher_bf16(settings: RecoverSettings, device: torch.device) -> bool:
+    """settings.teacher_autocast resolved on the teacher's ``device``."""
+    return settings.teacher_autocast == "bfloat16" or (settings.teacher_autocast == "auto" and native_bf16(device))
+
+
 def recover_model(model, blocks: torch.Tensor, settings: RecoverSettings, *, teacher=None,
                   teacher_id: str | None = None, checkpoint_dir: str | Path | None = None,
                   progress: bool = True, callback=None, teacher_cache=None) -> Recovered:
@@ -225,7 +244,9 @@ def recover_model(model, blocks: torch.Tensor, settings: RecoverSettings, *, tea
         teacher_cache.check(tensor_digest([blocks]), settings.teacher_topk, settings.temperature)
         teacher_id = teacher_id or teacher_cache.teacher
     device = next(model.parameters()).device
-    key = run_key(model, blocks, settings, teacher_id)
+    t_device = next(teacher.parameters()).device if isinstance(teacher, torch.nn.Module) else device
+    t_bf16 = settings.loss == "kd" and not topk and teacher_bf16(settings, t_device)
+    key = run_key(model, blocks, settings, teacher_id, t_bf16)
     ckpt = checkpoint_path(checkpoint_dir, key) if checkpoint_dir is not None else None
     peft_model = add_adapters(model, settings)
     if settings.gradient_checkpointing:
@@ -266,8 +287,9 @@ def recover_model(model, blocks: torch.Tensor, settings: RecoverSettings, *, tea
                     elif topk:
                         loss = kd_topk_loss(logits, *teacher_cache.batch(idx, logits.device), settings.temperature)
                     else:
-                        with torch.no_grad():
-                            t_logits = teacher_fn(ids).to(logits.device)  # [B, T, V]
+                        with torch.no_grad(), (torch.autocast(t_device.type, dtype=torch.bfloat16) if t_bf16
+                                               else contextlib.nullcontext()):
+                            t_logits = teacher_fn(ids).to(logits.device)  # [B, T, V] (kd_loss: float32)
                         loss = kd_loss(logits, t_logits, settings.temperature)
                 if not torch.isfinite(loss):
                     where = (f"the last good checkpoint is {ckpt} (step {state_step(ckpt, key)})" if ckpt is not None

@@ -17,7 +17,7 @@ class RecoverSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
-    steps: int = Field(100, ge=1, description="optimizer steps")
+    steps: int = Field(75, ge=1, description="optimizer steps")
     loss: Literal["lm", "kd"] = Field("kd", description="lm: next-token cross-entropy; kd: KL divergence to the "
                                       "dense teacher's next-token distribution (Hinton's T^2-scaled KL)")
     temperature: float = Field(1.0, gt=0, description="kd: softmax temperature of teacher and student")
@@ -48,6 +48,10 @@ class RecoverSettings(BaseModel):
                                          "memory, ~30% more time)")
     autocast: Literal["auto", "none", "bfloat16"] = Field("auto", description="auto: bfloat16 autocast on CUDA, "
                                                           "none on CPU")
+    teacher_autocast: Literal["auto", "none", "bfloat16"] = Field(
+        "auto", description="the live kd teacher's forward: bfloat16 autocast, none (the teacher's dtype), or auto: "
+        "bfloat16 where the device computes it natively (CUDA with bf16; a CPU with AMX or AVX512-BF16), else none; "
+        "its logits enter the KL in float32 (the top-k cache, teacher_topk, runs the teacher in its dtype)")
 
     @model_validator(mode="after")
     def _consistent(self):

@@ -91,17 +91,15 @@ class TeacherTopK:
     @classmethod
     def load(cls, folder: str | Path) -> "TeacherTopK":
         """The cache written by :meth:`save` (a missing, damaged or foreign file: one line naming it)."""
-        from safetensors import safe_open
-
         from pgprune.io import load_tensors
 
         path = Path(folder) / CACHE_FILE
-        t = load_tensors(path, "teacher cache (the teacher stage's: dvc repro teacher)", nested=False)
-        with safe_open(str(path), framework="pt") as f:
-            try:
-                meta = json.loads((f.metadata() or {}).get(META_KEY, "{}"))
-            except ValueError:
-                meta = {}
+        t, header = load_tensors(path, "teacher cache (the teacher stage's: dvc repro teacher)", nested=False,
+                                 metadata=True)
+        try:
+            meta = json.loads(header.get(META_KEY, "{}"))
+        except ValueError:
+            meta = {}
         if meta.get("version") != CACHE_VERSION or set(t) - {"rows"} != {"logp", "index", "rest"}:
             raise PgpruneError(f"'{path}' is not a version-{CACHE_VERSION} pgprune teacher cache (version "
                                f"{meta.get('version')}, tensors {sorted(t)}); recompute it (dvc repro teacher)")

@@ -240,7 +240,11 @@ def search_summary_text(summary: dict) -> str:
     """One sentence on a search cell (its masks' summary.json, with the timing file's seconds)."""
     bits = []
     for seed, d in (summary.get("search") or {}).items():
-        part = f"seed {seed}: {d.get('steps')} steps, {d.get('forward_passes')} sampled-mask forwards"
+        part = f"seed {seed}: {d.get('steps')} steps"
+        if d.get("stopped_early"):
+            patience = (summary.get("search_settings") or {}).get("patience")
+            part += f" (stopped early: {patience} validations in a row without a better loss, search.patience)"
+        part += f", {d.get('forward_passes')} sampled-mask forwards"
         if d.get("best_step") == 0:
             start = "SlimGPT's masks, MLP widths rounded to channel blocks" if (
                 summary.get("search_settings") or {}).get("init_allocation") == "slimgpt" else "the init metric's mask"

@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import math
 import time
 import warnings
@@ -28,6 +29,8 @@ from pgprune.search.estimators import (
 )
 from pgprune.search.projection import isotonic_nonincreasing, project_budget, project_segments
 from pgprune.search.schedules import lr_factor, penalty_weight
+
+log = logging.getLogger(__name__)
 from pgprune.search.settings import SearchSettings
 
 CHECKPOINT_FORMAT = "pgprune.search/2"
@@ -108,7 +111,8 @@ class GroupSpec:
 
 @dataclass
 class SearchResult:
-    """Final probabilities, per-step history, and how many steps were done (``completed`` if all)."""
+    """Final probabilities, per-step history, and how many steps were done (``completed`` if all, or if the search
+    stopped early: ``stopped_early``, search.patience)."""
 
     probs: dict[str, torch.Tensor]
     history: list[dict[str, Any]]
@@ -123,6 +127,7 @@ class SearchResult:
     forward_passes: int = 0  # sampled-mask loss evaluations (K per step), over all runs
     # with record_trajectory: at every validation {"step", "forward_passes", "elapsed_s", "val_loss", "probs"}
     trajectory: list[dict[str, Any]] = field(default_factory=list)
+    stopped_early: bool = False
 
     def selected_probs(self, select: str = "best") -> dict[str, torch.Tensor]:
         """The probabilities of the best validated step (``select="best"``, when validation ran) or the last."""
@@ -269,6 +274,10 @@ class PolicyGradientSearch:
         ``validate_fn(probs) -> float`` (optional) scores the current probabilities, e.g. the loss of their hard
         top-k mask on held-back calibration data; it runs before the first step, every ``validate_every`` steps
         and after the last one, and the result remembers the best probabilities (``best_probs``, ``best_step``).
+        With ``settings.patience`` > 0 the search ends (completed, ``stopped_early``) at the validation that makes
+        ``patience`` validations in a row without a new best: with ``select: best`` it returns what it would have
+        returned after all steps whenever no later validation would have beaten the best (its steps are the same
+        up to the stop; the random stream does not depend on the number of steps).
         ``record_trajectory`` also keeps the probabilities of every validation (``trajectory``: quality vs cost).
         """
         cfg = self.settings
@@ -292,11 +301,17 @@ class PolicyGradientSearch:
             with torch.no_grad():
                 if validate_fn is not None and state["best"] is None:
                     self._validate(state, validate_fn, record_trajectory, elapsed())
-                while state["step"] < end:
+                while state["step"] < end and not state.get("stopped_early"):
                     state, entry = self._step(state, gen, losses_fn)  # state is replaced only once a step is done
                     if validate_fn is not None and ((validate_every and state["step"] % validate_every == 0)
                                                     or state["step"] == cfg.steps):
                         entry["val_loss"] = self._validate(state, validate_fn, record_trajectory, elapsed())
+                        if cfg.patience and state["step"] < cfg.steps \
+                                and self.stale_validations(state) >= cfg.patience:
+                            state["stopped_early"] = True
+                            log.info("search stops early at step %d: %d validations without a better loss than "
+                                     "step %d's (search.patience)", state["step"], cfg.patience,
+                                     state["best"]["step"] if state.get("best") else 0)
                     bar.update(1)
                     if entry["n_valid"]:
                         bar.set_postfix(loss=f"{entry['loss_mean']:.4f}", baseline=f"{entry['baseline']:.4f}",
@@ -312,7 +327,7 @@ class PolicyGradientSearch:
             raise
         finally:
             bar.close()
-        completed = state["step"] >= cfg.steps
+        completed = state["step"] >= cfg.steps or bool(state.get("stopped_early"))
         if path is not None:
             if completed and not keep_checkpoint:
                 path.unlink(missing_ok=True)
@@ -326,7 +341,15 @@ class PolicyGradientSearch:
                             validation=list(state.get("validation", [])),
                             elapsed_s=elapsed(), resumed_from=resumed_from,
                             forward_passes=int(state.get("forward_passes", 0)),
-                            trajectory=list(state.get("trajectory", [])))
+                            trajectory=list(state.get("trajectory", [])),
+                            stopped_early=bool(state.get("stopped_early")))
+
+    @staticmethod
+    def stale_validations(state: dict[str, Any]) -> int:
+        """How many validations in a row, the last included, have not beaten the best validated loss."""
+        best = state.get("best")
+        vals = state.get("validation", [])
+        return len(vals) if best is None else sum(1 for v in vals if v["step"] > best["step"])
 
     @staticmethod
     def _validate(state: dict[str, Any], validate_fn, record: bool = False, elapsed_s: float = 0.0) -> float:

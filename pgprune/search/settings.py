@@ -33,6 +33,9 @@ class SearchSettings(BaseModel):
     eps: float = Field(1e-4, gt=0, lt=0.5, description="clamp of s in the exact score's denominator")
     checkpoint_every: int = Field(50, ge=0, description="steps between checkpoints (0: only when interrupted)")
     max_consecutive_nan_steps: int = Field(20, ge=1)
+    patience: int = Field(3, ge=0, description="early stop: the search ends once this many validations in a row "
+                          "have not beaten the best validated loss (the best mask is kept; 0: run every step; "
+                          "only with periodic validation: val_blocks and validate_every > 0)")
 
     @model_validator(mode="after")
     def _consistent(self):
