@@ -61,6 +61,7 @@ def test_report_stage_writes_report_figures_and_plots_data(workdir):
     assert "ppl local: mean ± sd over seeds" in md and "(n=3)" in md  # the search rows' spread over seeds
     assert "`models/pruned` (the `export` stage): PG search (`pg`) at sparsity 0.5" in md
     assert "## Search quality vs cost" in md and "(0.958×)" in md  # ppl after 1/4 of the forwards vs step 0
+    assert "steps (stopped early: " in md  # the timing file says the first seed stopped early (search.patience)
     # recovery: each recovered cell before -> after with the ratio, and the curve's rows
     assert "## Recovery" in md and "75 steps of 8 × 128 tokens, loss `kd`" in md
     rec_row = next(ln for ln in md.splitlines() if ln.startswith("| PG search (`pg`) | 0.5 |"))

@@ -48,11 +48,15 @@ def collect_results(eval_dir: str | Path, timing_dir: str | Path, sparsities, me
 
 
 def search_summary(masks_dir: str | Path, timing_dir: str | Path, method: str, sparsity: float) -> dict:
-    """A search cell's summary.json with each seed's seconds (``time_s``: {seed: s})."""
+    """A search cell's summary.json with each seed's seconds (``time_s``: {seed: s}) and, from the timing file,
+    whether it stopped early (search.patience)."""
     tag = sparsity_tag(sparsity)
     summary = read_json(require_file(Path(masks_dir) / method / tag / "summary.json", f"{method} masks summary"))
     t = read_json(require_file(Path(timing_dir) / f"search-{method}-{tag}.json", f"search timing of {method}"))
     summary["time_s"] = {k: v["time_s"] for k, v in t["seeds"].items()}
+    for k, v in t["seeds"].items():
+        if v.get("stopped_early") and k in (summary.get("search") or {}):
+            summary["search"][k]["stopped_early"] = True
     return summary
 
 

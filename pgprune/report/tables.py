@@ -243,7 +243,8 @@ def search_summary_text(summary: dict) -> str:
         part = f"seed {seed}: {d.get('steps')} steps"
         if d.get("stopped_early"):
             patience = (summary.get("search_settings") or {}).get("patience")
-            part += f" (stopped early: {patience} validations in a row without a better loss, search.patience)"
+            part += (f" (stopped early: {patience} validations in a row without a better loss, search.patience)"
+                     if patience else " (stopped early: search.patience)")
         part += f", {d.get('forward_passes')} sampled-mask forwards"
         if d.get("best_step") == 0:
             start = "SlimGPT's masks, MLP widths rounded to channel blocks" if (
