@@ -56,14 +56,14 @@ class Recovered:
 
 # --- digests ---------------------------------------------------------------------------------------------------
 def run_key(model, blocks: torch.Tensor, settings: RecoverSettings, teacher_id: str | None,
-            teacher_bf16: bool = False) -> str:
+            bf16_teacher: bool = False) -> str:
     """The key a checkpoint must match: the student's weights, the training blocks, the settings, the teacher
     (None for the lm loss) and whether its forward runs in bfloat16 (teacher_autocast resolved on this device)."""
     h = hashlib.sha256()
     h.update(tensor_digest(model.state_dict()).encode())
     h.update(tensor_digest([blocks]).encode())
     h.update(json.dumps(settings.model_dump(mode="json"), sort_keys=True).encode())
-    h.update(f"teacher_bf16={bool(teacher_bf16)}".encode())
+    h.update(f"teacher_bf16={bool(bf16_teacher)}".encode())
     h.update(str(teacher_id if settings.loss == "kd" else None).encode())
     h.update(str(CHECKPOINT_VERSION).encode())
     return h.hexdigest()
