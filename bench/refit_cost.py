@@ -6,8 +6,9 @@ A fresh child process per variant loads the model (``--offload none`` and the gi
 masks keeping 1 - sparsity of every layer's KV groups and channels, and refits them on ``--blocks`` random blocks of
 ``--seq-len`` tokens. Memory: on CUDA the peak allocated bytes, on the CPU the peak RSS growth over the process
 before loading, divided by the weight bytes (RESULT refit_peak_memory_vs_weights; target <= 0.35 with offload disk,
-like the search: one layer + the calibration activations + one module's Gram matrix + the refit weights, which
-are the result and stay in memory in float32). Time: RESULT refit_time_s (the streamed run) and
+like the search: one layer + the calibration activations + one module's Gram matrix and solve + the refit weights,
+which are the result and stay in memory in the model's dtype; RESULT refit_anon_memory_vs_weights: the anonymous
+memory alone, without the mapped weights). Time: RESULT refit_time_s (the streamed run) and
 streamed_vs_inmemory_refit_time.
 
     python -m bench.refit_cost --synthetic tinyllama-1.1b --offload disk

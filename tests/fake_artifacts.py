@@ -79,7 +79,8 @@ def make_fake_artifacts(root: Path, *, sparsities=(0.2, 0.3, 0.5), methods=METHO
                                  for i, x in enumerate(seeds[1:])}
                 summary["seeds"] = list(seeds)
                 summary["search"] = {str(x): {"steps": steps, "forward_passes": 2 * steps, "best_step": steps // 2,
-                                              "best_val_loss": 3.1, "init_val_loss": 3.3} for x in seeds}
+                                              "best_val_loss": 3.1, "init_val_loss": 3.3, "stopped_early": i == 0}
+                                     for i, x in enumerate(seeds)}
                 (timing / f"search-{m}-s{float(s)}.json").write_text(json.dumps(
                     {"time_s": 40.0 * len(seeds), "seeds": {str(x): {"time_s": 40.0, "stopped_early": i == 0}
                                                             for i, x in enumerate(seeds)},

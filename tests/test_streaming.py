@@ -158,6 +158,26 @@ def test_slicing_a_streamed_model(checkpoints):
             assert torch.equal(got[k], want[k]), (name, k)
 
 
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_refit_of_a_streamed_model_slices_to_the_in_memory_bytes(checkpoints, arch):
+    """compensation refit on an offloaded model: the sequential refit streams the layers and slicing takes the refit
+    kept columns without copying the model, so the pruned model is the in-memory one, byte for byte."""
+    from pgprune.core.refit import refit_model
+
+    dense, folder, sharded = checkpoints[arch]
+    masks = sample_masks(MaskedModel(dense).layout, 1, seed=3)[0]
+    calib = ids_batch(6, 16, seed=4)
+    src, extra = refit_model(dense, masks, calib, batch_size=4, progress=False)
+    want = slice_model(src, masks, extra).state_dict()
+    for name, model in variants(dense, folder, sharded).items():
+        src, extra = refit_model(model, masks, calib, batch_size=4, progress=False)
+        assert src is model and is_streamed(model)
+        got = slice_model(src, masks, extra).state_dict()
+        assert sorted(got) == sorted(want)
+        for k in want:
+            assert torch.equal(got[k], want[k]), (name, k)
+
+
 def test_data_parallel_over_samples(checkpoints):
     dense, folder, sharded = checkpoints["qwen2"]
     ref = MaskedModel(dense)
@@ -236,3 +256,20 @@ def test_streamed_scorers_end_to_end_and_taylor_refuses(checkpoints):
                 torch.testing.assert_close(got[key], want[key], atol=1e-4, rtol=1e-4, msg=f"{name} {variant}")
     with pytest.raises(PgpruneError, match="taylor scorer needs the whole model in memory"):
         compute_scores("taylor", variants(dense, folder, sharded)["disk"], calib, batch_size=2)
+
+
+def test_slimgpt_prunes_a_streamed_model_to_the_in_memory_model(checkpoints):
+    """`pgprune prune --method slimgpt --offload disk`: SlimGPT's sequential selection and refit stream the layers,
+    and the exported model is the in-memory run's, byte for byte."""
+    import pgprune
+
+    dense, folder, sharded = checkpoints["llama"]
+    calib = ids_batch(8, 16, seed=6)
+    cfg = {"data": {"seq_len": 16, "calib_blocks": 8}, "init": {"nsamples": 8}, "refit": {"blocks": 8}}
+    want = pgprune.prune(dense, None, sparsity=0.5, method="slimgpt", calibration=calib, config=cfg,
+                         progress=False)
+    disk = variants(dense, folder, sharded)["disk"]
+    got = pgprune.prune(disk, None, sparsity=0.5, method="slimgpt", calibration=calib, config=cfg, progress=False)
+    assert got.info["compensation"] == "refit" and got.masks.to_json() == want.masks.to_json()
+    w, g = want.model.state_dict(), got.model.state_dict()
+    assert sorted(g) == sorted(w) and all(torch.equal(g[k], w[k]) for k in w)

@@ -71,13 +71,15 @@ def save_masks(out_dir: str | Path, result: MethodResult, layout) -> dict:
     if result.history is not None:
         write_text(out / "history.csv", history_csv(result.history))
     summary = {"method": result.method, "sparsity": result.sparsity, "layout": result.info.get("layout"),
-               "compensated": result.extra_bias is not None, "compensation": recipe.kind, "seeds": [int(s) for s in result.seeds] or None,
+               "compensated": result.extra_bias is not None, "compensation": recipe.kind,
+               "seeds": [int(s) for s in result.seeds] or None,
                "params": sparsity_report(layout, result.masks, out_bias=result.extra_bias is not None)}
     if "settings" in result.info:
         summary["search_settings"] = result.info["settings"]
     if "seeds" in result.info:
         summary["search"] = {s: {k: v for k, v in d.items() if k in ("steps", "forward_passes", "best_step",
-                                                                     "best_val_loss", "init_val_loss")}
+                                                                     "best_val_loss", "init_val_loss",
+                                                                     "stopped_early")}
                              for s, d in result.info["seeds"].items()}
     write_json(out / "summary.json", summary)
     return summary

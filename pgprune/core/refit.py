@@ -34,14 +34,13 @@ mask and the update is done once, in closed form, for all of S. SlimGPT has no i
 (so the result is at least as good as FLAP's bias compensation on the calibration data). The damping here pulls the
 kept weights towards their original values (a ridge around W_K), which is what SlimGPT's lam*I on the Hessian does.
 
-API: :func:`refit_weights` (the per-layer refit weights), :func:`apply_refit` (a copy of the model holding them and
-the ``extra_bias`` that :func:`pgprune.hf.slicing.slice_model` adds to the output biases), :func:`refit_model` (both),
-:func:`refit_logits` (the masked refit model's logits without slicing, the same computation that propagates the
-calibration blocks).
+API: :func:`refit_weights` (the per-layer refit weights), :func:`apply_refit` (them in the form slicing takes,
+:class:`RefitBiases`: the ``extra_bias`` that :func:`pgprune.hf.slicing.slice_model` adds to the output biases,
+carrying the refit kept columns; no copy of the model), :func:`refit_model` (both), :func:`refit_logits` (the masked
+refit model's logits without slicing, the same computation that propagates the calibration blocks).
 """
 from __future__ import annotations
 
-import copy
 import warnings
 from collections.abc import Callable
 
@@ -52,7 +51,7 @@ from pgprune.core.adapters import get_adapter
 from pgprune.core.adapters.base import Layout
 from pgprune.core.masked_forward import _FULL, MaskedModel
 from pgprune.core.masks import Masks
-from pgprune.core.weights import is_streamed, return_freed_memory
+from pgprune.core.weights import layer_parts, return_freed_memory
 from pgprune.errors import PgpruneError
 
 MODULES = ("o_proj", "down_proj")
@@ -138,18 +137,22 @@ class _Gram:
 def _solve(w: torch.Tensor, b: torch.Tensor | None, kept: torch.Tensor, removed: torch.Tensor, gram: _Gram,
            damp: float, where: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(W' [out, k] in the weight's dtype, b' [out] float32) from the statistics ``gram`` (see the module docstring;
-    ``gram`` is consumed: normalised in place)."""
+    ``gram`` is consumed: normalised in place and emptied).
+
+    Memory (k kept inputs, ``out`` rows): at most two (k+1)^2 float64 matrices (the normalised Gram, factored in
+    place, and its Cholesky factor) and two [out, k+1] float64 ones (the right-hand side and the solution) at once."""
     k, n = kept.numel(), gram.n
     dev = gram.h.device
-    w_k = w[:, kept.to(w.device)].to(dev, torch.float64)
     b0 = b.to(dev, torch.float64) if b is not None else torch.zeros(w.shape[0], dtype=torch.float64, device=dev)
     if removed.numel() == 0:  # nothing removed: the module is unchanged
-        return w_k.float().to(w.dtype).cpu(), b0.float().cpu()
+        return w[:, kept.to(w.device)].to(dev, torch.float64).float().to(w.dtype).cpu(), b0.float().cpu()
     if n < k + 1:
         warnings.warn(f"refit {where}: {n} calibration tokens for {k} kept inputs (+1 intercept): the least-squares "
                       "problem is underdetermined and the result rests on the damping; use more calibration tokens",
                       RuntimeWarning, stacklevel=_STACK)
-    hn, cn = gram.h.div_(n), gram.c.div_(n)  # the normalised statistics, in place: _solve consumes ``gram``
+    hn = gram.h.div_(n)  # the normalised statistics, in place: _solve consumes ``gram``
+    rhs = (w[:, removed.to(w.device)].to(dev, torch.float64) @ gram.c.div_(n)).t()  # [(k+1), out] = (W_S C)^T
+    gram.h = gram.c = None  # C is no longer needed; H lives on as hn
     diag = torch.diagonal(hn)[:k]
     var = diag - hn[:k, k] ** 2
     n_const = int((var <= _CONST_REL * diag).sum())
@@ -160,26 +163,33 @@ def _solve(w: torch.Tensor, b: torch.Tensor | None, kept: torch.Tensor, removed:
     scale = float(diag.mean())
     if not scale > 0:
         scale = 1.0
+    del diag, var
     lam0 = lam = damp * scale
     dmask = torch.ones(k + 1, dtype=torch.float64, device=dev)
     dmask[k] = 0.0
-    rhs = (w[:, removed.to(w.device)].to(dev, torch.float64) @ cn).t()  # [(k+1), out] = (W_S C)^T
-    del cn
     delta = None
-    for _ in range(_MAX_RAISES + 1):  # in place: at most hn, a and its factor ([(k+1), (k+1)] each) at once
-        a = hn.clone()
-        torch.diagonal(a).add_(lam * dmask)
-        d = torch.diagonal(a)
+    for attempt in range(_MAX_RAISES + 1):
+        # hn + lam D, Jacobi-scaled to a unit diagonal, is formed in place in hn; a retry first undoes the last
+        # attempt's scaling and damping (the Cholesky factor is a separate matrix, hn is only read)
+        if attempt:
+            hn.div_(sc[:, None]).div_(sc[None, :])
+            torch.diagonal(hn).sub_(lam_prev * dmask)
+        torch.diagonal(hn).add_(lam * dmask)
+        d = torch.diagonal(hn)
         sc = torch.where(d > 0, d, torch.ones_like(d)).rsqrt()  # Jacobi scaling: unit diagonal, scale-free pivots
-        chol, info = torch.linalg.cholesky_ex(a.mul_(sc[:, None]).mul_(sc[None, :]))
-        del a
+        chol, info = torch.linalg.cholesky_ex(hn.mul_(sc[:, None]).mul_(sc[None, :]))
         if int(info) == 0 and float(torch.diagonal(chol).min()) ** 2 >= _PIVOT_REL:
-            sol = torch.cholesky_solve(rhs * sc[:, None], chol) * sc[:, None]
+            sol = torch.cholesky_solve(rhs.mul_(sc[:, None]), chol).mul_(sc[:, None])
+            del chol
             if bool(torch.isfinite(sol).all()):
                 delta = sol.t()  # [out, k+1]
                 break
-        del chol
-        lam = max(lam * 10.0, 1e-6 * scale)
+            rhs.div_(sc[:, None])
+            del sol
+        else:
+            del chol
+        lam_prev, lam = lam, max(lam * 10.0, 1e-6 * scale)
+    del hn, rhs
     if delta is None:
         raise PgpruneError(f"refit {where}: the Gram matrix of the calibration inputs stayed singular up to damping "
                            f"{lam:.3g}; check the calibration data")
@@ -187,7 +197,9 @@ def _solve(w: torch.Tensor, b: torch.Tensor | None, kept: torch.Tensor, removed:
         warnings.warn(f"refit {where}: the Gram matrix is (numerically) singular; raised the damping from "
                       f"{lam0:.3g} to {lam:.3g} (= {lam / scale:.3g} * mean diagonal)", RuntimeWarning,
                       stacklevel=_STACK)
-    return (w_k + delta[:, :k]).float().to(w.dtype).cpu(), (b0 + delta[:, k]).float().cpu()
+    bias = (b0 + delta[:, k]).float().cpu()
+    w_new = delta[:, :k].add_(w[:, kept.to(w.device)].to(dev, torch.float64))  # W_K + delta, in place
+    return w_new.float().to(w.dtype).cpu(), bias
 
 
 def _extra_bias(lin, bias32: torch.Tensor) -> torch.Tensor:
@@ -336,6 +348,7 @@ def _run(model, masks: Masks, blocks: torch.Tensor, batch_size: int, progress: b
                             _check_finite(x_k, i, "down_proj")
                             _check_finite(x_s, i, "down_proj")
                             gram.add(x_k, x_s)
+                        del rows_s, xm, x_k, x_s  # the removed channels' gate/up rows: not needed for the solve
                     out[i]["down_proj"] = _solve(p.down_proj.weight, p.down_proj.bias, kept, removed,
                                                  gram or _Gram(0, 0, dev), damp, f"layer {i} down_proj")
                 w, b = _propagation(p.down_proj, *_checked(out, i, "down_proj", p.down_proj, kept), dev, dtype)
@@ -405,39 +418,48 @@ def refit_logits(model, masks: Masks, refit: Refit, input_ids: torch.Tensor, *, 
     return torch.cat([head(mm.adapter.final_norm(h)) for h in hs])
 
 
+class RefitBiases(dict):
+    """The compensation of a refit, in the form slicing takes: as a dict, the ``extra_bias`` = {layer: {"o_proj"|
+    "down_proj": float32 [hidden]}} that :func:`pgprune.hf.slicing.slice_model` *adds* to the module's bias (zeros
+    where it has none): the refit bias minus the module's own; and ``weights`` = {layer: {"o_proj"|"down_proj":
+    [hidden, kept columns] in the model's dtype}}: the refit kept columns, which
+    :func:`pgprune.hf.slicing.sliced_state_dict` takes instead of the source's. Slicing a refit therefore copies
+    neither the model nor a layer it does not keep, and works on a streamed (offloaded) model."""
+
+    def __init__(self, biases: dict, weights: dict):
+        super().__init__(biases)
+        self.weights = weights
+
+
 @torch.no_grad()
-def apply_refit(model, masks: Masks, refit: Refit):
-    """(A deep copy of ``model`` whose o_proj/down_proj hold the refit weights in the kept columns (removed columns
-    zero), extra_bias) such that ``pgprune.hf.slicing.slice_model(copy, masks, extra_bias)`` is the refit pruned
-    model. ``extra_bias`` = {layer: {"o_proj"|"down_proj": float32 [hidden]}} is what slice_model *adds* to the
-    module's bias (zeros where the module has none): the refit bias minus the module's own bias."""
-    if is_streamed(model):
-        raise PgpruneError("apply_refit copies the model: it needs every layer in memory on one device (load it "
-                           "with offload: none); refit_weights itself works on offloaded models")
-    layout = get_adapter(model).layout()
+def apply_refit(model, masks: Masks, refit: Refit) -> tuple:
+    """(``model`` itself, :class:`RefitBiases`) such that ``pgprune.hf.slicing.slice_model(model, masks, extra)``
+    is the refit pruned model (the refit weights checked against the masks' kept columns). ``model`` is left
+    untouched and may be streamed: a layer is read only where its o_proj/down_proj has a bias of its own."""
+    adapter = get_adapter(model)
+    layout = adapter.layout()
     masks.validate(layout)
-    new = copy.deepcopy(model)
-    adapter = get_adapter(new)
-    extra: dict[int, dict[str, torch.Tensor]] = {}
+    biases: dict[int, dict[str, torch.Tensor]] = {}
+    weights: dict[int, dict[str, torch.Tensor]] = {}
     for i in masks.kept_layer_indices():
         if i not in refit:
             raise PgpruneError(f"the refit weights have no entry for kept layer {i}")
         p = adapter.parts(i)
+        if any(lin.bias is not None and lin.bias.is_meta for lin in (p.o_proj, p.down_proj)):
+            p = layer_parts(model, i)  # a streamed layer: its own biases, read from its weights
         cols = kept_columns(layout, masks, i)
-        extra[i] = {}
+        biases[i], weights[i] = {}, {}
         for name, lin in (("o_proj", p.o_proj), ("down_proj", p.down_proj)):
-            w32, b32 = _checked(refit, i, name, lin, cols[name])
-            wt = lin.weight
-            wt.zero_()
-            wt[:, cols[name].to(wt.device)] = w32.to(wt.device, wt.dtype)
-            extra[i][name] = _extra_bias(lin, b32)
-    return new, extra
+            w, b32 = _checked(refit, i, name, lin, cols[name])
+            weights[i][name] = w.to(lin.weight.dtype)
+            biases[i][name] = _extra_bias(lin, b32)
+    return model, RefitBiases(biases, weights)
 
 
 def refit_model(model, masks: Masks, calib_blocks: torch.Tensor, *, damp: float = 0.01, batch_size: int = 8,
                 progress: bool = True):
-    """:func:`refit_weights` then :func:`apply_refit`: (model copy with the refit kept columns, extra_bias for
-    ``slice_model(copy, masks, extra_bias)``)."""
+    """:func:`refit_weights` then :func:`apply_refit`: (``model``, :class:`RefitBiases` for
+    ``slice_model(model, masks, extra)``)."""
     refit = refit_weights(model, masks, calib_blocks, damp=damp, batch_size=batch_size, progress=progress)
     return apply_refit(model, masks, refit)
 

@@ -88,14 +88,16 @@ def sliced_state_dict(model, masks: Masks, extra_bias: dict[int, dict[str, torch
 
     q/k/v keep the rows of the kept KV groups (q: all G query heads of a group), o_proj the matching columns;
     gate/up keep the kept channels' rows, down_proj their columns. o_proj/down_proj get a bias when the source
-    has one or ``out_bias`` is set (then the source bias, or zeros, plus ``extra_bias``). The tensors are views
-    of the source weights where indexing allows; :func:`instantiate` copies them.
+    has one or ``out_bias`` is set (then the source bias, or zeros, plus ``extra_bias``); a refit's
+    ``extra_bias`` (:class:`pgprune.core.refit.RefitBiases`) also gives o_proj/down_proj their refit kept columns.
+    The tensors are views of the source weights where indexing allows; :func:`instantiate` copies them.
     """
     adapter = get_adapter(model)
     layout = adapter.layout()
     masks.validate(layout)
     check_extra_bias(layout, extra_bias)
     hd, g = layout.head_dim, layout.group_size
+    refit = getattr(extra_bias, "weights", None)  # a refit (pgprune.core.refit.RefitBiases): its kept columns
     sd = {}
     dec = adapter.decoder()
     sd["model.embed_tokens.weight"] = dec.embed_tokens.weight
@@ -112,7 +114,7 @@ def sliced_state_dict(model, masks: Masks, extra_bias: dict[int, dict[str, torch
         sd[pre + "self_attn.q_proj.weight"] = p.q_proj.weight[q_rows]
         sd[pre + "self_attn.k_proj.weight"] = p.k_proj.weight[kv_rows]
         sd[pre + "self_attn.v_proj.weight"] = p.v_proj.weight[kv_rows]
-        sd[pre + "self_attn.o_proj.weight"] = p.o_proj.weight[:, q_rows]
+        sd[pre + "self_attn.o_proj.weight"] = refit[i]["o_proj"] if refit is not None else p.o_proj.weight[:, q_rows]
         for name, mod, rows in (("q_proj", p.q_proj, q_rows), ("k_proj", p.k_proj, kv_rows), ("v_proj", p.v_proj, kv_rows)):
             if mod.bias is not None:
                 sd[pre + f"self_attn.{name}.bias"] = mod.bias[rows]
@@ -120,7 +122,7 @@ def sliced_state_dict(model, masks: Masks, extra_bias: dict[int, dict[str, torch
             sd[pre + "self_attn.o_proj.bias"] = _bias(p.o_proj, extra_bias, i, "o_proj")
         sd[pre + "mlp.gate_proj.weight"] = p.gate_proj.weight[ch]
         sd[pre + "mlp.up_proj.weight"] = p.up_proj.weight[ch]
-        sd[pre + "mlp.down_proj.weight"] = p.down_proj.weight[:, ch]
+        sd[pre + "mlp.down_proj.weight"] = refit[i]["down_proj"] if refit is not None else p.down_proj.weight[:, ch]
         if p.gate_proj.bias is not None:
             sd[pre + "mlp.gate_proj.bias"] = p.gate_proj.bias[ch]
             sd[pre + "mlp.up_proj.bias"] = p.up_proj.bias[ch]

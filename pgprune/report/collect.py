@@ -48,15 +48,12 @@ def collect_results(eval_dir: str | Path, timing_dir: str | Path, sparsities, me
 
 
 def search_summary(masks_dir: str | Path, timing_dir: str | Path, method: str, sparsity: float) -> dict:
-    """A search cell's summary.json with each seed's seconds (``time_s``: {seed: s}) and, from the timing file,
-    whether it stopped early (search.patience)."""
+    """A search cell's summary.json (each seed's steps, best step and whether it stopped early, search.patience)
+    with each seed's seconds from the timing file (``time_s``: {seed: s})."""
     tag = sparsity_tag(sparsity)
     summary = read_json(require_file(Path(masks_dir) / method / tag / "summary.json", f"{method} masks summary"))
     t = read_json(require_file(Path(timing_dir) / f"search-{method}-{tag}.json", f"search timing of {method}"))
     summary["time_s"] = {k: v["time_s"] for k, v in t["seeds"].items()}
-    for k, v in t["seeds"].items():
-        if v.get("stopped_early") and k in (summary.get("search") or {}):
-            summary["search"][k]["stopped_early"] = True
     return summary
 
 

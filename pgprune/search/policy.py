@@ -29,9 +29,9 @@ from pgprune.search.estimators import (
 )
 from pgprune.search.projection import isotonic_nonincreasing, project_budget, project_segments
 from pgprune.search.schedules import lr_factor, penalty_weight
+from pgprune.search.settings import SearchSettings
 
 log = logging.getLogger(__name__)
-from pgprune.search.settings import SearchSettings
 
 CHECKPOINT_FORMAT = "pgprune.search/2"
 CHECKPOINT_MAGIC = b"PGPRUNE-SEARCH-CHECKPOINT/2"
