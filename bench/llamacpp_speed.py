@@ -6,8 +6,9 @@ float16) into a temporary folder. A cell ``method:sparsity[:layout]`` is the pip
 ``data/prepared/calib.safetensors`` like stages/export.py (``random``: random masks keeping the same fraction of
 every layer, no compensation); layout ``heterogeneous`` (default) or ``uniform`` (the stock LlamaForCausalLM: the
 pipeline's masks when they keep the same widths in every layer, else the method run here in the uniform layout
-with params.yaml's settings on the calibration blocks, MLP widths in ``--round-to`` blocks). llama-cpp-python then measures, with ``--threads`` threads for
-every model:
+with params.yaml's settings on the calibration blocks, MLP widths in ``--round-to`` blocks). A cell at a sparsity
+the pipeline did not compute (30% is not a default cell) is pruned here the same way. llama-cpp-python then
+measures, with ``--threads`` threads for every model:
 
 * prefill: tokens/s of one ``--prompt-len``-token prompt evaluated at once (an empty cache);
 * decode: tokens/s of ``--new-tokens`` single-token steps after that prompt;
@@ -21,7 +22,7 @@ dense and pruned runs interleaved, one warm-up round, median of ``--repeats``. I
 (llama.cpp / transformers; the GGUF's float16 matrices and KV cache move it by a few 1e-3). ``--synthetic``: a
 random-weight model of that shape (speed only); its cells prune it with the method itself on random tokens.
 
-    python -m bench.llamacpp_speed                                       # pg at 0.2, 0.3, 0.5 (after dvc repro)
+    python -m bench.llamacpp_speed                    # pg at 0.2, 0.3, 0.5 (after dvc repro; 0.3 searched here)
     python -m bench.llamacpp_speed --cells pg:0.5 flap:0.5 random:0.5 random:0.5:uniform --ppl --ppl-blocks 32
     python -m bench.llamacpp_speed --synthetic tinyllama-1.1b --cells random:0.5 flap:0.5  # random weights
     python -m bench.llamacpp_speed --smoke                               # a tiny synthetic model, seconds
@@ -119,20 +120,21 @@ def pruned_model(model, method: str, sparsity: float, layout: str, args, calib_f
     from pgprune.core.handoff import load_masks, load_recipe
 
     folder = Path(args.masks_dir) / method / f"s{sparsity:g}"
-    if layout == "uniform" and not _uniform_cell(folder, lay):
-        # the pipeline's cells of a metric are heterogeneous (global allocation): its uniform layout is pruned here,
-        # with params.yaml's settings on the calibration blocks, MLP widths in blocks of --round-to channels
+    computed = (folder / "masks.json").is_file()
+    if not computed or (layout == "uniform" and not _uniform_cell(folder, lay)):
+        # a cell the pipeline did not compute (a sparsity outside compare.sparsities, e.g. 30%), or the uniform
+        # layout of its heterogeneous cell (a metric's global allocation): the method runs here with params.yaml's
+        # settings on the calibration blocks (uniform: MLP widths in blocks of --round-to channels)
         import pgprune
 
-        res = pgprune.prune(model, None, sparsity=sparsity, method=method, calibration=calib_fn(), layout="uniform",
-                            round_to=args.round_to, config=args.params, progress=False)
+        res = pgprune.prune(model, None, sparsity=sparsity, method=method, calibration=calib_fn(), layout=layout,
+                            round_to=args.round_to if layout == "uniform" else None, config=args.params,
+                            progress=False)
         rep = res.info["report"]
-        print(f"  {cell_name(method, sparsity, layout)}: pruned here in the uniform layout ({res.info['compensation']} "
+        why = "not in the pipeline's masks" if not computed else "the uniform layout"
+        print(f"  {cell_name(method, sparsity, layout)}: pruned here ({why}; {res.info['compensation']} "
               f"compensation; decoder-linear sparsity {rep.get('prunable_sparsity', float('nan')):.3f})", flush=True)
         return res.model
-    if not (folder / "masks.json").is_file():
-        raise PgpruneError(f"--cells {method}:{sparsity:g}: no masks at {folder}; run the pipeline (dvc repro) or "
-                           "name a computed cell (artifacts/masks/<method>/s<sparsity>/)")
     masks, extra = load_masks(folder, lay)
     recipe = load_recipe(folder)
     src, extra = compensated_source(model, masks, extra, recipe, calib_fn() if recipe.kind == "refit" else None)
