@@ -2,7 +2,8 @@
 
 For each ``--cells`` entry ``<method>:<sparsity>`` the pipeline's masks (artifacts/masks/<method>/s<S>, with their
 compensation recipe, the refit recomputed on data/prepared's calibration blocks like the export stage) are sliced
-out of the base model (models/base, float32), then :func:`pgprune.recovery.lora.recover_model` trains LoRA adapters
+out of the base model (models/base, float32; a sparsity the pipeline did not compute, e.g. 30%, is pruned here with
+params.yaml's settings), then :func:`pgprune.recovery.lora.recover_model` trains LoRA adapters
 for ``--steps`` (loss ``--loss``: kd distils the dense base model) on the local corpus's calibration documents
 (never its held-out part) and merges them. Perplexity on the first ``--eval-blocks`` held-out blocks of each
 evaluation corpus (data/prepared) before and after.
@@ -94,13 +95,21 @@ def _cells(a, settings):
     for cell in a.cells:
         method, s = cell.split(":")
         folder = Path(a.masks) / method / f"s{s}"
-        masks, extra = load_masks(folder, get_adapter(base).layout())
-        recipe = load_recipe(folder)
-        if recipe.kind == "refit" and calib is None:
+        if calib is None:
             calib = load_calibration(a.data)
-        source, extra = compensated_source(base, masks, extra, recipe, calib, progress=False)
-        pruned = build_model(source, masks, extra, layout="auto")
-        del source
+        if not (folder / "masks.json").is_file():
+            # a sparsity the pipeline did not compute (30% is not a default cell): the method runs here with
+            # params.yaml's settings on the calibration blocks, as `pgprune prune` would
+            import pgprune
+
+            print(f"{method}:{s}: not in the pipeline's masks ({folder}); pruning it here", flush=True)
+            pruned = pgprune.prune(base, None, sparsity=float(s), method=method, calibration=calib, config=a.params,
+                                   progress=False).model
+        else:
+            masks, extra = load_masks(folder, get_adapter(base).layout())
+            recipe = load_recipe(folder)
+            source, extra = compensated_source(base, masks, extra, recipe, calib, progress=False)
+            pruned = build_model(source, masks, extra, layout="auto")
         yield f"{method}_s{s}", base, pruned, blocks, evals
 
 
