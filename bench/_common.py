@@ -190,6 +190,37 @@ def uniform_masks(layout, sparsity: float, seed: int = 0):
     return masks_from_scores(layout, scores, sparsity, allocation="uniform")
 
 
+def cell_model(model, method: str, sparsity: float, masks_dir, calib_fn, params, *, layout: str | None = None,
+               round_to: int | None = None):
+    """(the pruned model of the cell ``method`` at ``sparsity``, a note or None). The pipeline's masks
+    (``masks_dir/<method>/s<S>/``) sliced with their compensation (a refit recomputed on ``calib_fn()`` [n, T], like
+    stages/export.py), exported in ``layout`` (None: "auto"). A cell the pipeline did not compute (a sparsity outside
+    compare.sparsities, e.g. 30%), or the uniform layout of a cell whose widths differ per layer (a metric's global
+    allocation), is pruned here by ``pgprune.prune`` with ``params`` (a params.yaml path) on ``calib_fn()`` (uniform:
+    MLP widths in blocks of ``round_to`` channels); the note says so."""
+    import pgprune
+    from pgprune.core.adapters import get_adapter
+    from pgprune.core.compensation import compensated_source
+    from pgprune.core.handoff import load_masks, load_recipe
+    from pgprune.hf.export import build_model
+
+    lay = get_adapter(model).layout()
+    folder = Path(masks_dir) / method / f"s{sparsity:g}"
+    computed = (folder / "masks.json").is_file()
+    loaded = load_masks(folder, lay) if computed else None
+    if loaded is None or (layout == "uniform" and not loaded[0].is_uniform()):
+        res = pgprune.prune(model, None, sparsity=sparsity, method=method, calibration=calib_fn(), layout=layout,
+                            round_to=round_to if layout == "uniform" else None, config=params, progress=False)
+        why = "not in the pipeline's masks" if loaded is None else "the uniform layout"
+        rep = res.info["report"]
+        return res.model, (f"pruned here ({why}; {res.info['compensation']} compensation; decoder-linear sparsity "
+                           f"{rep.get('prunable_sparsity', float('nan')):.3f})")
+    masks, extra = loaded
+    recipe = load_recipe(folder)
+    src, extra = compensated_source(model, masks, extra, recipe, calib_fn() if recipe.kind == "refit" else None)
+    return build_model(src, masks, extra, layout=layout or "auto"), None
+
+
 def sync(device: str) -> None:
     if str(device).startswith("cuda"):
         torch.cuda.synchronize()

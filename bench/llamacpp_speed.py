@@ -40,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-from bench._common import SYNTHETIC, load, parser, smoke, uniform_masks
+from bench._common import SYNTHETIC, cell_model, load, parser, smoke, uniform_masks
 from pgprune.errors import PgpruneError
 from pgprune.hf.gguf import DTYPES
 
@@ -116,38 +116,11 @@ def pruned_model(model, method: str, sparsity: float, layout: str, args, calib_f
                             config={"data": {"seq_len": calib.shape[1], "calib_blocks": calib.shape[0]},
                                     "init": {"nsamples": min(8, calib.shape[0])}}, progress=False)
         return res.model
-    from pgprune.core.compensation import compensated_source
-    from pgprune.core.handoff import load_masks, load_recipe
-
-    folder = Path(args.masks_dir) / method / f"s{sparsity:g}"
-    computed = (folder / "masks.json").is_file()
-    if not computed or (layout == "uniform" and not _uniform_cell(folder, lay)):
-        # a cell the pipeline did not compute (a sparsity outside compare.sparsities, e.g. 30%), or the uniform
-        # layout of its heterogeneous cell (a metric's global allocation): the method runs here with params.yaml's
-        # settings on the calibration blocks (uniform: MLP widths in blocks of --round-to channels)
-        import pgprune
-
-        res = pgprune.prune(model, None, sparsity=sparsity, method=method, calibration=calib_fn(), layout=layout,
-                            round_to=args.round_to if layout == "uniform" else None, config=args.params,
-                            progress=False)
-        rep = res.info["report"]
-        why = "not in the pipeline's masks" if not computed else "the uniform layout"
-        print(f"  {cell_name(method, sparsity, layout)}: pruned here ({why}; {res.info['compensation']} "
-              f"compensation; decoder-linear sparsity {rep.get('prunable_sparsity', float('nan')):.3f})", flush=True)
-        return res.model
-    masks, extra = load_masks(folder, lay)
-    recipe = load_recipe(folder)
-    src, extra = compensated_source(model, masks, extra, recipe, calib_fn() if recipe.kind == "refit" else None)
-    return build_model(src, masks, extra, layout=layout)
-
-
-def _uniform_cell(folder: Path, lay) -> bool:
-    """The pipeline's masks at ``folder`` exist and keep the same widths in every layer (a uniform-layout cell)."""
-    from pgprune.core.handoff import load_masks
-
-    if not (folder / "masks.json").is_file():
-        return False
-    return load_masks(folder, lay)[0].is_uniform()
+    model_, note = cell_model(model, method, sparsity, args.masks_dir, calib_fn, args.params, layout=layout,
+                              round_to=args.round_to)
+    if note:
+        print(f"  {cell_name(method, sparsity, layout)}: {note}", flush=True)
+    return model_
 
 
 def open_llama(path: Path, args, n_ctx: int, logits_all: bool = False):

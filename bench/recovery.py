@@ -24,7 +24,7 @@ import typing
 
 import torch
 
-from bench._common import SMOKE_SHAPE, add_smoke, synthetic_model, uniform_masks
+from bench._common import SMOKE_SHAPE, add_smoke, cell_model, synthetic_model, uniform_masks
 from pgprune.core.adapters import get_adapter
 from pgprune.eval.perplexity import perplexity
 from pgprune.hf.export import build_model
@@ -74,11 +74,7 @@ def _cells_smoke():
 
 
 def _cells(a, settings):
-    from pathlib import Path
-
     from pgprune.config import load_params
-    from pgprune.core.compensation import compensated_source
-    from pgprune.core.handoff import load_masks, load_recipe
     from pgprune.data.prepare import load_calibration, load_eval_data
     from pgprune.hf.loading import load_model
     from pgprune.recovery.run import training_blocks
@@ -91,25 +87,12 @@ def _cells(a, settings):
     evals = {c: b[: a.eval_blocks] for c, b in evals.items()}
     blocks, desc = training_blocks("local", tok, params, settings)
     print(f"training data: {desc}")
-    calib = None
+    calib = load_calibration(a.data)  # [n, T]: a refit is recomputed on it, a missing cell pruned on it
     for cell in a.cells:
         method, s = cell.split(":")
-        folder = Path(a.masks) / method / f"s{s}"
-        if calib is None:
-            calib = load_calibration(a.data)
-        if not (folder / "masks.json").is_file():
-            # a sparsity the pipeline did not compute (30% is not a default cell): the method runs here with
-            # params.yaml's settings on the calibration blocks, as `pgprune prune` would
-            import pgprune
-
-            print(f"{method}:{s}: not in the pipeline's masks ({folder}); pruning it here", flush=True)
-            pruned = pgprune.prune(base, None, sparsity=float(s), method=method, calibration=calib, config=a.params,
-                                   progress=False).model
-        else:
-            masks, extra = load_masks(folder, get_adapter(base).layout())
-            recipe = load_recipe(folder)
-            source, extra = compensated_source(base, masks, extra, recipe, calib, progress=False)
-            pruned = build_model(source, masks, extra, layout="auto")
+        pruned, note = cell_model(base, method, float(s), a.masks, lambda: calib, a.params)
+        if note:
+            print(f"{method}:{s}: {note}", flush=True)
         yield f"{method}_s{s}", base, pruned, blocks, evals
 
 
