@@ -37,7 +37,10 @@ def tiny_params(model_dir: Path) -> dict:
                  "zero_shot_items": 8},
         "init": {"nsamples": 8, "batch_size": 4, "scorers": ["flap", "wanda_sp"]},
         "search": {"seeds": [42], "steps": 8, "samples": 2, "batch_size": 4, "checkpoint_every": 2, "val_blocks": 4, "channel_group": 8,
-                   "validate_every": 4, "lr_heads": 0.2, "lr_channels": 0.2, "init_free_channels": 0.3},
+                   "validate_every": 4, "lr_heads": 0.2, "lr_channels": 0.2, "init_free_channels": 0.3,
+                   # every step: the kill tests lengthen the search to 200-300 steps and kill it mid-way, which the
+                   # early stop (3 stale validations: step 12) would race (8 steps never stop early either way)
+                   "patience": 0},
         "eval": {"ppl_seq_len": 32, "ppl_blocks": 8, "zero_shot": False, "speed": {"enabled": False}},
         "compare": {"sparsities": [0.5], "searches": ["pg"], "baselines": ["flap"]},
         "export": {"method": "pg", "sparsity": 0.5, "save_dtype": "float32"},
