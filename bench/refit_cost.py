@@ -58,7 +58,7 @@ def child(args) -> dict:
     calib = torch.randint(0, model.config.vocab_size, (args.blocks, args.seq_len), generator=g)  # [n, T]
     if not cuda:
         reset_peak_memory("cpu")
-    # CPU: anonymous (must fit) and file-backed (mapped weights) memory, sampled every 20 ms and once at the end
+    # CPU: anonymous (must fit) and file-backed (mapped weights) memory, sampled every 5 ms and once at the end
     base = {k: (proc_status(k) or 0) for k in ("RssAnon:", "RssFile:")}
     peaks = dict(base)
     done = threading.Event()
@@ -68,7 +68,7 @@ def child(args) -> dict:
             peaks[k] = max(peaks[k], (proc_status(k) or 0))
 
     def sampler_loop() -> None:
-        while not done.wait(0.02):
+        while not done.wait(0.005):
             sample()
 
     sampler = threading.Thread(target=sampler_loop, daemon=True)
@@ -82,7 +82,7 @@ def child(args) -> dict:
     result_mb = sum(w.numel() * w.element_size() + b.numel() * b.element_size()
                     for mods in refit.values() for w, b in mods.values()) / 2 ** 20
     peak = (peak_memory(args.device) if cuda else peak_memory("cpu") - before) / 2 ** 20
-    anon = (peaks["RssAnon:"] - base["RssAnon:"]) / 2 ** 20  # peak growth during the refit (sampled every 20 ms)
+    anon = (peaks["RssAnon:"] - base["RssAnon:"]) / 2 ** 20  # peak growth during the refit (sampled every 5 ms)
     return {"offload": args.memory_child, "weights_mb": weights, "peak_mb": peak, "ratio": peak / weights,
             "anon_growth_mb": anon, "file_peak_mb": peaks["RssFile:"] / 2 ** 20,
             "resident_after_load_mb": resident, "refit_result_mb": result_mb, "seconds": seconds,

@@ -1,6 +1,8 @@
 """Layer streaming and placement: a model whose decoder layers are read from disk one at a time (offload disk),
 copied per use (offload cpu), or split over CPU memory and disk by accelerate (device_map auto) gives the same
 losses, scorer statistics, perplexity and sliced weights as the in-memory model; data parallel over samples too."""
+import sys
+
 import pytest
 import torch
 from conftest import make_tiny_model
@@ -176,6 +178,51 @@ def test_refit_of_a_streamed_model_slices_to_the_in_memory_bytes(checkpoints, ar
         assert sorted(got) == sorted(want)
         for k in want:
             assert torch.equal(got[k], want[k]), (name, k)
+
+
+def _mapping_of(address: int) -> str:
+    """The file (or "") behind the mapping of this process that holds ``address`` (Linux /proc/self/maps)."""
+    with open("/proc/self/maps") as f:
+        for line in f:
+            parts = line.split(maxsplit=5)
+            lo, hi = (int(a, 16) for a in parts[0].split("-"))
+            if lo <= address < hi:
+                return parts[5].strip() if len(parts) > 5 else ""
+    return ""
+
+
+def test_refit_of_a_disk_streamed_model_is_spilled_to_disk(checkpoints, tmp_path):
+    """offload disk: each layer's refit weights are written out and mapped back as soon as they are fitted (the same
+    bytes as kept in memory; file-backed, so they are not the process's anonymous memory), the spill files are gone
+    once the refit returns (POSIX: unlinked while mapped), and loading set glibc's fixed mmap threshold."""
+    import os
+
+    from pgprune.core import weights
+    from pgprune.core.refit import refit_weights
+
+    dense, folder, sharded = checkpoints["llama"]
+    masks = sample_masks(MaskedModel(dense).layout, 1, seed=3)[0]
+    calib = ids_batch(6, 16, seed=4)
+    want = refit_weights(dense, masks, calib, batch_size=4, progress=False)
+    disk = variants(dense, folder, sharded)["disk"]
+    runs = {"auto": refit_weights(disk, masks, calib, batch_size=4, progress=False),
+            "folder": refit_weights(dense, masks, calib, batch_size=4, progress=False, spill=tmp_path),
+            "off": refit_weights(disk, masks, calib, batch_size=4, progress=False, spill=False),
+            "in memory": want}
+    for name, got in runs.items():
+        assert sorted(got) == sorted(want)
+        for i in want:
+            for mod in want[i]:
+                for x, y in zip(got[i][mod], want[i][mod]):
+                    assert torch.equal(x, y), (name, i, mod)
+                    if sys.platform == "linux":
+                        mapped = "pgprune-spill-" in _mapping_of(x.data_ptr())
+                        assert mapped == (name in ("auto", "folder")), (name, i, mod)
+    if os.name == "posix":
+        assert list(tmp_path.iterdir()) == []  # the spill folder was made inside and removed
+        assert weights._MMAP_FIXED == (weights._libc() is not False)
+    with pytest.raises(PgpruneError, match="spill folder .* is not a directory"):
+        refit_weights(dense, masks, calib, progress=False, spill=tmp_path / "missing")
 
 
 def test_data_parallel_over_samples(checkpoints):

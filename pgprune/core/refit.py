@@ -51,7 +51,8 @@ from pgprune.core.adapters import get_adapter
 from pgprune.core.adapters.base import Layout
 from pgprune.core.masked_forward import _FULL, MaskedModel
 from pgprune.core.masks import Masks
-from pgprune.core.weights import layer_parts, return_freed_memory
+from pgprune.core.spill import Spill
+from pgprune.core.weights import fixed_mmap_threshold, layer_parts, return_freed_memory
 from pgprune.errors import PgpruneError
 
 MODULES = ("o_proj", "down_proj")
@@ -145,7 +146,7 @@ def _solve(w: torch.Tensor, b: torch.Tensor | None, kept: torch.Tensor, removed:
     dev = gram.h.device
     b0 = b.to(dev, torch.float64) if b is not None else torch.zeros(w.shape[0], dtype=torch.float64, device=dev)
     if removed.numel() == 0:  # nothing removed: the module is unchanged
-        return w[:, kept.to(w.device)].to(dev, torch.float64).float().to(w.dtype).cpu(), b0.float().cpu()
+        return w[:, kept.to(w.device)].cpu(), b0.float().cpu()  # a copy of the kept columns (gathered)
     if n < k + 1:
         warnings.warn(f"refit {where}: {n} calibration tokens for {k} kept inputs (+1 intercept): the least-squares "
                       "problem is underdetermined and the result rests on the damping; use more calibration tokens",
@@ -244,14 +245,17 @@ def _mlp_input(p, x: torch.Tensor, rows: tuple) -> torch.Tensor:
 
 @torch.no_grad()
 def _run(model, masks: Masks, blocks: torch.Tensor, batch_size: int, progress: bool, refit: Refit | None,
-         damp: float, select: Selector | None = None) -> tuple[Refit, MaskedModel, list[torch.Tensor]]:
+         damp: float, select: Selector | None = None, spill=None) -> tuple[Refit, MaskedModel, list[torch.Tensor]]:
     """Layer-major pass of ``blocks`` through the masked model whose kept o_proj/down_proj weights are ``refit``
     (given) or fitted on the way (``refit=None``). Returns the refit and the final (pre-norm) hidden states.
 
     With ``select`` (fitting only) the masks of each kept layer are *chosen* on the way and written into ``masks``:
     before a module is fitted, ``select(i, name, lin, g, n)`` gets the module, the sums g = sum z z^T of its full
     input z = [x; 1] (float64 [m+1, m+1], the ones row last) over the n calibration tokens of the pruned, refit
-    model so far, and returns the bool keep-mask of layer i's KV groups (o_proj) or channels (down_proj)."""
+    model so far, and returns the bool keep-mask of layer i's KV groups (o_proj) or channels (down_proj).
+
+    ``spill`` (fitting only; see :func:`refit_weights`): None (spill when a layer streams from disk), False, True
+    (the system temporary directory) or a folder."""
     mm = MaskedModel(model)
     layout = mm.layout
     masks.validate(layout)
@@ -262,6 +266,11 @@ def _run(model, masks: Masks, blocks: torch.Tensor, batch_size: int, progress: b
     if select is not None and not fit:
         raise PgpruneError("masks are chosen (select) only while fitting the refit, not with given refit weights")
     out: Refit = {} if fit else refit
+    if spill is None:
+        spill = "disk" in mm.source.homes
+    spiller = Spill(None if spill is True else spill) if fit and spill is not False else None
+    if mm.source.streamed:
+        fixed_mmap_threshold()  # freed buffers go back to the OS: resident memory follows what is alive
     ids = blocks.to(mm.device)
     hs = [mm.adapter.embed(ids[s:s + batch_size]) for s in range(0, ids.shape[0], batch_size)]
     t = ids.shape[1]
@@ -360,9 +369,13 @@ def _run(model, masks: Masks, blocks: torch.Tensor, batch_size: int, progress: b
                     new.append(h + F.linear(x_k, w, b))
                 hs = new
                 del xk
+                if spiller is not None:
+                    out[i] = spiller.put(out[i])  # the layer's refit weights: mapped from disk, not resident
                 return_freed_memory()  # this layer's temporaries: resident memory stays one layer's worth
     finally:
         mm.source.release()
+        if spiller is not None:
+            spiller.close()  # POSIX: the files are unlinked and stay mapped; elsewhere they go at exit
     head = mm._head_device
     return out, mm, [h if h.device == head else h.to(head) for h in hs]
 
@@ -378,7 +391,7 @@ def _checked(refit: Refit, i: int, name: str, lin, kept: torch.Tensor) -> tuple[
 
 
 def refit_weights(model, masks: Masks, calib_blocks: torch.Tensor, *, damp: float = 0.01, batch_size: int = 8,
-                  progress: bool = True) -> Refit:
+                  progress: bool = True, spill=None) -> Refit:
     """Refit the kept weights of o_proj and down_proj of every kept layer (see the module docstring).
 
     ``calib_blocks``: token ids [n_blocks, T]. ``damp``: the damping relative to the mean diagonal of the kept
@@ -387,10 +400,15 @@ def refit_weights(model, masks: Masks, calib_blocks: torch.Tensor, *, damp: floa
     "down_proj": (weight [hidden, kept channels], bias float32 [hidden])}} (weights in the model's dtype) for every
     kept layer (dropped layers have no entry; a module with nothing removed gets its own weights). The biases are
     the whole refit output biases (the module's own bias, or zero, plus the correction). Deterministic for the same
-    inputs."""
+    inputs.
+
+    ``spill``: where each layer's refit weights go once fitted (:class:`pgprune.core.spill.Spill`: the same bytes,
+    mapped from a file instead of held in memory). None (default): spilled to the system temporary directory when
+    the model streams layers from disk (``offload="disk"``: the result would otherwise be the largest thing in
+    memory), kept in memory otherwise; False: never; True: always; a folder: spilled there."""
     if not (isinstance(damp, (int, float)) and not isinstance(damp, bool) and damp >= 0 and damp < float("inf")):
         raise PgpruneError(f"damp={damp!r}; allowed: a finite number >= 0 (default 0.01)")
-    refit, _, _ = _run(model, masks, calib_blocks, batch_size, progress, None, float(damp))
+    refit, _, _ = _run(model, masks, calib_blocks, batch_size, progress, None, float(damp), spill=spill)
     return refit
 
 

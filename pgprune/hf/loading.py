@@ -301,9 +301,11 @@ def load_weights(path_or_source: str | Path, dtype: str = "float32", device: str
         raise PgpruneError(f"offload={offload!r} and device_map={device_map!r} both place the layers; use one "
                            "(device_map auto already sends what does not fit the GPUs to cpu, then disk)")
     src = resolve(path_or_source)
-    from pgprune.core.weights import normalize_device
+    from pgprune.core.weights import fixed_mmap_threshold, normalize_device
 
     dev = normalize_device(device)
+    if offload == "disk":
+        fixed_mmap_threshold()  # a streamed model: freed buffers go back to the OS from the start (see there)
     if offload == "disk" or device_map == "auto":
         model = _load_skeleton(src, torch_dtype(dtype), dev, offload, max_memory)
     else:
