@@ -8,9 +8,11 @@ init.nsamples blocks like the init stage), the same masks are sliced twice:
 * ``refit``: :func:`pgprune.core.refit.refit_model`, the least-squares refit of the kept o_proj/down_proj columns
   and biases on the pruned model's own sequential calibration activations (SlimGPT's update, intercept included).
 
-Prints ``RESULT refit_vs_bias_ppl[<corpus>]=<refit ppl / bias ppl>`` per held-out corpus, the two perplexities, and
-``RESULT refit_time_s=...``. ``--blocks`` calibration blocks feed the refit (default: init.nsamples, the blocks the
-metric and FLAP's means use).
+Prints ``RESULT refit_vs_bias_ppl[<corpus>]=<refit ppl / bias ppl>`` per held-out corpus, the two perplexities,
+``RESULT refit_time_s=...`` and ``RESULT refit_vs_forward_time=...``: the refit's seconds over those of one forward
+pass of the same calibration blocks through the dense decoder layers (``RESULT calib_forward_s``), the floor of any
+sequential refit (it propagates those blocks layer by layer; the rest is the Gram matrices and the solves).
+``--blocks`` calibration blocks feed the refit (default: init.nsamples, the blocks the metric and FLAP's means use).
 
     python -m bench.refit --sparsities 0.2 0.3 0.5        # after `dvc repro data` (or the whole pipeline)
     python -m bench.refit --smoke                         # the tiny synthetic model, random tokens (seconds)
@@ -33,7 +35,7 @@ from pgprune.methods import get_method
 from pgprune.pruning.run import compensation_biases, metric_masks, setup_torch
 from pgprune.scorers import compute_all_scores
 
-SMOKE = {"": [r"refit_vs_bias_ppl\[random\]", "refit_time_s"]}
+SMOKE = {"": [r"refit_vs_bias_ppl\[random\]", "refit_time_s", "calib_forward_s", "refit_vs_forward_time"]}
 
 
 def main() -> None:
@@ -67,6 +69,13 @@ def main() -> None:
     def ppl(m) -> dict[str, float]:
         return {c: perplexity(m, b, batch_size=bs, device=args.device)["ppl"] for c, b in evals.items()}
 
+    decoder = model.get_decoder()  # the decoder layers without lm_head: what the refit propagates
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        for s in range(0, n, params.init.batch_size):
+            decoder(input_ids=calib[s:s + params.init.batch_size].to(args.device), use_cache=False)
+        forward_s = time.perf_counter() - t0
+    print(f"RESULT calib_forward_s={forward_s:.2f} (one dense forward of {n} calibration blocks, no lm_head)")
     for sparsity in args.sparsities or [args.sparsity]:
         masks = metric_masks(args.method, layout, scores, sparsity, params)
         biased = slice_model(model, masks, extra_bias=compensation_biases(model, masks, scores["flap"]))
@@ -84,6 +93,7 @@ def main() -> None:
             print(f"  {c}: bias-only {bias_ppl[c]:.2f}  refit {refit_ppl[c]:.2f}")
             print(f"RESULT refit_vs_bias_ppl[{c}]{tag}={refit_ppl[c] / bias_ppl[c]:.4f}")
         print(f"RESULT refit_time_s{tag}={refit_s:.2f}")
+        print(f"RESULT refit_vs_forward_time{tag}={refit_s / forward_s:.2f}")
 
 
 if __name__ == "__main__":
